@@ -1,0 +1,198 @@
+"""TTTForCausalLM: a TTT language model that plugs into transformers (save/load, Auto classes, generate)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from tttexp.models.cache import TTTCache
+from tttexp.models.configuration import TTTConfig
+from tttexp.models.layers import CausalConv, RMSNorm, SwiGLU
+from tttexp.models.ttt_layer import TTTLayer
+
+
+@dataclass
+class TTTCausalLMOutput(ModelOutput):
+    loss: Tensor | None = None
+    logits: Tensor | None = None
+    cache: TTTCache | None = None
+
+
+class TTTBlock(nn.Module):
+    """Pre-norm residual block: [pre-conv] -> TTT -> SwiGLU."""
+
+    def __init__(self, config: TTTConfig) -> None:
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.pre_conv = config.pre_conv
+        if self.pre_conv:
+            self.conv_norm = RMSNorm(config.hidden_size, eps)
+            self.conv = CausalConv(config.hidden_size, config.conv_kernel)
+        self.seq_norm = RMSNorm(config.hidden_size, eps)
+        self.ttt = TTTLayer(config)
+        self.ffn_norm = RMSNorm(config.hidden_size, eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: Tensor, cache, offset: int, starts: Tensor | None, reset: Tensor | None) -> Tensor:
+        if self.pre_conv:
+            h, tail = self.conv(self.conv_norm(x), cache.convs.get("pre") if cache else None, starts)
+            if cache is not None:
+                cache.convs["pre"] = tail
+            x = x + h
+        x = x + self.ttt(self.seq_norm(x), cache, offset, starts, reset)
+        return x + self.mlp(self.ffn_norm(x))
+
+
+class TTTPreTrainedModel(PreTrainedModel):
+    config_class = TTTConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["TTTBlock"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Normal(0, 0.02) for projections, embeddings and the inner weights; the ``init`` helpers leave tensors
+        that were loaded from a checkpoint untouched."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, 0.0, std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, 0.0, std)
+        elif isinstance(module, nn.LayerNorm | RMSNorm):
+            init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, TTTLayer):
+            for p in module.init_state()[0::2]:
+                init.normal_(p, 0.0, std)
+            for p in module.init_state()[1::2]:
+                init.zeros_(p)
+            init.normal_(module.lr_weight, 0.0, std)
+            init.zeros_(module.lr_bias)
+            init.zeros_(module.learnable_token_idx)
+            init.ones_(module.ttt_norm_weight)
+            init.zeros_(module.ttt_norm_bias)
+            init.copy_(module.token_idx, 1.0 / torch.arange(1, module.k + 1, dtype=torch.float32))
+
+
+class TTTModel(TTTPreTrainedModel):
+    def __init__(self, config: TTTConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([TTTBlock(config) for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self, input_ids: Tensor, cache_params: TTTCache | None = None, doc_starts: Tensor | None = None
+    ) -> Tensor:
+        bsz, seq = input_ids.shape
+        k = self.config.mini_batch_size
+        offset = cache_params.seqlen_offset if cache_params is not None else 0
+        starts = None
+        if doc_starts is not None:
+            if offset % k or (cache_params is not None and seq % k):
+                raise ValueError("doc_starts needs chunks that start and end on mini-batch boundaries")
+            starts = torch.zeros(bsz, seq, dtype=torch.bool, device=input_ids.device)
+            starts[:, ::k] = doc_starts[:, : (seq + k - 1) // k]
+        x = self.embed_tokens(input_ids)
+        for i, block in enumerate(self.layers):
+            layer_cache = cache_params.layers[i] if cache_params is not None else None
+            if self.gradient_checkpointing and self.training and layer_cache is None:
+                x = self._gradient_checkpointing_func(block.__call__, x, None, offset, starts, doc_starts)
+            else:
+                x = block(x, layer_cache, offset, starts, doc_starts)
+        if cache_params is not None:
+            cache_params.seqlen_offset += seq
+        return self.norm(x)
+
+
+class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: TTTConfig) -> None:
+        super().__init__(config)
+        self.model = TTTModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def ttt_layers(self) -> list[TTTLayer]:
+        return [block.ttt for block in self.model.layers]
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None = None,
+        cache: TTTCache | None = None,
+        use_cache: bool | None = None,
+        doc_starts: Tensor | None = None,
+        cache_params: TTTCache | None = None,
+        **kwargs,
+    ) -> TTTCausalLMOutput:
+        """``labels`` are already aligned with ``input_ids`` (position t predicts ``labels[:, t]``; -100 = no loss).
+
+        ``cache`` (alias ``cache_params``, the older Mamba name) continues a sequence and is updated in place;
+        ``use_cache`` creates one. ``doc_starts [B, ceil(T/K)]`` resets a row's TTT state and conv history at
+        mini-batch n where a new document begins.
+        """
+        cache_params = cache if cache is not None else cache_params
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if use_cache and cache_params is None:
+            cache_params = TTTCache(self.config.num_hidden_layers)
+        hidden = self.model(input_ids, cache_params=cache_params, doc_starts=doc_starts)
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return TTTCausalLMOutput(loss=loss, logits=logits, cache=cache_params)
+
+    # --- generation: the cache is ours, transformers only carries it between steps ---------------------------
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False
+
+    def prepare_inputs_for_generation(
+        self, input_ids: Tensor, cache: TTTCache | None = None, use_cache: bool | None = None, **kwargs
+    ) -> dict:
+        cache = cache if cache is not None else kwargs.get("cache_params")
+        if cache is not None and cache.seqlen_offset > 0:
+            input_ids = input_ids[:, cache.seqlen_offset :]
+        return {"input_ids": input_ids, "cache": cache, "use_cache": use_cache}
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs: dict, *args, **kwargs) -> dict:
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        model_kwargs.pop("cache_params", None)
+        model_kwargs["cache"] = outputs.get("cache")
+        return model_kwargs
+
+    def _reorder_cache(self, cache_params: TTTCache, beam_idx: Tensor) -> TTTCache:
+        cache_params.reorder(beam_idx)
+        return cache_params

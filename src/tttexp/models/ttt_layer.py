@@ -1,0 +1,156 @@
+"""The TTT sequence-modelling layer: projections, convs, RoPE, the inner loop, post-norm, gate and output."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tttexp import ops
+from tttexp.models.cache import LayerState
+from tttexp.models.configuration import TTTConfig
+from tttexp.models.layers import CausalConv, rotary
+from tttexp.ops import reference
+from tttexp.ops.reference import State
+
+
+class TTTLayer(nn.Module):
+    """TTT-Linear or TTT-MLP over ``[B, T, width]`` hidden states, with optional carried state."""
+
+    def __init__(self, config: TTTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.layer = config.ttt_layer
+        width, heads, f = config.hidden_size, config.num_attention_heads, config.head_dim
+        self.width, self.heads, self.head_dim = width, heads, f
+        self.k = config.mini_batch_size
+        self.q_proj = nn.Linear(width, width, bias=False)
+        if config.share_qk:
+            self.conv_q = CausalConv(width, config.conv_kernel)
+            self.conv_k = CausalConv(width, config.conv_kernel)
+        else:
+            self.k_proj = nn.Linear(width, width, bias=False)
+        self.v_proj = nn.Linear(width, width, bias=False)
+        self.o_proj = nn.Linear(width, width, bias=False)
+        if config.use_gate:
+            self.g_proj = nn.Linear(width, width, bias=False)
+        self.post_norm = nn.LayerNorm(width, eps=1e-6)
+
+        std = config.initializer_range
+        self.lr_weight = nn.Parameter(torch.randn(heads, width) * std)
+        self.lr_bias = nn.Parameter(torch.zeros(heads))
+        self.register_buffer("token_idx", 1.0 / torch.arange(1, self.k + 1, dtype=torch.float32), persistent=False)
+        self.learnable_token_idx = nn.Parameter(torch.zeros(self.k))
+        self.ttt_norm_weight = nn.Parameter(torch.ones(heads, f))
+        self.ttt_norm_bias = nn.Parameter(torch.zeros(heads, f))
+        if self.layer == "linear":
+            self.W1 = nn.Parameter(torch.randn(heads, f, f) * std)
+            self.b1 = nn.Parameter(torch.zeros(heads, f))
+        else:
+            self.W1 = nn.Parameter(torch.randn(heads, f, 4 * f) * std)
+            self.b1 = nn.Parameter(torch.zeros(heads, 4 * f))
+            self.W2 = nn.Parameter(torch.randn(heads, 4 * f, f) * std)
+            self.b2 = nn.Parameter(torch.zeros(heads, f))
+        # Multiplies ttt_base_lr; the trainer ramps it for TTT-MLP (0.1x -> 1x over warmup, as in the paper).
+        self.inner_lr_scale = 1.0
+
+    def init_state(self) -> State:
+        if self.layer == "linear":
+            return (self.W1, self.b1)
+        return (self.W1, self.b1, self.W2, self.b2)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        bsz, seq, _ = x.shape
+        return x.view(bsz, seq, self.heads, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self, hidden: Tensor, cache: LayerState | None, offset: int, starts: Tensor | None, reset: Tensor | None
+    ) -> Tensor:
+        """``hidden [B, T, width]`` after the pre-norm; ``offset`` = tokens already consumed (for RoPE and the
+        position inside the current mini-batch); ``starts [B, T]`` / ``reset [B, N]`` mark document starts."""
+        bsz, seq, _ = hidden.shape
+        xq = self.q_proj(hidden)
+        convs = cache.convs if cache is not None else {}
+        if self.config.share_qk:
+            XQ, tail_q = self.conv_q(xq, convs.get("q"), starts)
+            XK, tail_k = self.conv_k(xq, convs.get("k"), starts)
+            if cache is not None:
+                cache.convs["q"], cache.convs["k"] = tail_q, tail_k
+        else:
+            XQ, XK = xq, self.k_proj(hidden)
+        XQ, XK, XV = self._heads(XQ), self._heads(XK), self._heads(self.v_proj(hidden))
+        positions = (torch.arange(seq, device=hidden.device) + offset) % self.k
+        XQ = rotary(XQ, positions, self.config.rope_theta)
+        XK = rotary(XK, positions, self.config.rope_theta)
+
+        gate_logits = torch.einsum("btc,hc->bht", hidden, self.lr_weight.to(hidden.dtype)) + self.lr_bias[:, None]
+        base_lr = self.config.ttt_base_lr * self.inner_lr_scale
+        lr = torch.sigmoid(gate_logits.to(reference.compute_dtype(gate_logits))) * (base_lr / self.head_dim)
+        tok = torch.clamp_min(self.token_idx + self.learnable_token_idx, 0.0)
+
+        out = self._inner(XQ, XK, XV, lr, tok, cache, offset, reset)
+        out = out.transpose(1, 2).reshape(bsz, seq, self.width)
+        out = self.post_norm(out)
+        if self.config.use_gate:
+            out = F.gelu(self.g_proj(hidden), approximate="tanh") * out
+        return self.o_proj(out)
+
+    def _inner(
+        self, XQ: Tensor, XK: Tensor, XV: Tensor, lr: Tensor, tok: Tensor,
+        cache: LayerState | None, offset: int, reset: Tensor | None,
+    ) -> Tensor:
+        args = (self.ttt_norm_weight, self.ttt_norm_bias)
+        init = self.init_state()
+        kernel = self.config.kernel
+        if cache is None:
+            out, _ = ops.ttt(self.layer, XQ, XK, XV, lr, tok, *args, init, reset=reset, kernel=kernel)
+            return out
+
+        # With a cache: finish the pending mini-batch, run whole mini-batches, keep a short tail pending.
+        seq = XQ.shape[2]
+        pos = offset % self.k
+        state = cache.ttt
+        outs = []
+        start = 0
+        if pos:
+            head = min(self.k - pos, seq)
+            out, cache.pending = self._partial(XQ, XK, XV, lr, tok, 0, head, pos, state, cache.pending)
+            outs.append(out)
+            start = head
+            if pos + head == self.k:
+                state = reference.apply_accumulators(state, cache.pending, tok[self.k - 1])
+                cache.pending = None
+        body = (seq - start) // self.k * self.k
+        if body:
+            sl = slice(start, start + body)
+            out, state = ops.ttt(
+                self.layer, XQ[:, :, sl], XK[:, :, sl], XV[:, :, sl], lr[:, :, sl], tok, *args, init,
+                state=state, reset=reset, kernel=kernel,
+            )
+            outs.append(out)
+            start += body
+        if start < seq:
+            if state is None:
+                state = reference.expand_state(init, XQ.shape[0], reference.compute_dtype(XQ))
+            out, cache.pending = self._partial(XQ, XK, XV, lr, tok, start, seq, 0, state, None)
+            outs.append(out)
+        cache.ttt = state
+        return torch.cat(outs, dim=2)
+
+    def _partial(
+        self, XQ: Tensor, XK: Tensor, XV: Tensor, lr: Tensor, tok: Tensor,
+        start: int, end: int, pos: int, state: State, pending: State | None,
+    ) -> tuple[Tensor, State]:
+        """Tokens ``start:end`` that sit at positions ``pos..`` of one mini-batch (reference path)."""
+        step = reference.MINIBATCH[self.layer]
+        dt = reference.compute_dtype(XQ)
+        if pending is None:
+            pending = reference.zero_accumulators(state)
+        sl = slice(start, end)
+        with torch.autocast(device_type=XQ.device.type, enabled=False):
+            out, acc = step(
+                XQ[:, :, sl].to(dt), XK[:, :, sl].to(dt), XV[:, :, sl].to(dt), lr[:, :, sl].to(dt),
+                tok[pos : pos + end - start].to(dt), self.ttt_norm_weight.to(dt), self.ttt_norm_bias.to(dt),
+                state, pending,
+            )
+        return out.to(XQ.dtype), acc
