@@ -2,6 +2,7 @@
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from tttexp.models.build import build_model
 from tttexp.models.cache import LayerState, TTTCache
 from tttexp.models.configuration import BACKBONES, SIZE_PRESETS, TTT_LAYERS, TTTConfig
 from tttexp.models.modeling import TTTCausalLMOutput, TTTForCausalLM, TTTModel
@@ -19,4 +20,5 @@ __all__ = [
     "TTTConfig",
     "TTTForCausalLM",
     "TTTModel",
+    "build_model",
 ]

@@ -144,8 +144,6 @@ class TTTLayer(nn.Module):
         """Tokens ``start:end`` that sit at positions ``pos..`` of one mini-batch (reference path)."""
         step = reference.MINIBATCH[self.layer]
         dt = reference.compute_dtype(XQ)
-        if pending is None:
-            pending = reference.zero_accumulators(state)
         sl = slice(start, end)
         with torch.autocast(device_type=XQ.device.type, enabled=False):
             out, acc = step(

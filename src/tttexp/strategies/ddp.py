@@ -1,0 +1,82 @@
+"""DistributedDataParallel: one process per device, gradients all-reduced; joins the world it is started in."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from tttexp.strategies.base import Strategy
+
+
+def world_from_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun/elastic variables, or SLURM's; (0, 1, 0) when alone."""
+    env = os.environ
+    if "WORLD_SIZE" in env and "RANK" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_NTASKS" in env and "SLURM_PROCID" in env and int(env["SLURM_NTASKS"]) > 1:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    return 0, 1, 0
+
+
+class DistributedDataParallel(Strategy):
+    """DDP over the processes of the current world (a world of one when started alone)."""
+
+    def __init__(self, name: str, backend: str = "auto", timeout_s: int = 600, **kwargs: Any) -> None:
+        super().__init__(name, **kwargs)
+        self.backend = backend
+        self.timeout_s = timeout_s
+        self._owns_group = False
+
+    def setup(self, device: str, seed: int) -> torch.device:
+        self.rank, self.world_size, self.local_rank = world_from_env()
+        picked = super().setup(device, seed)
+        if not dist.is_initialized():
+            backend = self.backend if self.backend != "auto" else ("nccl" if picked.type == "cuda" else "gloo")
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29500")
+            dist.init_process_group(
+                backend=backend, rank=self.rank, world_size=self.world_size,
+                timeout=datetime.timedelta(seconds=self.timeout_s),
+                device_id=picked if picked.type == "cuda" else None,
+            )
+            self._owns_group = True
+        return picked
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        model.to(self.device)
+        wrapped: nn.Module = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.compile:
+            wrapped = torch.compile(wrapped)
+        return wrapped
+
+    def no_sync(self, model: nn.Module, last_micro_batch: bool) -> contextlib.AbstractContextManager:
+        inner = getattr(model, "_orig_mod", model)
+        if not last_micro_batch and isinstance(inner, DDP):
+            return inner.no_sync()
+        return contextlib.nullcontext()
+
+    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        out = value.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out / self.world_size
+
+    def all_reduce_max(self, value: torch.Tensor) -> torch.Tensor:
+        out = value.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+        return out
+
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+    def teardown(self) -> None:
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self._owns_group = False

@@ -1,0 +1,7 @@
+"""SingleDevice: one process on one device (the conservative, gpu_optimized and from_pretrained recipes)."""
+
+from tttexp.strategies.base import Strategy
+
+
+class SingleDevice(Strategy):
+    """Everything in :class:`Strategy` on one device; no collectives."""

@@ -1,0 +1,371 @@
+"""The training loop: micro-batches, accumulation, clipping, LR schedule, eval, checkpoints and metrics.
+
+Read top to bottom: :meth:`Trainer.fit` is the loop; everything it calls is below it in the order it is used.
+The trainer talks to a :class:`tttexp.loggers.Logger` (never to wandb) and to a
+:class:`tttexp.strategies.Strategy` (never to torch.distributed directly).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tttexp import checkpoint as ckpt
+from tttexp import metrics as M
+from tttexp.models import TTTCache, TTTForCausalLM
+from tttexp.strategies import Strategy
+
+
+@dataclass
+class OptimSettings:
+    lr: float
+    betas: tuple[float, float]
+    weight_decay: float
+    eps: float
+    warmup_steps: int
+    min_lr_ratio: float
+    max_grad_norm: float
+
+
+@dataclass
+class LoopSettings:
+    max_steps: int
+    grad_accum_steps: int = 1
+    log_every: int = 10
+    eval_every: int = 50
+    ckpt_every: int = 0
+    keep_last: int = 2
+    progress: str = "auto"
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (too many bad steps); a final checkpoint of the last good weights exists."""
+
+
+class Trainer:
+    def __init__(
+        self,
+        *,
+        model: TTTForCausalLM,
+        data: Any,
+        strategy: Strategy,
+        logger: Any,
+        optim: OptimSettings,
+        loop: LoopSettings,
+        run_dir: Path,
+        health: Any | None = None,
+        resume_state: dict[str, Any] | None = None,
+    ) -> None:
+        self.raw_model = model
+        self.data = data
+        self.strategy = strategy
+        self.logger = logger
+        self.optim = optim
+        self.loop = loop
+        self.run_dir = Path(run_dir)
+        self.health = health
+        self.device = strategy.device
+        self.model = strategy.prepare_model(model)
+        self.optimizer = self._build_optimizer()
+        self.step = 0
+        self.tokens_seen = 0
+        self.carry: TTTCache | None = None
+        self.bad_steps_in_a_row = 0
+        self.counters: dict[str, int] = {"warnings/nonfinite_steps": 0}
+        self.history: list[dict[str, float]] = []
+        self.last_val: dict[str, float] = {}
+        self.flops_per_token = M.train_flops_per_token(
+            sum(p.numel() for p in model.parameters()),
+            M.ttt_flops_per_token(model.config.hidden_size, model.config.num_attention_heads,
+                                  model.config.num_hidden_layers, model.config.mini_batch_size, model.config.ttt_layer),
+        )
+        self.peak = M.peak_flops(self.device)
+        if resume_state is not None:
+            self._restore(resume_state)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The loop
+    # ------------------------------------------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        """Train to ``max_steps``; returns the run summary (also written to summary.json by the logger)."""
+        start_time = time.perf_counter()
+        train_iter = self.data.train_loader
+        progress = Progress(self.loop.progress, self.loop.max_steps, self.step, enabled=self.strategy.is_main)
+        watch = M.Stopwatch(self.device)
+        window_tokens, window_loss, window_steps = 0, 0.0, 0
+        tokens_per_step = self._tokens_per_step()
+        self.model.train()
+        while self.step < self.loop.max_steps:
+            lr = self._set_learning_rate(self.step)
+            loss, grad_norm, ok = self._train_step(train_iter)
+            self.step += 1
+            self.tokens_seen += tokens_per_step
+            window_tokens += tokens_per_step
+            if ok:
+                window_loss += loss
+                window_steps += 1
+
+            if self.step % self.loop.log_every == 0 or self.step == self.loop.max_steps:
+                seconds = watch.lap()
+                record = self._train_record(window_loss, window_steps, lr, grad_norm, window_tokens, seconds)
+                self._log(record)
+                progress.update(self.step, record)
+                window_tokens, window_loss, window_steps = 0, 0.0, 0
+            if self.loop.eval_every and self.step % self.loop.eval_every == 0 and self.step < self.loop.max_steps:
+                self._log(self.evaluate())
+            if self.loop.ckpt_every and self.step % self.loop.ckpt_every == 0 and self.step < self.loop.max_steps:
+                self.save()
+
+        if self.loop.eval_every:
+            self._log(self.evaluate())
+        self.save()
+        progress.close()
+        return self._summary(time.perf_counter() - start_time)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # One optimizer step
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _train_step(self, train_iter) -> tuple[float, float, bool]:
+        """Accumulate ``grad_accum_steps`` micro-batches, clip, check, update. Returns (loss, grad norm, applied)."""
+        accum = self.loop.grad_accum_steps
+        total = torch.zeros((), device=self.device)
+        for micro in range(accum):
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in next(train_iter).items()}
+            with self.strategy.no_sync(self.model, last_micro_batch=micro == accum - 1), self.strategy.autocast():
+                loss = self._forward_loss(batch)
+            (loss / accum).backward()
+            total += loss.detach()
+        loss = self.strategy.all_reduce_mean(total / accum)
+        max_norm = self.strategy.max_grad_norm if self.strategy.max_grad_norm is not None else self.optim.max_grad_norm
+        params = [p for p in self.raw_model.parameters() if p.grad is not None]
+        if max_norm and max_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        else:
+            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params]))
+        if self.strategy.skip_nonfinite:
+            finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
+            if not finite:
+                self._skip_bad_step()
+                return float("nan"), float("nan"), False
+            self.bad_steps_in_a_row = 0
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss), float(grad_norm), True
+
+    def _forward_loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if not self.strategy.state_passing:
+            return self.model(batch["input_ids"], labels=batch["labels"], use_cache=False).loss
+        cache = self.carry if self.carry is not None else TTTCache(self.raw_model.config.num_hidden_layers)
+        starts = batch.get("doc_start") if self.strategy.reset_on_document else None
+        out = self.model(batch["input_ids"], labels=batch["labels"], cache=cache, use_cache=True, doc_starts=starts)
+        self.carry = out.cache.detach()
+        return out.loss
+
+    def _skip_bad_step(self) -> None:
+        """A non-finite step: gradients dropped, weights and optimizer untouched; too many in a row stop the run."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.bad_steps_in_a_row += 1
+        self.counters["warnings/nonfinite_steps"] += 1
+        if self.strategy.is_main:
+            print(f"warning: step {self.step + 1}: non-finite loss or gradients; step skipped "
+                  f"({self.bad_steps_in_a_row} in a row)", file=sys.stderr, flush=True)
+        if self.bad_steps_in_a_row >= self.strategy.max_bad_steps:
+            self.step += 1
+            path = self.save()
+            raise TrainingStopped(
+                f"{self.bad_steps_in_a_row} non-finite steps in a row (strategy.max_bad_steps="
+                f"{self.strategy.max_bad_steps}); the last good weights are in {path}. Lower optim.lr or check the data"
+            )
+
+    def _set_learning_rate(self, step: int) -> float:
+        peak = self.optim.lr * self.strategy.lr_scale
+        lr = M.lr_at(step, peak=peak, warmup_steps=self.optim.warmup_steps, max_steps=self.loop.max_steps,
+                     min_ratio=self.optim.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.raw_model.config.ttt_layer == "mlp":
+            # The paper ramps TTT-MLP's inner learning rate from 0.1x to 1x of ttt_base_lr over the warmup.
+            ramp = 1.0 if self.optim.warmup_steps == 0 else min(1.0, (step + 1) / self.optim.warmup_steps)
+            for layer in self.raw_model.ttt_layers():
+                layer.inner_lr_scale = 0.1 + 0.9 * ramp
+        return lr
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        decay = [p for p in self.raw_model.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.raw_model.parameters() if p.requires_grad and p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": self.optim.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        extra = {"fused": True} if self.device.type == "cuda" else {}
+        return torch.optim.AdamW(groups, lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps, **extra)
+
+    def _tokens_per_step(self) -> int:
+        return self.data.train_loader.tokens_per_batch * self.loop.grad_accum_steps * self.strategy.world_size
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Evaluation
+    # ------------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss over the fixed validation windows (token-weighted), and its perplexity."""
+        self.model.eval()
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        count = torch.zeros((), device=self.device, dtype=torch.float64)
+        batch_size = self.data.val_batch_size if hasattr(self.data, "val_batch_size") else None
+        for batch in self.data.val_set.batches(batch_size or self.data.train_loader.batch_size):
+            ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
+            with self.strategy.autocast():
+                logits = self.raw_model(ids, use_cache=False).logits
+            mask = labels != -100
+            losses = torch.nn.functional.cross_entropy(
+                logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+            total += losses.double()
+            count += mask.sum()
+        self.model.train()
+        mean = float(self.strategy.all_reduce_mean(total / count.clamp_min(1)))
+        self.last_val = {"val/loss": mean, "val/ppl": math.exp(min(mean, 50.0))}
+        return dict(self.last_val)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Records
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _train_record(self, loss_sum: float, steps: int, lr: float, grad_norm: float, tokens: int,
+                      seconds: float) -> dict[str, float]:
+        tps = M.tokens_per_second(tokens, seconds)
+        record: dict[str, float] = {
+            "train/loss": loss_sum / steps if steps else float("nan"),
+            "train/learning_rate": lr,
+            "train/grad_norm": grad_norm,
+            "train/tokens_per_sec": tps,
+            "train/tokens_seen": self.tokens_seen,
+            "train/step_time_ms": 1000.0 * seconds / max(1, self.loop.log_every),
+            "system/num_processes": self.strategy.world_size,
+        }
+        utilisation = M.mfu(tps, self.flops_per_token, self.peak * self.strategy.world_size if self.peak else None)
+        if utilisation is not None:
+            record["system/mfu"] = utilisation
+        record.update(M.gpu_memory(self.device))
+        if self.strategy.state_passing and self.carry is not None:
+            record.update(self._state_record())
+        record.update(self.counters)
+        if self.health is not None:
+            for warning in self.health.update(self.step, record):
+                self._warn_once(warning)
+            record.update(self.health.counts())
+        self.history.append({"step": self.step, **{k: v for k, v in record.items() if k.startswith("train/")}})
+        return record
+
+    def _state_record(self) -> dict[str, float]:
+        norms = [layer.ttt[0].float().norm(dim=(-2, -1)).mean() for layer in self.carry.layers if layer.ttt]
+        return {"state/w_norm": float(torch.stack(norms).mean())} if norms else {}
+
+    def _warn_once(self, warning: Any) -> None:
+        seen = getattr(self, "_warned", set())
+        if warning.kind not in seen and self.strategy.is_main:
+            print(f"warning: {warning.message}", file=sys.stderr, flush=True)
+            self.logger.alert(f"tttexp: {warning.kind}", warning.message)
+        seen.add(warning.kind)
+        self._warned = seen
+
+    def _log(self, record: Mapping[str, Any]) -> None:
+        if self.strategy.is_main:
+            self.logger.log(dict(record), step=self.step)
+
+    def _summary(self, seconds: float) -> dict[str, Any]:
+        losses = [h["train/loss"] for h in self.history if math.isfinite(h.get("train/loss", float("nan")))]
+        summary = {
+            "summary/total_time": seconds,
+            "summary/avg_tokens_per_sec": self.tokens_seen / seconds if seconds > 0 else 0.0,
+            "summary/final_loss": losses[-1] if losses else float("nan"),
+            "summary/steps": self.step,
+            "summary/tokens_seen": self.tokens_seen,
+        }
+        if self.last_val:
+            summary["summary/final_val_loss"] = self.last_val["val/loss"]
+            summary["summary/final_val_ppl"] = self.last_val["val/ppl"]
+        summary.update({k.replace("warnings/", "summary/warnings_"): v for k, v in self.counters.items()})
+        return summary
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Checkpoints
+    # ------------------------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "data": self.data.train_loader.state_dict(),
+            "rng": ckpt.rng_state(),
+            "carry": self.carry.state_dict() if self.carry is not None else None,
+            "counters": dict(self.counters),
+            "history": list(self.history),
+        }
+
+    def save(self) -> Path | None:
+        if not self.strategy.is_main:
+            self.strategy.barrier()
+            return None
+        path = ckpt.save_checkpoint(self.run_dir, self.step, self.state_dict(), keep_last=self.loop.keep_last)
+        self.strategy.barrier()
+        return path
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.raw_model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.data.train_loader.load_state_dict(state["data"])
+        ckpt.restore_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.counters.update(state.get("counters", {}))
+        self.history = list(state.get("history", []))
+        if state.get("carry") is not None:
+            self.carry = TTTCache.from_state_dict(state["carry"], self.device)
+
+
+class Progress:
+    """A tqdm bar on a terminal, plain lines otherwise (``trainer.progress``: auto | bar | lines | none)."""
+
+    def __init__(self, mode: str, total: int, initial: int, enabled: bool) -> None:
+        self.mode = "none" if not enabled else mode
+        if self.mode == "auto":
+            self.mode = "bar" if sys.stdout.isatty() else "lines"
+        self.total = total
+        self.bar = None
+        if self.mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+        self.last = initial
+
+    def update(self, step: int, record: Mapping[str, float]) -> None:
+        text = f"loss {record['train/loss']:.4f}  tok/s {record['train/tokens_per_sec']:,.0f}"
+        if self.bar is not None:
+            self.bar.update(step - self.last)
+            self.bar.set_postfix_str(text)
+        elif self.mode == "lines":
+            lr = record["train/learning_rate"]
+            print(f"step {step:>6}/{self.total}  {text}  lr {lr:.2e}  grad {record['train/grad_norm']:.3f}",
+                  flush=True)
+        self.last = step
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def set_kernel(model: nn.Module, kernel: str) -> None:
+    """Switch the inner-loop implementation of every TTT layer (the config is shared by all of them)."""
+    model.config.kernel = kernel
