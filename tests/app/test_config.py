@@ -1,0 +1,116 @@
+"""Every config group option composes and instantiates; the schema catches typos and wrong types."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+
+from tttexp.config import ConfigError, validate
+from tttexp.preflight import CONF_DIR, check, compose_config
+from tttexp.strategies import Strategy
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
+
+
+def test_every_group_has_its_options():
+    assert options("model") == ["1.3b", "125m", "350m", "760m", "tiny"]
+    assert options("strategy") == ["conservative", "from_pretrained", "gpu_optimized", "multi_gpu_state_passing"]
+    assert options("logging") == ["none", "wandb"]
+    assert options("distributed") == ["ddp", "single"]
+    assert {"hf", "shipped", "text_files"} <= set(options("data"))
+    assert options("experiment")
+
+
+@pytest.mark.parametrize("name", options("model"))
+def test_model_options_instantiate(name):
+    import torch
+
+    cfg = compose_config([f"model={name}"])
+    validate(cfg)
+    with torch.device("meta"):
+        model = instantiate(cfg.model, vocab_size=32000)
+    assert model.config.hidden_size == cfg.model.hidden_size
+    assert model.config.num_hidden_layers == cfg.model.num_hidden_layers
+
+
+@pytest.mark.parametrize("name", options("strategy"))
+def test_strategy_options_instantiate(name):
+    cfg = compose_config([f"strategy={name}"])
+    validate(cfg)
+    strategy = instantiate(cfg.strategy)
+    assert isinstance(strategy, Strategy)
+    assert strategy.name == name
+
+
+@pytest.mark.parametrize("name", options("logging"))
+def test_logging_options_instantiate(name):
+    cfg = compose_config([f"logging={name}"])
+    logger = instantiate(cfg.logging)
+    assert hasattr(logger, "log") and hasattr(logger, "finish")
+
+
+@pytest.mark.parametrize("name", options("data"))
+def test_data_options_instantiate(name, tmp_path):
+    extra = {"text_files": [f"data.paths=[{tmp_path}]"], "hf": ["data.hf_dataset=some/dataset"]}.get(name, [])
+    cfg = compose_config([f"data={name}", *extra])
+    validate(cfg)
+    module = instantiate(cfg.data)
+    assert module.seq_len == cfg.data.seq_len
+
+
+@pytest.mark.parametrize("name", options("distributed"))
+def test_distributed_options_compose(name):
+    validate(compose_config([f"distributed={name}"]))
+
+
+@pytest.mark.parametrize("name", options("experiment"))
+def test_experiment_options_compose(name):
+    validate(compose_config([f"experiment={name}"]))
+
+
+def test_contract_keys_exist():
+    cfg = compose_config([])
+    for key in ["seed", "device", "resume", "model.ttt_layer", "model.backbone", "model.kernel", "data.seq_len",
+                "data.batch_size", "optim.lr", "trainer.max_steps", "trainer.log_every", "trainer.eval_every",
+                "trainer.ckpt_every", "distributed.nproc_per_node", "logging.project", "logging.run_name",
+                "logging.mode"]:
+        section, _, leaf = key.rpartition(".")
+        node = cfg[section] if section else cfg
+        assert leaf in node, key
+    assert "base_model" in compose_config(["strategy=from_pretrained"]).strategy
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["model=nope"], "model=nope is not an option; choose one of: 1.3b, 125m, 350m, 760m, tiny"),
+    (["optim.lr=abc"], "optim.lr=abc: expected a float"),
+    (["data.seq_len=-1"], "data.seq_len=-1 must be > 0"),
+    (["trainer.max_stepz=3"], "trainer.max_stepz: no such config key (did you mean trainer.max_steps?)"),
+    (["strategy.compile=maybe"], "strategy.compile=maybe: expected a boolean (true or false)"),
+    (["model.ttt_layer=cnn"], "model.ttt_layer='cnn' is not allowed; choose one of: linear, mlp"),
+    (["model.hidden_size=100", "model.num_attention_heads=3"], "must be divisible by model.num_attention_heads"),
+    (["-m", "model.ttt_layer=linear,rnn"], "model.ttt_layer='rnn' is not allowed"),
+    (["+model.typo=1"], "model.typo: no such config key"),
+    (["strategy=multi_gpu_state_passing", "data.seq_len=100"], "multiple of model.mini_batch_size"),
+    (["logging.mode=sometimes"], "logging.mode='sometimes' is not allowed"),
+])
+def test_bad_command_lines_give_one_line(argv, expected):
+    problem = check(argv)
+    assert problem is not None and expected in problem
+    assert "\n" not in problem
+
+
+def test_good_command_lines_pass():
+    assert check([]) is None
+    assert check(["-m", "model.ttt_layer=linear,mlp", "optim.lr=1e-3,3e-3"]) is None
+    assert check(["model=125m", "strategy=gpu_optimized", "logging=none"]) is None
+
+
+def test_only_project_targets_are_built():
+    cfg = compose_config([])
+    cfg.model._target_ = "os.system"
+    with pytest.raises(ConfigError, match="only targets inside tttexp, torch and transformers"):
+        validate(cfg)
