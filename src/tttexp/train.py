@@ -53,15 +53,12 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
     device = strategy.setup(cfg.device, cfg.seed)
 
     data = instantiate(cfg.data)
-    data.setup(rank=strategy.rank, world_size=strategy.world_size, mini_batch_size=cfg.model.mini_batch_size,
-               stream=strategy.state_passing)
-    model = instantiate(cfg.model, vocab_size=cfg.model.vocab_size or data.vocab_size,
-                        eos_token_id=data.tokenizer.eos_id)
+    model, extra_facts = build_model_and_data(cfg, strategy, data)
     set_kernel(model, strategy.kernel_for(cfg.model.kernel))
 
     resume_state = _resume_state(cfg.resume, run_dir)
     logger = _build_logger(cfg, run_dir, strategy.is_main, resumed=resume_state is not None)
-    facts = _facts(cfg, model, strategy, device)
+    facts = {**_facts(cfg, model, strategy, device), **extra_facts}
     logger.start(run_dir, OmegaConf.to_container(cfg, resolve=True), facts)
     trainer = Trainer(
         model=model, data=data, strategy=strategy, logger=logger,
@@ -80,6 +77,19 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
     if strategy.is_main:
         print_summary(summary, run_dir)
     return summary.get("summary/final_val_loss")
+
+
+def build_model_and_data(cfg: DictConfig, strategy, data) -> tuple[Any, dict[str, Any]]:
+    """Set up the data and build the model; ``from_pretrained`` converts a base LM and uses its tokenizer."""
+    if cfg.strategy.name == "from_pretrained":
+        from tttexp.pretrained import prepare_from_pretrained
+
+        return prepare_from_pretrained(cfg, strategy, data)
+    data.setup(rank=strategy.rank, world_size=strategy.world_size, mini_batch_size=cfg.model.mini_batch_size,
+               stream=strategy.state_passing)
+    model = instantiate(cfg.model, vocab_size=cfg.model.vocab_size or data.vocab_size,
+                        eos_token_id=data.tokenizer.eos_id)
+    return model, {}
 
 
 def _resume_state(resume: str | None, run_dir: Path) -> dict[str, Any] | None:
