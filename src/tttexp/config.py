@@ -86,6 +86,9 @@ class TrainerConfig:
     ckpt_every: int = 0  # steps between checkpoints (and one at the end); 0: only at the end
     keep_last: int = 2  # checkpoints kept in the run directory
     progress: str = "auto"  # auto (a bar on a terminal, plain lines otherwise) | bar | lines | none
+    position_eval_len: int = 0  # tokens per sequence of the loss-by-position evaluation; 0: 4 x data.seq_len
+    position_eval_sequences: int = 8  # validation sequences in it; 0 disables it
+    plots: bool = True  # loss.png and ppl_by_position.png in the run directory at the end
 
 
 @dataclass

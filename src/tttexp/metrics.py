@@ -93,6 +93,12 @@ class Stopwatch:
         self.device = device
         self.start = time.perf_counter()
 
+    def restart(self) -> None:
+        """Leave out the time since the last lap (evaluation, checkpoints) from the next one."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.start = time.perf_counter()
+
     def lap(self) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

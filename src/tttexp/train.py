@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tttexp.checkpoint import CheckpointError, latest_valid_checkpoint, load_checkpoint
 from tttexp.config import ConfigError, register_configs, validate
+from tttexp.preemption import EXIT_PREEMPTED, Preempted
 from tttexp.trainer import LoopSettings, OptimSettings, Trainer, TrainingStopped, set_kernel
 
 register_configs()
@@ -44,6 +45,9 @@ def hydra_main(cfg: DictConfig) -> float | None:
     except (ConfigError, CheckpointError, TrainingStopped) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(1)
+    except Preempted as err:
+        print(f"preempted: {err}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_PREEMPTED)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> float | None:

@@ -20,7 +20,10 @@ from torch import nn
 
 from tttexp import checkpoint as ckpt
 from tttexp import metrics as M
+from tttexp.evaluation import loss_by_position
+from tttexp.inference import time_inference
 from tttexp.models import TTTCache, TTTForCausalLM
+from tttexp.preemption import Preempted, PreemptionFlag, requeue_slurm_job
 from tttexp.strategies import Strategy
 
 
@@ -44,6 +47,9 @@ class LoopSettings:
     ckpt_every: int = 0
     keep_last: int = 2
     progress: str = "auto"
+    position_eval_len: int = 0
+    position_eval_sequences: int = 8
+    plots: bool = True
 
 
 class TrainingStopped(RuntimeError):
@@ -75,11 +81,18 @@ class Trainer:
         self.device = strategy.device
         self.model = strategy.prepare_model(model)
         self.optimizer = self._build_optimizer()
+        self.train_loader = data.train_loader
+        if strategy.prefetch:
+            from tttexp.data.prefetch import Prefetcher
+
+            self.train_loader = Prefetcher(data.train_loader, self.device)
+        self.preemption = PreemptionFlag()
         self.step = 0
         self.tokens_seen = 0
         self.carry: TTTCache | None = None
         self.bad_steps_in_a_row = 0
         self.counters: dict[str, int] = {"warnings/nonfinite_steps": 0}
+        self.resets = 0
         self.history: list[dict[str, float]] = []
         self.last_val: dict[str, float] = {}
         self.flops_per_token = M.train_flops_per_token(
@@ -98,49 +111,75 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to ``max_steps``; returns the run summary (also written to summary.json by the logger)."""
         start_time = time.perf_counter()
-        train_iter = self.data.train_loader
         progress = Progress(self.loop.progress, self.loop.max_steps, self.step, enabled=self.strategy.is_main)
         watch = M.Stopwatch(self.device)
-        window_tokens, window_loss, window_steps = 0, 0.0, 0
+        window = Window(self.device)
         tokens_per_step = self._tokens_per_step()
+        self.preemption.install()
         self.model.train()
-        while self.step < self.loop.max_steps:
-            lr = self._set_learning_rate(self.step)
-            loss, grad_norm, ok = self._train_step(train_iter)
-            self.step += 1
-            self.tokens_seen += tokens_per_step
-            window_tokens += tokens_per_step
-            if ok:
-                window_loss += loss
-                window_steps += 1
+        try:
+            while self.step < self.loop.max_steps:
+                lr = self._set_learning_rate(self.step)
+                loss, grad_norm, ok = self._train_step()
+                self.step += 1
+                self.tokens_seen += tokens_per_step
+                window.add(loss, grad_norm, ok, tokens_per_step)
 
-            if self.step % self.loop.log_every == 0 or self.step == self.loop.max_steps:
-                seconds = watch.lap()
-                record = self._train_record(window_loss, window_steps, lr, grad_norm, window_tokens, seconds)
-                self._log(record)
-                progress.update(self.step, record)
-                window_tokens, window_loss, window_steps = 0, 0.0, 0
-            if self.loop.eval_every and self.step % self.loop.eval_every == 0 and self.step < self.loop.max_steps:
-                self._log(self.evaluate())
-            if self.loop.ckpt_every and self.step % self.loop.ckpt_every == 0 and self.step < self.loop.max_steps:
-                self.save()
+                if self.step % self.loop.log_every == 0 or self.step == self.loop.max_steps:
+                    record = self._train_record(window, lr, watch.lap())
+                    self._log(record)
+                    progress.update(self.step, record)
+                    window = Window(self.device)
+                if self._every(self.loop.eval_every):
+                    self._log(self.evaluate())
+                    watch.restart()
+                if self._every(self.strategy.inference_every):
+                    self._time_inference()
+                    watch.restart()
+                if self._every(self.loop.ckpt_every):
+                    self.save()
+                    watch.restart()
+                if self._preempted():
+                    path = self.save()
+                    requeued = requeue_slurm_job()
+                    raise Preempted(
+                        f"stopped by signal {self.preemption.signal} after step {self.step}; checkpoint {path}; "
+                        + ("the job was requeued" if requeued else "run again with resume=auto to continue")
+                    )
+        finally:
+            self.preemption.uninstall()
+            progress.close()
+            if hasattr(self.train_loader, "close"):
+                self.train_loader.close()
 
         if self.loop.eval_every:
             self._log(self.evaluate())
         self.save()
-        progress.close()
+        self._final_reports()
         return self._summary(time.perf_counter() - start_time)
+
+    def _every(self, period: int) -> bool:
+        """A periodic action due at this step (the final step has its own end-of-run actions)."""
+        return bool(period) and self.step % period == 0 and self.step < self.loop.max_steps
+
+    def _preempted(self) -> bool:
+        flag = torch.tensor(1.0 if self.preemption.requested() else 0.0, device=self.device)
+        return bool(self.strategy.all_reduce_max(flag) > 0) if self.strategy.world_size > 1 else bool(flag)
 
     # ------------------------------------------------------------------------------------------------------------
     # One optimizer step
     # ------------------------------------------------------------------------------------------------------------
 
-    def _train_step(self, train_iter) -> tuple[float, float, bool]:
-        """Accumulate ``grad_accum_steps`` micro-batches, clip, check, update. Returns (loss, grad norm, applied)."""
+    def _train_step(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Accumulate ``grad_accum_steps`` micro-batches, clip, check, update.
+
+        Returns the loss and gradient norm as device tensors (no host sync unless non-finite steps are
+        checked) and whether the update was applied.
+        """
         accum = self.loop.grad_accum_steps
         total = torch.zeros((), device=self.device)
         for micro in range(accum):
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in next(train_iter).items()}
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in next(self.train_loader).items()}
             with self.strategy.no_sync(self.model, last_micro_batch=micro == accum - 1), self.strategy.autocast():
                 loss = self._forward_loss(batch)
             (loss / accum).backward()
@@ -153,20 +192,21 @@ class Trainer:
         else:
             grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params]))
         if self.strategy.skip_nonfinite:
-            finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
-            if not finite:
+            if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
                 self._skip_bad_step()
-                return float("nan"), float("nan"), False
+                return loss, grad_norm, False
             self.bad_steps_in_a_row = 0
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(loss), float(grad_norm), True
+        return loss, grad_norm.detach(), True
 
     def _forward_loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if not self.strategy.state_passing:
             return self.model(batch["input_ids"], labels=batch["labels"], use_cache=False).loss
         cache = self.carry if self.carry is not None else TTTCache(self.raw_model.config.num_hidden_layers)
         starts = batch.get("doc_start") if self.strategy.reset_on_document else None
+        if starts is not None:
+            self.resets = self.resets + starts.sum()
         out = self.model(batch["input_ids"], labels=batch["labels"], cache=cache, use_cache=True, doc_starts=starts)
         self.carry = out.cache.detach()
         return out.loss
@@ -209,7 +249,7 @@ class Trainer:
         return torch.optim.AdamW(groups, lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps, **extra)
 
     def _tokens_per_step(self) -> int:
-        return self.data.train_loader.tokens_per_batch * self.loop.grad_accum_steps * self.strategy.world_size
+        return self.train_loader.tokens_per_batch * self.loop.grad_accum_steps * self.strategy.world_size
 
     # ------------------------------------------------------------------------------------------------------------
     # Evaluation
@@ -236,20 +276,59 @@ class Trainer:
         self.last_val = {"val/loss": mean, "val/ppl": math.exp(min(mean, 50.0))}
         return dict(self.last_val)
 
+    def _time_inference(self) -> None:
+        """Prefill and cached decode on a fixed validation prompt; logs ``inference/*`` and a short sample."""
+        if not self.strategy.is_main:
+            return
+        prompt = next(self.data.val_set.batches(1))["input_ids"][:, :64].to(self.device)
+        record, generated = time_inference(self.raw_model, prompt, new_tokens=32, autocast=self.strategy.autocast())
+        self._log(record)
+        tokenizer = getattr(self.data, "tokenizer", None)
+        if tokenizer is not None:
+            text = tokenizer.decode(prompt[0].tolist()) + " ▶ " + tokenizer.decode(generated[0].tolist())
+            self.logger.log_text("inference/sample", text, step=self.step)
+
+    def _final_reports(self) -> None:
+        """Loss by position over long validation sequences (table + plot) and the loss-curve plot."""
+        if not self.strategy.is_main:
+            return
+        seq_len = getattr(self.data, "seq_len", None)
+        length = self.loop.position_eval_len or 4 * (seq_len or 256)
+        rows: list[dict[str, float]] = []
+        if self.loop.position_eval_sequences > 0:
+            try:
+                sequences = self.data.val_set.long_sequences(length, self.loop.position_eval_sequences)
+            except ValueError:
+                sequences = None
+            if sequences is not None and len(sequences):
+                rows = loss_by_position(self.raw_model, sequences, autocast=self.strategy.autocast())
+                self.logger.log_table("val/ppl_by_position", ["start", "end", "loss", "ppl"],
+                                      [[r["start"], r["end"], r["loss"], r["ppl"]] for r in rows], step=self.step)
+                self.position_rows = rows
+        if self.loop.plots:
+            from tttexp import plots
+
+            loss_png = plots.plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png") \
+                if (self.run_dir / "metrics.jsonl").exists() else None
+            pos_png = plots.plot_by_position(rows, self.run_dir / "ppl_by_position.png")
+            for key, path in (("plots/loss", loss_png), ("plots/ppl_by_position", pos_png)):
+                if path is not None:
+                    self.logger.log_image(key, path, step=self.step)
+
     # ------------------------------------------------------------------------------------------------------------
     # Records
     # ------------------------------------------------------------------------------------------------------------
 
-    def _train_record(self, loss_sum: float, steps: int, lr: float, grad_norm: float, tokens: int,
-                      seconds: float) -> dict[str, float]:
-        tps = M.tokens_per_second(tokens, seconds)
+    def _train_record(self, window: Window, lr: float, seconds: float) -> dict[str, float]:
+        loss, grad_norm = window.means()
+        tps = M.tokens_per_second(window.tokens, seconds)
         record: dict[str, float] = {
-            "train/loss": loss_sum / steps if steps else float("nan"),
+            "train/loss": loss,
             "train/learning_rate": lr,
             "train/grad_norm": grad_norm,
             "train/tokens_per_sec": tps,
             "train/tokens_seen": self.tokens_seen,
-            "train/step_time_ms": 1000.0 * seconds / max(1, self.loop.log_every),
+            "train/step_time_ms": 1000.0 * seconds / max(1, window.steps),
             "system/num_processes": self.strategy.world_size,
         }
         utilisation = M.mfu(tps, self.flops_per_token, self.peak * self.strategy.world_size if self.peak else None)
@@ -268,7 +347,10 @@ class Trainer:
 
     def _state_record(self) -> dict[str, float]:
         norms = [layer.ttt[0].float().norm(dim=(-2, -1)).mean() for layer in self.carry.layers if layer.ttt]
-        return {"state/w_norm": float(torch.stack(norms).mean())} if norms else {}
+        record = {"state/resets": int(self.resets)}
+        if norms:
+            record["state/w_norm"] = float(torch.stack(norms).mean())
+        return record
 
     def _warn_once(self, warning: Any) -> None:
         seen = getattr(self, "_warned", set())
@@ -301,38 +383,80 @@ class Trainer:
     # Checkpoints
     # ------------------------------------------------------------------------------------------------------------
 
+    def _rank_state(self) -> dict[str, Any]:
+        """What differs between processes: data position, RNG streams and the carried TTT state."""
+        return {
+            "data": self.train_loader.state_dict(),
+            "rng": ckpt.rng_state(),
+            "carry": self.carry.state_dict() if self.carry is not None else None,
+        }
+
     def state_dict(self) -> dict[str, Any]:
+        ranks = self.strategy.gather_object(self._rank_state())
+        run_id_file = self.run_dir / "wandb_run_id"
         return {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
+            "world_size": self.strategy.world_size,
             "model": self.raw_model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "data": self.data.train_loader.state_dict(),
-            "rng": ckpt.rng_state(),
-            "carry": self.carry.state_dict() if self.carry is not None else None,
+            "ranks": ranks,
             "counters": dict(self.counters),
             "history": list(self.history),
+            "wandb_run_id": run_id_file.read_text().strip() if run_id_file.exists() else None,
         }
 
     def save(self) -> Path | None:
-        if not self.strategy.is_main:
-            self.strategy.barrier()
-            return None
-        path = ckpt.save_checkpoint(self.run_dir, self.step, self.state_dict(), keep_last=self.loop.keep_last)
+        """Every rank takes part (its state is gathered); rank 0 writes; all wait for the file."""
+        state = self.state_dict()
+        path = None
+        if self.strategy.is_main:
+            path = ckpt.save_checkpoint(self.run_dir, self.step, state, keep_last=self.loop.keep_last)
         self.strategy.barrier()
         return path
 
     def _restore(self, state: dict[str, Any]) -> None:
+        if state.get("world_size", 1) != self.strategy.world_size:
+            raise ckpt.CheckpointError(
+                f"the checkpoint was written by {state.get('world_size', 1)} processes and this run has "
+                f"{self.strategy.world_size}; resume with the same distributed.nproc_per_node"
+            )
         self.raw_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.data.train_loader.load_state_dict(state["data"])
-        ckpt.restore_rng_state(state["rng"])
+        mine = state["ranks"][self.strategy.rank]
+        self.train_loader.load_state_dict(mine["data"])
+        ckpt.restore_rng_state(mine["rng"])
+        if mine.get("carry") is not None:
+            self.carry = TTTCache.from_state_dict(mine["carry"], self.device)
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         self.counters.update(state.get("counters", {}))
         self.history = list(state.get("history", []))
-        if state.get("carry") is not None:
-            self.carry = TTTCache.from_state_dict(state["carry"], self.device)
+
+
+class Window:
+    """Sums over the steps between two log records, kept on the device so that steps never sync the host."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), device=device, dtype=torch.float64)
+        self.grad_norm = torch.zeros((), device=device, dtype=torch.float64)
+        self.good = torch.zeros((), device=device, dtype=torch.float64)
+        self.steps = 0
+        self.tokens = 0
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, ok: bool, tokens: int) -> None:
+        self.steps += 1
+        self.tokens += tokens
+        if ok:
+            self.loss += loss.double()
+            self.grad_norm += grad_norm.double()
+            self.good += 1
+
+    def means(self) -> tuple[float, float]:
+        good = float(self.good)
+        if not good:
+            return float("nan"), float("nan")
+        return float(self.loss) / good, float(self.grad_norm) / good
 
 
 class Progress:

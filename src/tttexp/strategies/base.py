@@ -126,6 +126,10 @@ class Strategy:
     def all_reduce_max(self, value: torch.Tensor) -> torch.Tensor:
         return value
 
+    def gather_object(self, obj: Any) -> list[Any]:
+        """Every process's ``obj``, in rank order (a list of one here)."""
+        return [obj]
+
     def barrier(self) -> None:
         pass
 

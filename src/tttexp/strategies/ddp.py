@@ -72,6 +72,11 @@ class DistributedDataParallel(Strategy):
         dist.all_reduce(out, op=dist.ReduceOp.MAX)
         return out
 
+    def gather_object(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def barrier(self) -> None:
         if dist.is_initialized():
             dist.barrier()

@@ -1,0 +1,45 @@
+"""Validation: mean loss, and loss by token position over long sequences (TTT's claim: it keeps falling)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+
+from tttexp.models import TTTForCausalLM
+
+
+@torch.no_grad()
+def loss_by_position(
+    model: TTTForCausalLM,
+    sequences: torch.Tensor,
+    buckets: int = 16,
+    batch_size: int = 4,
+    autocast: contextlib.AbstractContextManager | None = None,
+) -> list[dict[str, float]]:
+    """Per-token loss of ``sequences [N, L+1]`` (inputs ``[:, :-1]``, targets ``[:, 1:]``) averaged over the
+    sequences, then over ``buckets`` equal spans of positions. Rows: ``start``, ``end``, ``loss``, ``ppl``."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(sequences.shape[1] - 1, dtype=torch.float64, device=device)
+    try:
+        for i in range(0, sequences.shape[0], batch_size):
+            chunk = sequences[i : i + batch_size].to(device)
+            with autocast or contextlib.nullcontext():
+                logits = model(chunk[:, :-1], use_cache=False).logits
+            losses = F.cross_entropy(logits.float().transpose(1, 2), chunk[:, 1:], reduction="none")
+            total += losses.double().sum(0)
+    finally:
+        model.train(was_training)
+    per_position = (total / sequences.shape[0]).cpu()
+    length = per_position.shape[0]
+    edges = [round(length * b / buckets) for b in range(buckets + 1)]
+    rows = []
+    for start, end in zip(edges[:-1], edges[1:], strict=True):
+        if end > start:
+            loss = float(per_position[start:end].mean())
+            rows.append({"start": start, "end": end, "loss": loss, "ppl": math.exp(min(loss, 50.0))})
+    return rows

@@ -1,0 +1,94 @@
+"""The metric catalogue: every key the trainer logs, with its meaning and unit.
+
+Names are a contract shared by the trainer, the loggers, the plots and the dashboards; change them only
+together. ``DESCRIPTIONS`` maps each exact name to a one-line description, ``FAMILIES`` describes the open
+families (``state/``, ``inference/``, ``warnings/``) whose members may grow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+DESCRIPTIONS: dict[str, str] = {}
+FAMILIES: dict[str, str] = {}
+
+
+def _metric(name: str, description: str) -> str:
+    DESCRIPTIONS[name] = description
+    return name
+
+
+def _family(prefix: str, description: str) -> str:
+    FAMILIES[prefix] = description
+    return prefix
+
+
+# The x axis of every series; each logged record carries it (see WandbLogger).
+STEP = _metric("train/step", "optimizer step the record belongs to; the x axis of every series")
+
+TRAIN_LOSS = _metric("train/loss", "training cross-entropy in nats per token, mean over the logging interval")
+TRAIN_LEARNING_RATE = _metric("train/learning_rate", "learning rate of the first parameter group")
+TRAIN_TOKENS_PER_SEC = _metric("train/tokens_per_sec", "training throughput over the interval, all processes")
+TRAIN_GRAD_NORM = _metric("train/grad_norm", "global L2 norm of the gradients before clipping")
+TRAIN_TOKENS_SEEN = _metric("train/tokens_seen", "cumulative training tokens, all processes")
+TRAIN_STEP_TIME_MS = _metric("train/step_time_ms", "wall time of one optimizer step in milliseconds")
+
+VAL_LOSS = _metric("val/loss", "validation cross-entropy in nats per token")
+VAL_PPL = _metric("val/ppl", "validation perplexity, exp(val/loss)")
+
+MODEL_TOTAL_PARAMETERS = _metric("model/total_parameters", "number of trainable parameters")
+MODEL_HIDDEN_SIZE = _metric("model/hidden_size", "width of the residual stream")
+MODEL_NUM_LAYERS = _metric("model/num_layers", "number of transformer blocks")
+MODEL_TTT_LAYER = _metric("model/ttt_layer", "kind of TTT layer, e.g. linear or mlp")
+MODEL_STATE_PASSING = _metric("model/state_passing", "whether the TTT state is carried across sequences")
+
+SYSTEM_GPU_MEMORY_ALLOCATED = _metric("system/gpu_memory_allocated", "GPU memory held by tensors now, GiB")
+SYSTEM_GPU_MEMORY_RESERVED = _metric("system/gpu_memory_reserved", "GPU memory reserved by the caching allocator, GiB")
+SYSTEM_GPU_MEMORY_PEAK = _metric("system/gpu_memory_peak", "peak GPU memory held by tensors since the start, GiB")
+SYSTEM_NUM_PROCESSES = _metric("system/num_processes", "number of training processes (world size)")
+SYSTEM_MFU = _metric("system/mfu", "model FLOPs utilisation, fraction of the peak of the accelerator (0 to 1)")
+
+STATE = _family("state/", "state passing: resets and norms of the carried TTT state")
+STATE_RESETS = _metric("state/resets", "carried-state resets since the start of training (cumulative)")
+STATE_W_NORM = _metric("state/w_norm", "mean Frobenius norm of the carried fast weights W")
+
+INFERENCE = _family("inference/", "decoding benchmarks: prefill and per-token timing")
+INFERENCE_PREFILL_MS = _metric("inference/prefill_ms", "wall time to prefill the prompt in milliseconds")
+INFERENCE_DECODE_TOKENS_PER_SEC = _metric("inference/decode_tokens_per_sec", "generated tokens per second")
+INFERENCE_DECODE_MS_PER_TOKEN = _metric("inference/decode_ms_per_token", "wall time per decoding step, ms")
+
+WARNINGS = _family("warnings/", "cumulative count of each health-warning kind (see tttexp.loggers.health)")
+WARN_NONFINITE_LOSS = _metric("warnings/nonfinite_loss", "steps whose training loss was NaN or infinite")
+WARN_NONFINITE_GRAD = _metric("warnings/nonfinite_grad", "steps whose gradient norm was NaN or infinite")
+WARN_LOSS_SPIKE = _metric("warnings/loss_spike", "steps whose loss jumped far above its running median")
+WARN_GRAD_SPIKE = _metric("warnings/grad_spike", "steps whose gradient norm jumped far above its running median")
+WARN_THROUGHPUT_DROP = _metric("warnings/throughput_drop", "steps whose throughput fell far below its median")
+WARN_STATE_GROWTH = _metric("warnings/state_growth", "steps where state/w_norm grew by a large factor")
+
+SUMMARY_TOTAL_TIME = _metric("summary/total_time", "wall time of the whole run in seconds")
+SUMMARY_AVG_TOKENS_PER_SEC = _metric("summary/avg_tokens_per_sec", "training tokens over training wall time")
+SUMMARY_FINAL_LOSS = _metric("summary/final_loss", "last training loss")
+SUMMARY_FINAL_VAL_LOSS = _metric("summary/final_val_loss", "last validation loss")
+SUMMARY_STEPS = _metric("summary/steps", "optimizer steps taken")
+SUMMARY_TOKENS_SEEN = _metric("summary/tokens_seen", "training tokens seen, all processes")
+
+#: Prefixes of the series plotted against STEP (everything but summary/*).
+STEP_PREFIXES: tuple[str, ...] = ("train/", "val/", "model/", "system/", "state/", "inference/", "warnings/")
+
+MODEL_PREFIX = "model/"
+
+
+def describe(name: str) -> str | None:
+    """The description of an exact name, else of its open family, else None."""
+    if name in DESCRIPTIONS:
+        return DESCRIPTIONS[name]
+    for prefix, text in FAMILIES.items():
+        if name.startswith(prefix):
+            return text
+    return None
+
+
+def model_facts(facts: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``model/...`` entries of the derived facts, logged once at step 0."""
+    return {key: value for key, value in facts.items() if key.startswith(MODEL_PREFIX)}

@@ -1,0 +1,50 @@
+"""Preemption: SIGTERM or SIGUSR1 asks the loop to finish its step, checkpoint and exit for a requeue."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import threading
+from types import FrameType
+
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+EXIT_PREEMPTED = 3  # the app's exit status after a preemption checkpoint
+
+
+class Preempted(RuntimeError):
+    """Raised after the preemption checkpoint is written; the message says how to continue."""
+
+
+class PreemptionFlag:
+    """Installs handlers (main thread only) that record the signal; the loop polls :meth:`requested`."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> PreemptionFlag:
+        if threading.current_thread() is threading.main_thread():
+            for sig in PREEMPT_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.signal = signum
+
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+def requeue_slurm_job() -> bool:
+    """Under SLURM, put this job back in the queue (its next start resumes with ``resume=auto``)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job or shutil.which("scontrol") is None or os.environ.get("SUBMITIT_EXECUTOR"):
+        return False  # submitit requeues by itself
+    return subprocess.run(["scontrol", "requeue", job], capture_output=True).returncode == 0
