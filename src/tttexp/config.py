@@ -208,6 +208,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     resume: str | None = None  # None | auto (newest valid checkpoint of the run directory) | a checkpoint path
     experiment_name: str = "default"  # set by conf/experiment/*.yaml
+    checkpoint: str | None = None  # for `python -m tttexp.eval`: a step-*.pt file or a save_pretrained directory
 
 
 def register_configs() -> None:

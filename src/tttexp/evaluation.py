@@ -12,6 +12,31 @@ from tttexp.models import TTTForCausalLM
 
 
 @torch.no_grad()
+def mean_loss(
+    model: TTTForCausalLM,
+    batches,
+    autocast: contextlib.AbstractContextManager | None = None,
+) -> tuple[float, int]:
+    """Token-weighted mean loss over ``batches`` (dicts with ``input_ids`` and aligned ``labels``); returns the
+    summed loss and the token count so that callers can combine processes."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for batch in batches:
+            ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+            with autocast or contextlib.nullcontext():
+                logits = model(ids, use_cache=False).logits
+            total += float(F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                           reduction="sum"))
+            count += int((labels != -100).sum())
+    finally:
+        model.train(was_training)
+    return total, count
+
+
+@torch.no_grad()
 def loss_by_position(
     model: TTTForCausalLM,
     sequences: torch.Tensor,

@@ -40,14 +40,27 @@ def main() -> None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def hydra_main(cfg: DictConfig) -> float | None:
+    from tttexp import launch
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        return run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        validate(cfg)
+        _fill_logger_names(cfg)
+        if launch.needs_launch(cfg):
+            return launch.launch(cfg, run_dir)
+        return run(cfg, run_dir)
     except (ConfigError, CheckpointError, TrainingStopped) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(1)
     except Preempted as err:
         print(f"preempted: {err}", file=sys.stderr, flush=True)
         sys.exit(EXIT_PREEMPTED)
+    except Exception as err:
+        if type(err).__name__ == "ChildFailedError":
+            print(f"error: a worker failed, the job was stopped; see {run_dir}/train_rank*.log "
+                  f"({str(err).strip().splitlines()[0][:200]})", file=sys.stderr, flush=True)
+            sys.exit(1)
+        raise
 
 
 def run(cfg: DictConfig, run_dir: Path) -> float | None:
@@ -115,15 +128,19 @@ def _build_logger(cfg: DictConfig, run_dir: Path, is_main: bool, resumed: bool):
 
     if not is_main:
         return NullLogger()
-    backend_cfg = cfg.logging
-    kwargs: dict[str, Any] = {}
-    if "run_name" in backend_cfg and backend_cfg.run_name is None:
-        stamp = time.strftime("%m%d-%H%M%S")
-        kwargs["run_name"] = f"{cfg.model.name}-{cfg.model.ttt_layer}-{cfg.strategy.name}-{stamp}"
-    if "group" in backend_cfg and backend_cfg.group is None and _is_multirun():
-        kwargs["group"] = Path(HydraConfig.get().sweep.dir).name
-    backend = instantiate(backend_cfg, **kwargs)
+    backend = instantiate(cfg.logging)
     return LoggerGroup([JsonlLogger(run_dir / "metrics.jsonl"), backend])
+
+
+def _fill_logger_names(cfg: DictConfig) -> None:
+    """Default run name ``<model>-<layer>-<strategy>-<time>``; under ``-m`` the group is the sweep's folder."""
+    backend = cfg.logging
+    if "run_name" in backend and backend.run_name is None:
+        stamp = time.strftime("%m%d-%H%M%S")
+        backend.run_name = f"{cfg.model.name}-{cfg.model.ttt_layer}-{cfg.strategy.name}-{stamp}"
+    if "group" in backend and backend.group is None and _is_multirun():
+        sweep = Path(HydraConfig.get().sweep.dir)
+        backend.group = f"{sweep.parent.name}-{sweep.name}"
 
 
 def _is_multirun() -> bool:

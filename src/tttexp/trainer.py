@@ -20,7 +20,7 @@ from torch import nn
 
 from tttexp import checkpoint as ckpt
 from tttexp import metrics as M
-from tttexp.evaluation import loss_by_position
+from tttexp.evaluation import loss_by_position, mean_loss
 from tttexp.inference import time_inference
 from tttexp.models import TTTCache, TTTForCausalLM
 from tttexp.preemption import Preempted, PreemptionFlag, requeue_slurm_job
@@ -255,24 +255,13 @@ class Trainer:
     # Evaluation
     # ------------------------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean loss over the fixed validation windows (token-weighted), and its perplexity."""
-        self.model.eval()
-        total = torch.zeros((), device=self.device, dtype=torch.float64)
-        count = torch.zeros((), device=self.device, dtype=torch.float64)
-        batch_size = self.data.val_batch_size if hasattr(self.data, "val_batch_size") else None
-        for batch in self.data.val_set.batches(batch_size or self.data.train_loader.batch_size):
-            ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
-            with self.strategy.autocast():
-                logits = self.raw_model(ids, use_cache=False).logits
-            mask = labels != -100
-            losses = torch.nn.functional.cross_entropy(
-                logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-            total += losses.double()
-            count += mask.sum()
-        self.model.train()
-        mean = float(self.strategy.all_reduce_mean(total / count.clamp_min(1)))
+        """Mean loss over the fixed validation windows (token-weighted, over all processes), and its perplexity."""
+        batches = self.data.val_set.batches(self.data.train_loader.batch_size)
+        total, count = mean_loss(self.raw_model, batches, autocast=self.strategy.autocast())
+        sums = self.strategy.all_reduce_mean(torch.tensor([total, float(count)], dtype=torch.float64,
+                                                          device=self.device))
+        mean = float(sums[0] / sums[1].clamp_min(1))
         self.last_val = {"val/loss": mean, "val/ppl": math.exp(min(mean, 50.0))}
         return dict(self.last_val)
 

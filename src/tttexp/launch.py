@@ -1,0 +1,92 @@
+"""Start one worker per local device with torch's elastic launcher, or join the world we were started in.
+
+``python -m tttexp.train strategy=multi_gpu_state_passing`` needs no torchrun: the Hydra job (one run directory)
+starts ``distributed.nproc_per_node`` workers itself. Under torchrun or SLURM the processes already form a world;
+each one runs the job directly and the strategy joins that world.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from tttexp.config import ConfigError
+
+
+def in_existing_world() -> bool:
+    """Started by torchrun/elastic (WORLD_SIZE set) or as one task of a multi-task SLURM step."""
+    env = os.environ
+    return "WORLD_SIZE" in env or int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env
+
+
+def resolve_nproc(value: Any) -> int:
+    """``distributed.nproc_per_node``: a number, or ``auto`` = one per visible GPU."""
+    if value == "auto":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise ConfigError(
+                "distributed.nproc_per_node=auto counts GPUs and none is visible; on the CPU give a number, "
+                "e.g. distributed.nproc_per_node=2"
+            )
+        return count
+    return int(value)
+
+
+def needs_launch(cfg: DictConfig) -> bool:
+    """True for a DDP strategy with more than one local process that is not yet inside a world."""
+    is_ddp = str(cfg.strategy._target_).endswith("DistributedDataParallel")
+    return is_ddp and not in_existing_world() and resolve_nproc(cfg.distributed.nproc_per_node) > 1
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(cfg: DictConfig, run_dir: Path) -> Any:
+    """Run the job in ``nproc_per_node`` local workers; returns rank 0's result. A worker that dies ends all."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    nproc = resolve_nproc(cfg.distributed.nproc_per_node)
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=f"tttexp-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{_free_port()}",
+        max_restarts=0,
+        monitor_interval=1.0,
+        start_method="spawn",
+        logs_specs=DefaultLogsSpecs(log_dir=str(run_dir / "elastic")),
+    )
+    container = OmegaConf.to_container(cfg, resolve=True)
+    results = elastic_launch(config, worker)(container, str(run_dir))
+    return results.get(0) if isinstance(results, dict) else results
+
+
+def worker(config: dict, run_dir: str) -> Any:
+    """One process of a launched job: its own log file, then the same ``run`` as a single-process job."""
+    from tttexp.train import run
+
+    rank = int(os.environ.get("RANK", "0"))
+    path = Path(run_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / f"rank{rank}.pid").write_text(str(os.getpid()))
+    handler = logging.FileHandler(path / f"train_rank{rank}.log")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    if rank != 0:
+        log = open(path / f"train_rank{rank}.log", "a", buffering=1)  # noqa: SIM115 - lives as long as the worker
+        sys.stdout = sys.stderr = log
+    return run(OmegaConf.create(config), path)
