@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from tttexp.checkpoint import CheckpointError, latest_valid_checkpoint, load_checkpoint
 from tttexp.config import ConfigError, register_configs, validate
 from tttexp.preemption import EXIT_PREEMPTED, Preempted
+from tttexp.strategies import StrategyError
 from tttexp.trainer import LoopSettings, OptimSettings, Trainer, TrainingStopped, set_kernel
 
 register_configs()
@@ -49,7 +50,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
         if launch.needs_launch(cfg):
             return launch.launch(cfg, run_dir)
         return run(cfg, run_dir)
-    except (ConfigError, CheckpointError, TrainingStopped) as err:
+    except (ConfigError, CheckpointError, StrategyError, TrainingStopped) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(1)
     except Preempted as err:

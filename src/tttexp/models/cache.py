@@ -1,7 +1,9 @@
-"""TTTCache: everything needed to continue a sequence — the inner states, pending updates and conv tails."""
+"""TTTCache: everything needed to continue a sequence — the inner states, pending updates and conv tails of TTT
+layers, and the key/value cache of softmax-attention layers."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -16,15 +18,32 @@ class LayerState:
 
     ``ttt`` is the inner state at the start of the current mini-batch; ``pending`` the accumulated, not yet
     applied updates of the tokens already seen in it (``None`` at a mini-batch boundary); ``convs`` the last
-    ``conv_kernel - 1`` inputs of each causal conv, by name.
+    ``conv_kernel - 1`` inputs of each causal conv, by name. An attention layer keeps ``keys`` / ``values``
+    ``[B, kv_heads, T_seen, F]`` (after RoPE) and, once document starts were given, ``doc_start [B]``: the index
+    of the first key that the current document of each row may read.
     """
 
     ttt: State | None = None
     pending: State | None = None
     convs: dict[str, Tensor] = field(default_factory=dict)
+    keys: Tensor | None = None
+    values: Tensor | None = None
+    doc_start: Tensor | None = None
 
     def tensors(self) -> list[Tensor]:
-        return [*(self.ttt or ()), *(self.pending or ()), *self.convs.values()]
+        kv = [t for t in (self.keys, self.values, self.doc_start) if t is not None]
+        return [*(self.ttt or ()), *(self.pending or ()), *self.convs.values(), *kv]
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> LayerState:
+        """A new state with ``fn`` applied to every tensor."""
+        return LayerState(
+            ttt=None if self.ttt is None else tuple(fn(t) for t in self.ttt),
+            pending=None if self.pending is None else tuple(fn(t) for t in self.pending),
+            convs={k: fn(v) for k, v in self.convs.items()},
+            keys=None if self.keys is None else fn(self.keys),
+            values=None if self.values is None else fn(self.values),
+            doc_start=None if self.doc_start is None else fn(self.doc_start),
+        )
 
 
 class TTTCache:
@@ -41,10 +60,7 @@ class TTTCache:
         """A copy cut from the autograd graph (truncated backprop between training chunks)."""
         out = TTTCache(len(self.layers))
         out.seqlen_offset = self.seqlen_offset
-        for src, dst in zip(self.layers, out.layers, strict=True):
-            dst.ttt = None if src.ttt is None else tuple(t.detach() for t in src.ttt)
-            dst.pending = None if src.pending is None else tuple(t.detach() for t in src.pending)
-            dst.convs = {k: v.detach() for k, v in src.convs.items()}
+        out.layers = [layer.map(Tensor.detach) for layer in self.layers]
         return out
 
     def state_dict(self) -> dict[str, object]:
@@ -56,6 +72,9 @@ class TTTCache:
                     "ttt": list(layer.ttt) if layer.ttt is not None else None,
                     "pending": list(layer.pending) if layer.pending is not None else None,
                     "convs": dict(layer.convs),
+                    "keys": layer.keys,
+                    "values": layer.values,
+                    "doc_start": layer.doc_start,
                 }
                 for layer in self.layers
             ],
@@ -66,19 +85,19 @@ class TTTCache:
         layers = state["layers"]
         out = cls(len(layers))
         out.seqlen_offset = int(state["seqlen_offset"])
-
-        def move(ts):
-            return None if ts is None else tuple(t.to(device) for t in ts)
-
-        for src, dst in zip(layers, out.layers, strict=True):
-            dst.ttt = move(src["ttt"])
-            dst.pending = move(src["pending"])
-            dst.convs = {k: v.to(device) for k, v in src["convs"].items()}
+        out.layers = [
+            LayerState(
+                ttt=None if src["ttt"] is None else tuple(src["ttt"]),
+                pending=None if src["pending"] is None else tuple(src["pending"]),
+                convs=dict(src["convs"]),
+                keys=src.get("keys"),
+                values=src.get("values"),
+                doc_start=src.get("doc_start"),
+            ).map(lambda t: t.to(device))
+            for src in layers
+        ]
         return out
 
     def reorder(self, index: Tensor) -> None:
         """Select batch rows (beam search)."""
-        for layer in self.layers:
-            layer.ttt = None if layer.ttt is None else tuple(t.index_select(0, index) for t in layer.ttt)
-            layer.pending = None if layer.pending is None else tuple(t.index_select(0, index) for t in layer.pending)
-            layer.convs = {k: v.index_select(0, index) for k, v in layer.convs.items()}
+        self.layers = [layer.map(lambda t: t.index_select(0, index)) for layer in self.layers]

@@ -9,6 +9,7 @@ from transformers import PretrainedConfig
 TTT_LAYERS = ("linear", "mlp")
 BACKBONES = ("mamba", "transformer")
 KERNELS = ("auto", "triton", "torch")
+MIXERS = ("ttt", "attention")
 
 # hidden / layers / heads / SwiGLU intermediate (Sun et al. 2024, Table of model sizes). 760m has head dim 96.
 SIZE_PRESETS: dict[str, dict[str, int]] = {
@@ -33,6 +34,12 @@ class TTTConfig(PretrainedConfig):
     an output gate); ``transformer`` has separate Q/K/V projections and no gate. ``mini_batch_size`` is K, the
     number of tokens per inner gradient step; RoPE positions run modulo K. ``ttt_base_lr`` defaults to 1.0 for
     linear and 0.1 for mlp when left ``None``.
+
+    ``mixer_types`` gives each layer's sequence mixer (``ttt`` or ``attention``: Llama-style causal softmax
+    attention with ``num_key_value_heads`` K/V heads and RoPE at absolute positions); ``None`` means all TTT.
+    It is not called ``layer_types`` because transformers reserves that name for its own attention vocabulary.
+    ``ttt_output_gate`` multiplies each TTT layer's output by a learnable per-channel gate that starts at 0, so a
+    model converted from a pretrained one starts as the base without the converted attention layers.
     """
 
     model_type = "tttexp"
@@ -58,6 +65,9 @@ class TTTConfig(PretrainedConfig):
         pad_token_id: int | None = None,
         bos_token_id: int | None = None,
         eos_token_id: int | None = None,
+        num_key_value_heads: int | None = None,
+        mixer_types: list[str] | None = None,
+        ttt_output_gate: bool = False,
         **kwargs: Any,
     ) -> None:
         _one_of("model.ttt_layer", ttt_layer, TTT_LAYERS)
@@ -76,6 +86,20 @@ class TTTConfig(PretrainedConfig):
                 f"model.hidden_size ({hidden_size}) must be divisible by model.num_attention_heads "
                 f"({num_attention_heads})"
             )
+        num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
+        if not isinstance(num_key_value_heads, int) or num_key_value_heads <= 0 or (
+            num_attention_heads % num_key_value_heads
+        ):
+            raise ValueError(
+                f"model.num_key_value_heads must be a positive divisor of model.num_attention_heads "
+                f"({num_attention_heads}), got {num_key_value_heads!r}"
+            )
+        if mixer_types is not None:
+            mixer_types = list(mixer_types)
+            if len(mixer_types) != num_hidden_layers or any(m not in MIXERS for m in mixer_types):
+                raise ValueError(
+                    f"model.mixer_types must list {num_hidden_layers} entries from {list(MIXERS)}, got {mixer_types!r}"
+                )
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -91,6 +115,9 @@ class TTTConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range
         self.use_cache = use_cache
+        self.num_key_value_heads = num_key_value_heads
+        self.mixer_types = mixer_types
+        self.ttt_output_gate = bool(ttt_output_gate)
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -102,6 +129,10 @@ class TTTConfig(PretrainedConfig):
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    def mixer(self, layer: int) -> str:
+        """The sequence mixer of layer ``layer``: ``ttt`` or ``attention``."""
+        return "ttt" if self.mixer_types is None else self.mixer_types[layer]
 
     @property
     def share_qk(self) -> bool:

@@ -11,6 +11,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
+from tttexp.models.attention import Attention
 from tttexp.models.cache import TTTCache
 from tttexp.models.configuration import TTTConfig
 from tttexp.models.layers import CausalConv, RMSNorm, SwiGLU
@@ -25,17 +26,21 @@ class TTTCausalLMOutput(ModelOutput):
 
 
 class TTTBlock(nn.Module):
-    """Pre-norm residual block: [pre-conv] -> TTT -> SwiGLU."""
+    """Pre-norm residual block: [pre-conv] -> TTT (or softmax attention, ``mixer="attention"``) -> SwiGLU."""
 
-    def __init__(self, config: TTTConfig) -> None:
+    def __init__(self, config: TTTConfig, mixer: str = "ttt") -> None:
         super().__init__()
+        self.mixer = mixer
         eps = config.rms_norm_eps
         self.pre_conv = config.pre_conv
         if self.pre_conv:
             self.conv_norm = RMSNorm(config.hidden_size, eps)
             self.conv = CausalConv(config.hidden_size, config.conv_kernel)
         self.seq_norm = RMSNorm(config.hidden_size, eps)
-        self.ttt = TTTLayer(config)
+        if mixer == "ttt":
+            self.ttt = TTTLayer(config)
+        else:
+            self.attn = Attention(config)
         self.ffn_norm = RMSNorm(config.hidden_size, eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
@@ -45,7 +50,8 @@ class TTTBlock(nn.Module):
             if cache is not None:
                 cache.convs["pre"] = tail
             x = x + h
-        x = x + self.ttt(self.seq_norm(x), cache, offset, starts, reset)
+        mix = self.ttt if self.mixer == "ttt" else self.attn
+        x = x + mix(self.seq_norm(x), cache, offset, starts, reset)
         return x + self.mlp(self.ffn_norm(x))
 
 
@@ -81,13 +87,15 @@ class TTTPreTrainedModel(PreTrainedModel):
             init.ones_(module.ttt_norm_weight)
             init.zeros_(module.ttt_norm_bias)
             init.copy_(module.token_idx, 1.0 / torch.arange(1, module.k + 1, dtype=torch.float32))
+            if module.output_gate is not None:
+                init.zeros_(module.output_gate)
 
 
 class TTTModel(TTTPreTrainedModel):
     def __init__(self, config: TTTConfig) -> None:
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList([TTTBlock(config) for _ in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([TTTBlock(config, config.mixer(i)) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
         self.post_init()
@@ -144,7 +152,8 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         self.lm_head = value
 
     def ttt_layers(self) -> list[TTTLayer]:
-        return [block.ttt for block in self.model.layers]
+        """The TTT layers (a hybrid model's attention layers are left out)."""
+        return [block.ttt for block in self.model.layers if block.mixer == "ttt"]
 
     def forward(
         self,

@@ -35,6 +35,8 @@ class TTTLayer(nn.Module):
         if config.use_gate:
             self.g_proj = nn.Linear(width, width, bias=False)
         self.post_norm = nn.LayerNorm(width, eps=1e-6)
+        # Per-channel output gate, starting closed: a layer converted from attention starts as "no mixer".
+        self.output_gate = nn.Parameter(torch.zeros(width)) if config.ttt_output_gate else None
 
         std = config.initializer_range
         self.lr_weight = nn.Parameter(torch.randn(heads, width) * std)
@@ -93,7 +95,10 @@ class TTTLayer(nn.Module):
         out = self.post_norm(out)
         if self.config.use_gate:
             out = F.gelu(self.g_proj(hidden), approximate="tanh") * out
-        return self.o_proj(out)
+        out = self.o_proj(out)
+        if self.output_gate is not None:
+            out = out * self.output_gate.to(out.dtype)
+        return out
 
     def _inner(
         self, XQ: Tensor, XK: Tensor, XV: Tensor, lr: Tensor, tok: Tensor,

@@ -12,6 +12,10 @@ import torch
 from torch import nn
 
 
+class StrategyError(ValueError):
+    """The recipe cannot run here as configured; the message is one line that says what to change."""
+
+
 def warn(message: str) -> None:
     """One line on stderr, from rank 0 only."""
     if int(os.environ.get("RANK", "0")) == 0:
@@ -82,7 +86,7 @@ class Strategy:
 
     def _pick_device(self, device: str) -> torch.device:
         if device == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("device=cuda but no CUDA GPU is visible; use device=auto or device=cpu")
+            raise StrategyError("device=cuda but no CUDA GPU is visible; use device=auto or device=cpu")
         if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
             return torch.device("cpu")
         return torch.device("cuda", self.local_rank)
@@ -91,7 +95,7 @@ class Strategy:
         """Settings that only make sense on a GPU are switched off on the CPU."""
         if self.precision == "bf16" or self.compile:
             if self.options.get("on_cpu", "fallback") == "error":
-                raise RuntimeError(
+                raise StrategyError(
                     f"strategy={self.name} needs a CUDA GPU and none is visible; "
                     "use strategy=conservative, or strategy.on_cpu=fallback to run fp32/eager on the CPU"
                 )

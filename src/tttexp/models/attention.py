@@ -1,0 +1,83 @@
+"""Causal softmax self-attention, Llama style, for the layers of a hybrid model that are not TTT.
+
+Grouped-query K/V heads, rotate-half RoPE at absolute positions with ``config.rope_theta``, scaled dot-product
+attention with scale ``head_dim ** -0.5``. With the weights of a Llama layer it computes that layer's attention
+exactly; with a cache it keeps the keys (after RoPE) and values of the tokens seen so far.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tttexp.models.cache import LayerState
+from tttexp.models.configuration import TTTConfig
+from tttexp.models.layers import rotary
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TTTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.heads, self.kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+        )
+        width = config.hidden_size
+        self.q_proj = nn.Linear(width, self.heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(width, self.kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(width, self.kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, width, bias=False)
+
+    def forward(
+        self, hidden: Tensor, cache: LayerState | None, offset: int, starts: Tensor | None, reset: Tensor | None
+    ) -> Tensor:
+        """Same signature as :class:`TTTLayer`: ``hidden [B, T, width]`` after the pre-norm, ``offset`` tokens
+        already consumed, ``starts [B, T]`` marking document starts (a token never attends across one);
+        ``reset`` is the TTT layers' form of ``starts`` and is not needed here."""
+        bsz, seq, _ = hidden.shape
+        q = self.q_proj(hidden).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
+        positions = torch.arange(seq, device=hidden.device) + offset
+        q = rotary(q, positions, self.config.rope_theta)
+        k = rotary(k, positions, self.config.rope_theta)
+
+        past = 0
+        if cache is not None:
+            if cache.keys is not None:
+                past = cache.keys.shape[2]
+                k = torch.cat([cache.keys.to(k.dtype), k], dim=2)
+                v = torch.cat([cache.values.to(v.dtype), v], dim=2)
+            cache.keys, cache.values = k, v
+        mask = self._mask(bsz, seq, past, starts, cache, hidden.device)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1, scale=self.head_dim**-0.5,
+            enable_gqa=self.kv_heads != self.heads,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(bsz, seq, -1))
+
+    @staticmethod
+    def _mask(
+        bsz: int, seq: int, past: int, starts: Tensor | None, cache: LayerState | None, device: torch.device
+    ) -> Tensor | None:
+        """``None`` where plain causal attention is right (SDPA's own causal path, as transformers' Llama uses),
+        else a boolean ``[B or 1, 1, T, past + T]`` mask: causal, and no key before the reader's document start."""
+        doc_start = cache.doc_start if cache is not None else None
+        if starts is None and doc_start is None:
+            if past == 0 or seq == 1:
+                return None
+            q_idx = torch.arange(seq, device=device) + past
+            key_idx = torch.arange(past + seq, device=device)
+            return (key_idx[None, :] <= q_idx[:, None])[None, None]
+        q_idx = torch.arange(seq, device=device) + past
+        key_idx = torch.arange(past + seq, device=device)
+        first = torch.zeros(bsz, seq, dtype=torch.long, device=device)
+        if starts is not None:
+            first = torch.where(starts, q_idx, torch.zeros_like(q_idx)).cummax(dim=1).values
+        if doc_start is not None:
+            first = torch.maximum(first, doc_start[:, None])
+        if cache is not None:
+            cache.doc_start = first[:, -1]
+        allowed = (key_idx[None, None, :] <= q_idx[None, :, None]) & (key_idx[None, None, :] >= first[:, :, None])
+        return allowed[:, None]
