@@ -1,0 +1,168 @@
+"""Training throughput, MFU and peak memory: TTT models against a same-width Llama (SDPA), in one run.
+
+    python benchmarks/bench_train.py --sizes 125m --contexts 2048,8192,32768 --tokens 16384
+Each row times full optimizer steps (forward, backward, fused AdamW) in bf16 autocast, median over timed steps
+after warm-up; the Llama runs eager and, with --compile-llama, compiled; the ratio uses the faster Llama.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from tttexp.metrics import PEAK_BF16_FLOPS, train_flops_per_token, ttt_flops_per_token  # noqa: E402
+from tttexp.models import SIZE_PRESETS, build_model  # noqa: E402
+
+VOCAB = 32000
+
+
+def llama(size: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    p = SIZE_PRESETS[size]
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=p["hidden_size"], intermediate_size=p["intermediate_size"],
+                      num_hidden_layers=p["num_hidden_layers"], num_attention_heads=p["num_attention_heads"],
+                      tie_word_embeddings=True, max_position_embeddings=65536, attn_implementation="sdpa")
+    return LlamaForCausalLM(cfg)
+
+
+def ttt(size: str, layer: str, checkpointing: bool, kernel: str):
+    return build_model(vocab_size=VOCAB, **SIZE_PRESETS[size], ttt_layer=layer, kernel=kernel,
+                       gradient_checkpointing=checkpointing)
+
+
+def time_steps(model, batch: int, ctx: int, steps: int, warmup: int, compiled: bool) -> dict:
+    device = torch.device("cuda")
+    model = model.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    call = torch.compile(model) if compiled else model
+    ids = torch.randint(0, VOCAB, (batch, ctx), device=device)
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(warmup + steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = call(input_ids=ids, labels=ids, use_cache=False)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        end.record()
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(start.elapsed_time(end) / 1000)
+    seconds = statistics.median(times)
+    return {"step_s": seconds, "tokens_per_sec": batch * ctx / seconds,
+            "peak_memory_gib": torch.cuda.max_memory_allocated() / 1024**3}
+
+
+def flops_per_token(kind: str, size: str, ctx: int, layer: str, n_params: int) -> float:
+    p = SIZE_PRESETS[size]
+    if kind == "llama":  # 6N plus causal attention: 6 * layers * ctx * hidden (QK^T and AV, fwd+bwd, halved)
+        return 6.0 * n_params + 6.0 * p["num_hidden_layers"] * ctx * p["hidden_size"]
+    return train_flops_per_token(n_params, ttt_flops_per_token(p["hidden_size"], p["num_attention_heads"],
+                                                               p["num_hidden_layers"], 16, layer))
+
+
+def measure(kind: str, size: str, ctx: int, batch: int, layer: str, args, compiled: bool = False,
+            kernel: str = "triton") -> dict:
+    torch.manual_seed(0)
+    row = {"model": kind, "size": size, "context": ctx, "batch": batch, "ttt_layer": layer if kind == "ttt" else None,
+           "kernel": kernel if kind == "ttt" else None, "compiled": compiled}
+    model = None
+    try:
+        model = ttt(size, layer, args.checkpointing, kernel) if kind == "ttt" else llama(size)
+        n_params = sum(p.numel() for p in model.parameters())
+        row.update(time_steps(model, batch, ctx, args.steps, args.warmup, compiled))
+        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name()), None)
+        row["mfu"] = row["tokens_per_sec"] * flops_per_token(kind, size, ctx, layer, n_params) / peak if peak else None
+        row["parameters"] = n_params
+    except torch.OutOfMemoryError:
+        row["error"] = "out of memory"
+    except Exception as err:  # noqa: BLE001 - a failed row is reported, the table goes on
+        row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    finally:
+        model = None
+        torch.cuda.empty_cache()
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", default="125m")
+    parser.add_argument("--contexts", default="2048,8192")
+    parser.add_argument("--tokens", type=int, default=16384, help="tokens per step (batch = tokens / context)")
+    parser.add_argument("--layers", default="linear,mlp")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--kernels", default="triton", help="TTT inner-loop kernels to time: triton,torch")
+    parser.add_argument("--compile-llama", action="store_true")
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing for TTT")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    rows = []
+    for size in args.sizes.split(","):
+        for ctx in map(int, args.contexts.split(",")):
+            batch = max(1, args.tokens // ctx)
+            for layer in args.layers.split(","):
+                for kernel in args.kernels.split(","):
+                    rows.append(measure("ttt", size, ctx, batch, layer, args, kernel=kernel))
+            rows.append(measure("llama", size, ctx, batch, "", args))
+            if args.compile_llama:
+                rows.append(measure("llama", size, ctx, batch, "", args, compiled=True))
+    result = {
+        "benchmark": "train",
+        "device": torch.cuda.get_device_name(),
+        "date": datetime.date.today().isoformat(),
+        "commit": os.environ.get("GIT_COMMIT") or _git(),
+        "torch": torch.__version__,
+        "rows": rows,
+    }
+    out = Path(args.out or f"benchmarks/results/train-{result['date']}-{result['device'].replace(' ', '_')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print_table(rows)
+
+
+def _git() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def print_table(rows: list[dict]) -> None:
+    llama_best: dict[tuple, float] = {}
+    for r in rows:
+        if r["model"] == "llama" and "tokens_per_sec" in r:
+            key = (r["size"], r["context"])
+            llama_best[key] = max(llama_best.get(key, 0.0), r["tokens_per_sec"])
+    print(f"{'model':<18}{'size':<6}{'ctx':>7}{'batch':>6}{'tok/s':>12}{'vs llama':>10}{'mfu':>7}{'mem GiB':>9}")
+    for r in rows:
+        if r["ttt_layer"]:
+            name = f"ttt-{r['ttt_layer']}" + ("" if r["kernel"] == "triton" else f"-{r['kernel']}")
+        else:
+            name = "llama" + ("-compiled" if r["compiled"] else "")
+        if "error" in r:
+            print(f"{name:<18}{r['size']:<6}{r['context']:>7}{r['batch']:>6}  {r['error'][:40]}")
+            continue
+        ratio = r["tokens_per_sec"] / llama_best.get((r["size"], r["context"]), float("nan"))
+        mfu = f"{r['mfu']:.2f}" if r.get("mfu") else "-"
+        print(f"{name:<18}{r['size']:<6}{r['context']:>7}{r['batch']:>6}{r['tokens_per_sec']:>12,.0f}"
+              f"{ratio:>10.2f}{mfu:>7}{r['peak_memory_gib']:>9.1f}")
+
+
+if __name__ == "__main__":
+    main()

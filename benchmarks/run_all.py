@@ -1,0 +1,100 @@
+"""`make bench`: run every benchmark on this GPU, then rewrite the README's results table from the JSON files.
+
+    python benchmarks/run_all.py            # all benchmarks, then the table
+    python benchmarks/run_all.py --table    # only rebuild the table from benchmarks/results/*.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+RUNS = [
+    ["benchmarks/bench_ops.py"],
+    ["benchmarks/bench_train.py", "--sizes", "125m", "--contexts", "2048,8192,32768", "--tokens", "16384",
+     "--compile-llama"],
+    ["benchmarks/bench_train.py", "--sizes", "1.3b", "--contexts", "2048", "--tokens", "16384", "--layers", "linear",
+     "--checkpointing", "--out", "benchmarks/results/train-1.3b.json"],
+    ["benchmarks/bench_decode.py", "--size", "125m", "--batch", "64", "--prompt", "2048"],
+]
+
+
+def newest(prefix: str) -> dict | None:
+    files = sorted(RESULTS.glob(f"{prefix}*.json"), key=lambda p: p.stat().st_mtime)
+    return json.loads(files[-1].read_text()) if files else None
+
+
+def table() -> str:
+    lines = []
+    train = [r for p in sorted(RESULTS.glob("train-*.json")) for r in json.loads(p.read_text())["rows"]]
+    meta = newest("train-")
+    if meta:
+        lines += [f"Training, {meta['device']}, {meta['date']}, commit {meta['commit'][:8]} (bf16, fused AdamW; "
+                  "ratio against the faster of the eager and compiled Llama of the same width, same run):", "",
+                  "| model | size | context | batch | tokens/s | × Llama | MFU | peak GiB |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        best: dict[tuple, float] = {}
+        for r in train:
+            if r["model"] == "llama" and "tokens_per_sec" in r:
+                key = (r["size"], r["context"])
+                best[key] = max(best.get(key, 0.0), r["tokens_per_sec"])
+        for r in train:
+            name = (f"TTT-{r['ttt_layer']}" + (f" ({r.get('kernel')})" if r.get("kernel") not in (None, "triton")
+                                               else "")) if r["ttt_layer"] else \
+                "Llama" + (" compiled" if r["compiled"] else "")
+            if "error" in r:
+                lines.append(f"| {name} | {r['size']} | {r['context']} | {r['batch']} | {r['error']} | | | |")
+                continue
+            ratio = r["tokens_per_sec"] / best[(r["size"], r["context"])] if (r["size"], r["context"]) in best else 0
+            mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "-"
+            lines.append(f"| {name} | {r['size']} | {r['context']} | {r['batch']} | {r['tokens_per_sec']:,.0f} | "
+                         f"{ratio:.2f} | {mfu} | {r['peak_memory_gib']:.1f} |")
+    decode = newest("decode-")
+    if decode:
+        base = next((r["decode_tokens_per_sec"] for r in decode["rows"] if r["model"] == "llama"), None)
+        lines += ["", f"Decoding, {decode['device']}, {decode['date']} (batch {decode['rows'][0]['batch']}, "
+                      f"{decode['rows'][0]['prompt']}-token prompt, greedy):", "",
+                  "| model | decode tokens/s | × Llama generate() | prefill ms |", "| --- | ---: | ---: | ---: |"]
+        for r in decode["rows"]:
+            name = f"TTT-{r['ttt_layer']}" if r["ttt_layer"] else "Llama (KV cache)"
+            ratio = r["decode_tokens_per_sec"] / base if base else 0
+            lines.append(f"| {name} | {r['decode_tokens_per_sec']:,.0f} | {ratio:.2f} | {r['prefill_s'] * 1000:.0f} |")
+    ops = newest("ops-")
+    if ops and "rows" in ops:
+        lines += ["", f"Inner-loop op, {ops.get('device')}, {ops.get('date')}: see `{RESULTS.name}/` for the rows."]
+    return "\n".join(lines) if lines else "No results yet: run `make bench` on a GPU."
+
+
+def write_readme() -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    block = f"{START}\n{table()}\n{END}"
+    if START in text and END in text:
+        text = text[: text.index(START)] + block + text[text.index(END) + len(END):]
+    else:
+        text += f"\n## Benchmarks\n\n{block}\n"
+    readme.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--table", action="store_true", help="only rebuild the README table")
+    args = parser.parse_args()
+    if not args.table:
+        for cmd in RUNS:
+            if (ROOT / cmd[0]).exists():
+                print("$", " ".join(cmd), flush=True)
+                subprocess.run([sys.executable, *cmd], cwd=ROOT, check=False)
+    write_readme()
+    print(table())
+
+
+if __name__ == "__main__":
+    main()
