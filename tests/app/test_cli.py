@@ -21,9 +21,12 @@ def records(run_dir: Path) -> list[dict]:
 def test_logging_none_runs_with_wandb_unimportable(run_app, tmp_path):
     blocker = tmp_path / "no_wandb"
     (blocker / "wandb").mkdir(parents=True)
-    (blocker / "wandb" / "__init__.py").write_text("raise ImportError('wandb is blocked for this test')\n")
+    marker = tmp_path / "wandb-was-imported"
+    (blocker / "wandb" / "__init__.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\nraise ImportError('wandb is blocked for this test')\n")
     out = run_app(*SMOKE, f"hydra.run.dir={tmp_path}/run", python_path=str(blocker))
     assert out.returncode == 0, out.stderr[-3000:]
+    assert not marker.exists(), "logging=none must not even try to import wandb"
     run = tmp_path / "run"
     for name in (".hydra/config.yaml", "metrics.jsonl", "summary.json"):
         assert (run / name).exists(), name
