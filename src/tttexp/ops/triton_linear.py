@@ -1,0 +1,333 @@
+"""Triton kernels for the TTT-Linear inner loop: forward and hand-derived backward over a whole sequence.
+
+One program per (batch, head) walks the mini-batches in order with ``W [F, F]`` and ``b [F]`` held on chip in fp32.
+The forward writes the outputs, the final state, and a checkpoint of the state every ``C`` mini-batches. The
+backward sweeps the checkpoint segments in reverse: it recomputes the segment's start states into a small scratch
+buffer (one per program, ``C`` states), then walks the segment backwards carrying ``dL/dW``, ``dL/db``. The math is
+:mod:`tttexp.ops.triton_linear_math` (checked against autograd of the reference in float64).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from tttexp.ops.triton_common import dot_config, ln_rows, ln_rows_bwd, mm, padded_dim
+
+# Mini-batches per checkpoint segment, warps per program, and the dots used for bf16 inputs ("input": bf16
+# operands, "tf32": fp32 operands in tf32); the benchmark may override them.
+# Warps left at None: forward 4 (head dim up to 64) or 8, backward 8 (measured on an H100, see
+# benchmarks/NOTES-kernels.md). Stages None: Triton's default, except fp32 backward at head dim 128 (the
+# pipelined buffers need more shared memory than the chip has).
+CONFIG = {"every": 8, "fwd_warps": None, "bwd_warps": None, "fwd_stages": None, "bwd_stages": None,
+          "lowp": "input"}
+
+
+def _launch_opts(kind: str, fp: int, dtype: torch.dtype) -> dict[str, int]:
+    warps = CONFIG[f"{kind}_warps"] or (8 if kind == "bwd" or fp > 64 else 4)
+    opts = {"num_warps": warps}
+    if CONFIG[f"{kind}_stages"]:
+        opts["num_stages"] = CONFIG[f"{kind}_stages"]
+    elif kind == "bwd" and fp > 64 and dtype == torch.float32:
+        opts["num_stages"] = 1
+    return opts
+
+
+@triton.jit
+def _load_rows(ptr, base, start, rows, cols, rmask, cmask, F: tl.constexpr):
+    off = base + (start + rows)[:, None] * F + cols[None, :]
+    return tl.load(ptr + off, mask=rmask[:, None] & cmask[None, :], other=0.0)
+
+
+@triton.jit
+def _inner_grad(xk, xv, W, b, gw, gb, cmask, F: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+                EMU: tl.constexpr):
+    """G = d/dZ 0.5||LN(Z) - (Xv - Xk)||^2 at Z = Xk W + b, with the pieces the backward reuses."""
+    z = mm(xk, W, DT, PREC, EMU) + b[None, :]
+    xh, rstd = ln_rows(z, cmask, F)
+    e = xh * gw[None, :] + gb[None, :] - (xv.to(tl.float32) - xk.to(tl.float32))
+    gx = e * gw[None, :]
+    g = ln_rows_bwd(gx, xh, rstd, cmask, F)
+    return g, xh, rstd, e, gx
+
+
+@triton.jit
+def _linear_fwd_kernel(
+    xq_ptr, xk_ptr, xv_ptr, lr_ptr, tok_ptr, lnw_ptr, lnb_ptr, w0_ptr, b0_ptr, ws_ptr, bs_ptr, reset_ptr,
+    out_ptr, wf_ptr, bf_ptr, ckw_ptr, ckb_ptr,
+    T, N, NC, H,
+    F: tl.constexpr, FP: tl.constexpr, BK: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
+    HAS_STATE: tl.constexpr, HAS_RESET: tl.constexpr, SAVE: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    h = pid % H
+    bi = pid // H
+    rows = tl.arange(0, BK)
+    cols = tl.arange(0, FP)
+    cmask = cols < F
+    w_off = cols[:, None] * F + cols[None, :]
+    w_msk = cmask[:, None] & cmask[None, :]
+    wp_off = cols[:, None] * FP + cols[None, :]
+    if HAS_STATE:
+        W = tl.load(ws_ptr + pid * F * F + w_off, mask=w_msk, other=0.0).to(tl.float32)
+        b = tl.load(bs_ptr + pid * F + cols, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        W = tl.load(w0_ptr + h * F * F + w_off, mask=w_msk, other=0.0).to(tl.float32)
+        b = tl.load(b0_ptr + h * F + cols, mask=cmask, other=0.0).to(tl.float32)
+    gw = tl.load(lnw_ptr + h * F + cols, mask=cmask, other=0.0).to(tl.float32)
+    gb = tl.load(lnb_ptr + h * F + cols, mask=cmask, other=0.0).to(tl.float32)
+    x_base = pid * T * F
+    causal = rows[None, :] <= rows[:, None]
+    for n in range(N):
+        start = n * K
+        m = tl.minimum(T - start, K)
+        if SAVE:  # noqa: SIM102 (constexpr guard first)
+            if n % C == 0:
+                ck = pid * NC + n // C
+                tl.store(ckw_ptr + ck * FP * FP + wp_off, W)
+                tl.store(ckb_ptr + ck * FP + cols, b)
+        if HAS_RESET:  # noqa: SIM102 (constexpr guard first)
+            if tl.load(reset_ptr + bi * N + n) != 0:
+                W = tl.load(w0_ptr + h * F * F + w_off, mask=w_msk, other=0.0).to(tl.float32)
+                b = tl.load(b0_ptr + h * F + cols, mask=cmask, other=0.0).to(tl.float32)
+        rmask = rows < m
+        xq = _load_rows(xq_ptr, x_base, start, rows, cols, rmask, cmask, F)
+        xk = _load_rows(xk_ptr, x_base, start, rows, cols, rmask, cmask, F)
+        xv = _load_rows(xv_ptr, x_base, start, rows, cols, rmask, cmask, F)
+        eta = tl.load(lr_ptr + pid * T + start + rows, mask=rmask, other=0.0).to(tl.float32)
+        t = tl.load(tok_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+        t_last = tl.load(tok_ptr + m - 1).to(tl.float32)
+        g, xh1, rstd1, e, gx = _inner_grad(xk, xv, W, b, gw, gb, cmask, F, DT, PREC, EMU)
+        lg = eta[:, None] * g
+        s = mm(xq, tl.trans(xk), DT, PREC, EMU)
+        mmat = tl.where(causal, t[:, None] * (s + 1.0), 0.0)
+        zbar = mm(xq, W, DT, PREC, EMU) + b[None, :] - mm(mmat, lg, DT, PREC, EMU)
+        xh2, rstd2 = ln_rows(zbar, cmask, F)
+        out = xq.to(tl.float32) + xh2 * gw[None, :] + gb[None, :]
+        tl.store(out_ptr + x_base + (start + rows)[:, None] * F + cols[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+        W = W - t_last * mm(tl.trans(xk), lg, DT, PREC, EMU)
+        b = b - t_last * tl.sum(lg, 0)
+    tl.store(wf_ptr + pid * F * F + w_off, W, mask=w_msk)
+    tl.store(bf_ptr + pid * F + cols, b, mask=cmask)
+
+
+@triton.jit
+def _linear_bwd_kernel(
+    xq_ptr, xk_ptr, xv_ptr, lr_ptr, tok_ptr, lnw_ptr, lnb_ptr, w0_ptr, b0_ptr, reset_ptr,
+    ckw_ptr, ckb_ptr, scw_ptr, scb_ptr, dout_ptr, dwf_ptr, dbf_ptr,
+    dxq_ptr, dxk_ptr, dxv_ptr, dlr_ptr, dtok_ptr, dlnw_ptr, dlnb_ptr, dws_ptr, dbs_ptr, dw0_ptr, db0_ptr,
+    T, N, NC, H,
+    F: tl.constexpr, FP: tl.constexpr, BK: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
+    HAS_RESET: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    h = pid % H
+    bi = pid // H
+    rows = tl.arange(0, BK)
+    cols = tl.arange(0, FP)
+    cmask = cols < F
+    w_off = cols[:, None] * F + cols[None, :]
+    w_msk = cmask[:, None] & cmask[None, :]
+    wp_off = cols[:, None] * FP + cols[None, :]
+    gw = tl.load(lnw_ptr + h * F + cols, mask=cmask, other=0.0).to(tl.float32)
+    gb = tl.load(lnb_ptr + h * F + cols, mask=cmask, other=0.0).to(tl.float32)
+    dW = tl.load(dwf_ptr + pid * F * F + w_off, mask=w_msk, other=0.0).to(tl.float32)
+    db = tl.load(dbf_ptr + pid * F + cols, mask=cmask, other=0.0).to(tl.float32)
+    dtok = tl.zeros([BK], dtype=tl.float32)
+    dgw = tl.zeros([FP], dtype=tl.float32)
+    dgb = tl.zeros([FP], dtype=tl.float32)
+    x_base = pid * T * F
+    causal = rows[None, :] <= rows[:, None]
+    sc_base = pid * C
+    for si in range(NC):
+        s_idx = NC - 1 - si
+        n0 = s_idx * C
+        n1 = tl.minimum(n0 + C, N)
+        ck = pid * NC + s_idx
+        W = tl.load(ckw_ptr + ck * FP * FP + wp_off)
+        b = tl.load(ckb_ptr + ck * FP + cols)
+        # recompute the states that the segment's mini-batches start from
+        for n in range(n0, n1):
+            if HAS_RESET:  # noqa: SIM102 (constexpr guard first)
+                if tl.load(reset_ptr + bi * N + n) != 0:
+                    W = tl.load(w0_ptr + h * F * F + w_off, mask=w_msk, other=0.0).to(tl.float32)
+                    b = tl.load(b0_ptr + h * F + cols, mask=cmask, other=0.0).to(tl.float32)
+            tl.store(scw_ptr + (sc_base + n - n0) * FP * FP + wp_off, W)
+            tl.store(scb_ptr + (sc_base + n - n0) * FP + cols, b)
+            if n < n1 - 1:
+                start = n * K
+                m = tl.minimum(T - start, K)
+                rmask = rows < m
+                xk = _load_rows(xk_ptr, x_base, start, rows, cols, rmask, cmask, F)
+                xv = _load_rows(xv_ptr, x_base, start, rows, cols, rmask, cmask, F)
+                eta = tl.load(lr_ptr + pid * T + start + rows, mask=rmask, other=0.0).to(tl.float32)
+                t_last = tl.load(tok_ptr + m - 1).to(tl.float32)
+                g, xh1, rstd1, e, gx = _inner_grad(xk, xv, W, b, gw, gb, cmask, F, DT, PREC, EMU)
+                lg = eta[:, None] * g
+                W = W - t_last * mm(tl.trans(xk), lg, DT, PREC, EMU)
+                b = b - t_last * tl.sum(lg, 0)
+        tl.debug_barrier()
+        for i in range(n1 - n0):
+            n = n1 - 1 - i
+            start = n * K
+            m = tl.minimum(T - start, K)
+            rmask = rows < m
+            xmsk = rmask[:, None] & cmask[None, :]
+            x_off = x_base + (start + rows)[:, None] * F + cols[None, :]
+            W = tl.load(scw_ptr + (sc_base + n - n0) * FP * FP + wp_off)
+            b = tl.load(scb_ptr + (sc_base + n - n0) * FP + cols)
+            xq = tl.load(xq_ptr + x_off, mask=xmsk, other=0.0)
+            xk = tl.load(xk_ptr + x_off, mask=xmsk, other=0.0)
+            xv = tl.load(xv_ptr + x_off, mask=xmsk, other=0.0)
+            dout = tl.load(dout_ptr + x_off, mask=xmsk, other=0.0).to(tl.float32)
+            eta = tl.load(lr_ptr + pid * T + start + rows, mask=rmask, other=0.0).to(tl.float32)
+            t = tl.load(tok_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+            t_last = tl.load(tok_ptr + m - 1).to(tl.float32)
+            # recompute the step
+            g, xh1, rstd1, e, gx = _inner_grad(xk, xv, W, b, gw, gb, cmask, F, DT, PREC, EMU)
+            lg = eta[:, None] * g
+            s1 = mm(xq, tl.trans(xk), DT, PREC, EMU) + 1.0
+            mmat = tl.where(causal, t[:, None] * s1, 0.0)
+            zbar = mm(xq, W, DT, PREC, EMU) + b[None, :] - mm(mmat, lg, DT, PREC, EMU)
+            xh2, rstd2 = ln_rows(zbar, cmask, F)
+            # out = xq + LN(zbar)
+            dgw += tl.sum(dout * xh2, 0)
+            dgb += tl.sum(dout, 0)
+            dzbar = ln_rows_bwd(dout * gw[None, :], xh2, rstd2, cmask, F)
+            # zbar = xq W + b - M lg ; W' = W - t_last xk^T lg ; b' = b - t_last sum(lg)
+            dxq = dout + mm(dzbar, tl.trans(W), DT, PREC, EMU)
+            p = mm(xk, dW, DT, PREC, EMU) + db[None, :]
+            dmm = tl.where(causal, -mm(dzbar, tl.trans(lg), DT, PREC, EMU), 0.0)
+            dlg = -mm(tl.trans(mmat), dzbar, DT, PREC, EMU) - t_last * p
+            dt_last = -tl.sum(tl.sum(p * lg, 1), 0)
+            dtok += tl.sum(dmm * s1, 1) + tl.where(rows == m - 1, dt_last, 0.0)
+            ds = dmm * t[:, None]
+            dxq += mm(ds, xk, DT, PREC, EMU)
+            dxk = mm(tl.trans(ds), xq, DT, PREC, EMU) - t_last * mm(lg, tl.trans(dW), DT, PREC, EMU)
+            dW += mm(tl.trans(xq), dzbar, DT, PREC, EMU)
+            db += tl.sum(dzbar, 0)
+            # lg = eta * g ; g = LN-L2 gradient at z = xk W + b
+            tl.store(dlr_ptr + pid * T + start + rows, tl.sum(dlg * g, 1).to(dlr_ptr.dtype.element_ty),
+                     mask=rmask)
+            dg = eta[:, None] * dlg
+            a = tl.sum(gx, 1) / F
+            c = tl.sum(gx * xh1, 1) / F
+            dgx = ln_rows_bwd(dg, xh1, rstd1, cmask, F)
+            dxh1 = (-rstd1[:, None] * (c[:, None] * dg + (tl.sum(dg * xh1, 1) / F)[:, None] * gx)
+                    + dgx * (gw * gw)[None, :])
+            drstd1 = tl.sum(dg * (gx - a[:, None] - xh1 * c[:, None]), 1)
+            dgw += tl.sum(dgx * (e + gw[None, :] * xh1), 0)
+            dgb += tl.sum(dgx * gw[None, :], 0)
+            dxv = -dgx * gw[None, :]
+            dxk += dgx * gw[None, :]
+            dz = ln_rows_bwd(dxh1, xh1, rstd1, cmask, F) - (drstd1 * rstd1 * rstd1 / F)[:, None] * xh1
+            dxk += mm(dz, tl.trans(W), DT, PREC, EMU)
+            dW += mm(tl.trans(xk), dz, DT, PREC, EMU)
+            db += tl.sum(dz, 0)
+            tl.store(dxq_ptr + x_off, dxq.to(dxq_ptr.dtype.element_ty), mask=xmsk)
+            tl.store(dxk_ptr + x_off, dxk.to(dxk_ptr.dtype.element_ty), mask=xmsk)
+            tl.store(dxv_ptr + x_off, dxv.to(dxv_ptr.dtype.element_ty), mask=xmsk)
+            if HAS_RESET:  # noqa: SIM102 (constexpr guard first)
+                if tl.load(reset_ptr + bi * N + n) != 0:
+                    tl.store(dw0_ptr + pid * F * F + w_off,
+                             tl.load(dw0_ptr + pid * F * F + w_off, mask=w_msk, other=0.0) + dW, mask=w_msk)
+                    tl.store(db0_ptr + pid * F + cols, tl.load(db0_ptr + pid * F + cols, mask=cmask, other=0.0) + db,
+                             mask=cmask)
+                    dW = tl.zeros([FP, FP], dtype=tl.float32)
+                    db = tl.zeros([FP], dtype=tl.float32)
+        tl.debug_barrier()
+    tl.store(dws_ptr + pid * F * F + w_off, dW, mask=w_msk)
+    tl.store(dbs_ptr + pid * F + cols, db, mask=cmask)
+    tl.store(dtok_ptr + pid * BK + rows, dtok)
+    tl.store(dlnw_ptr + pid * F + cols, dgw, mask=cmask)
+    tl.store(dlnb_ptr + pid * F + cols, dgb, mask=cmask)
+
+
+def _shapes(xq: Tensor, tok: Tensor, every: int) -> tuple[int, int, int, int, int, int, int, int]:
+    bsz, heads, seq, f = xq.shape
+    k = tok.shape[0]
+    n_mb = math.ceil(seq / k)
+    return bsz, heads, seq, f, k, n_mb, math.ceil(n_mb / every), max(16, triton.next_power_of_2(k))
+
+
+def linear_forward(
+    xq: Tensor, xk: Tensor, xv: Tensor, lr: Tensor, tok: Tensor, ln_w: Tensor, ln_b: Tensor,
+    W0: Tensor, b0: Tensor, sW: Tensor | None, sb: Tensor | None, reset: Tensor | None, save: bool = True,
+    every: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Run the forward kernel. Inputs must be contiguous; ``reset`` is ``[B, N]`` uint8 or None.
+
+    Returns ``(out, W_final, b_final, ckpt_W, ckpt_b)``; the checkpoints are ``[B*H, NC, FP, FP]`` and
+    ``[B*H, NC, FP]`` (padded head dim ``FP``), empty when ``save`` is false; ``every`` (default
+    ``CONFIG["every"]``) is the number of mini-batches between checkpoints."""
+    every = every or CONFIG["every"]
+    bsz, heads, seq, f, k, n_mb, n_ck, bk = _shapes(xq, tok, every)
+    fp = padded_dim(f)
+    dev = xq.device
+    out = torch.empty_like(xq)
+    wf = torch.empty(bsz, heads, f, f, device=dev, dtype=torch.float32)
+    bf = torch.empty(bsz, heads, f, device=dev, dtype=torch.float32)
+    nck = n_ck if save else 0
+    ckw = torch.empty(bsz * heads, nck, fp, fp, device=dev, dtype=torch.float32)
+    ckb = torch.empty(bsz * heads, nck, fp, device=dev, dtype=torch.float32)
+    dt, prec, emu = dot_config(xq.dtype, CONFIG["lowp"])
+    _linear_fwd_kernel[(bsz * heads,)](
+        xq, xk, xv, lr, tok, ln_w, ln_b, W0, b0,
+        sW if sW is not None else wf, sb if sb is not None else bf, reset if reset is not None else tok,
+        out, wf, bf, ckw, ckb,
+        seq, n_mb, n_ck, heads,
+        F=f, FP=fp, BK=bk, K=k, C=every, HAS_STATE=sW is not None, HAS_RESET=reset is not None, SAVE=save,
+        DT=dt, PREC=prec, EMU=emu, **_launch_opts("fwd", fp, xq.dtype),
+    )
+    return out, wf, bf, ckw, ckb
+
+
+def linear_backward(
+    xq: Tensor, xk: Tensor, xv: Tensor, lr: Tensor, tok: Tensor, ln_w: Tensor, ln_b: Tensor,
+    W0: Tensor, b0: Tensor, reset: Tensor | None, ckw: Tensor, ckb: Tensor,
+    dout: Tensor, dWf: Tensor, dbf: Tensor, every: int | None = None,
+) -> dict[str, Tensor]:
+    """Run the backward kernel (contiguous inputs, checkpoints from :func:`linear_forward` with the same
+    ``every``). Returns per-token grads, ``tok``/``ln_w``/``ln_b`` grads reduced over batch (and heads
+    for ``tok``), ``state_W``/``state_b`` (the start state's gradient, ``[B,H,...]``) and the reset-point
+    contributions to the initial state ``reset_W``/``reset_b`` (``[H,...]``, zero without ``reset``)."""
+    every = every or CONFIG["every"]
+    bsz, heads, seq, f, k, n_mb, n_ck, bk = _shapes(xq, tok, every)
+    fp = padded_dim(f)
+    dev = xq.device
+    f32 = dict(device=dev, dtype=torch.float32)
+    scw = torch.empty(bsz * heads, every, fp, fp, **f32)
+    scb = torch.empty(bsz * heads, every, fp, **f32)
+    dxq, dxk, dxv = torch.empty_like(xq), torch.empty_like(xk), torch.empty_like(xv)
+    dlr = torch.empty_like(lr)
+    dtok = torch.empty(bsz * heads, bk, **f32)
+    dlnw = torch.empty(bsz, heads, f, **f32)
+    dlnb = torch.empty(bsz, heads, f, **f32)
+    dws = torch.empty(bsz, heads, f, f, **f32)
+    dbs = torch.empty(bsz, heads, f, **f32)
+    has_reset = reset is not None
+    dw0 = torch.zeros(bsz, heads, f, f, **f32) if has_reset else dws
+    db0 = torch.zeros(bsz, heads, f, **f32) if has_reset else dbs
+    dt, prec, emu = dot_config(xq.dtype, CONFIG["lowp"])
+    _linear_bwd_kernel[(bsz * heads,)](
+        xq, xk, xv, lr, tok, ln_w, ln_b, W0, b0, reset if has_reset else tok,
+        ckw, ckb, scw, scb, dout, dWf, dbf,
+        dxq, dxk, dxv, dlr, dtok, dlnw, dlnb, dws, dbs, dw0, db0,
+        seq, n_mb, n_ck, heads,
+        F=f, FP=fp, BK=bk, K=k, C=every, HAS_RESET=has_reset, DT=dt, PREC=prec, EMU=emu,
+        **_launch_opts("bwd", fp, xq.dtype),
+    )
+    return {
+        "xq": dxq, "xk": dxk, "xv": dxv, "lr": dlr,
+        "tok": dtok[:, :k].sum(0).to(tok.dtype),
+        "ln_w": dlnw.sum(0).to(ln_w.dtype), "ln_b": dlnb.sum(0).to(ln_b.dtype),
+        "state_W": dws, "state_b": dbs,
+        "reset_W": dw0.sum(0) if has_reset else torch.zeros(heads, f, f, **f32),
+        "reset_b": db0.sum(0) if has_reset else torch.zeros(heads, f, **f32),
+    }
