@@ -108,6 +108,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--kernels", default="triton", help="TTT inner-loop kernels to time: triton,torch")
     parser.add_argument("--compile-llama", action="store_true")
+    parser.add_argument("--compile-ttt", action="store_true", help="also time torch.compile'd TTT models")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing for TTT")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -119,6 +120,8 @@ def main() -> None:
             for layer in args.layers.split(","):
                 for kernel in args.kernels.split(","):
                     rows.append(measure("ttt", size, ctx, batch, layer, args, kernel=kernel))
+                if args.compile_ttt:
+                    rows.append(measure("ttt", size, ctx, batch, layer, args, compiled=True))
             rows.append(measure("llama", size, ctx, batch, "", args))
             if args.compile_llama:
                 rows.append(measure("llama", size, ctx, batch, "", args, compiled=True))
@@ -152,7 +155,8 @@ def print_table(rows: list[dict]) -> None:
     print(f"{'model':<18}{'size':<6}{'ctx':>7}{'batch':>6}{'tok/s':>12}{'vs llama':>10}{'mfu':>7}{'mem GiB':>9}")
     for r in rows:
         if r["ttt_layer"]:
-            name = f"ttt-{r['ttt_layer']}" + ("" if r["kernel"] == "triton" else f"-{r['kernel']}")
+            name = f"ttt-{r['ttt_layer']}" + ("" if r["kernel"] == "triton" else f"-{r['kernel']}") + \
+                ("-compiled" if r["compiled"] else "")
         else:
             name = "llama" + ("-compiled" if r["compiled"] else "")
         if "error" in r:
