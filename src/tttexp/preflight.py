@@ -14,6 +14,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ValueType
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -47,7 +48,10 @@ def expand_sweeps(overrides: list[str]) -> list[list[str]]:
     for text, ov in zip(overrides, parsed, strict=True):
         if ov.is_sweep_override():
             key = ov.get_key_element()
-            values = [f"{key}={v}" for v in ov.sweep_string_iterator()]
+            if ov.value_type == ValueType.INTERVAL_SWEEP:  # Optuna's continuous ranges: check both ends
+                values = [f"{key}={ov.value().start}", f"{key}={ov.value().end}"]
+            else:
+                values = [f"{key}={v}" for v in ov.sweep_string_iterator()]
             firsts.append(values[0])
             choices.append(values)
         else:
