@@ -10,6 +10,8 @@ import threading
 from types import FrameType
 
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# submitit asks for USR2 before a SLURM time limit and requeues from its own USR2 handler.
+SUBMITIT_SIGNALS = (signal.SIGUSR2,)
 EXIT_PREEMPTED = 3  # the app's exit status after a preemption checkpoint
 
 
@@ -26,9 +28,18 @@ class PreemptionFlag:
 
     def install(self) -> PreemptionFlag:
         if threading.current_thread() is threading.main_thread():
-            for sig in PREEMPT_SIGNALS:
+            signals = PREEMPT_SIGNALS + (SUBMITIT_SIGNALS if os.environ.get("SUBMITIT_EXECUTOR") else ())
+            for sig in signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
+
+    def hand_over(self) -> bool:
+        """After our checkpoint: let the handler we replaced (submitit's requeue) act on the signal."""
+        previous = self._previous.get(self.signal) if self.signal is not None else None
+        if callable(previous) and self.signal in SUBMITIT_SIGNALS:
+            previous(self.signal, None)
+            return True
+        return False
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.signal = signum
@@ -45,6 +56,6 @@ class PreemptionFlag:
 def requeue_slurm_job() -> bool:
     """Under SLURM, put this job back in the queue (its next start resumes with ``resume=auto``)."""
     job = os.environ.get("SLURM_JOB_ID")
-    if not job or shutil.which("scontrol") is None or os.environ.get("SUBMITIT_EXECUTOR"):
-        return False  # submitit requeues by itself
+    if not job or shutil.which("scontrol") is None:
+        return False
     return subprocess.run(["scontrol", "requeue", job], capture_output=True).returncode == 0

@@ -52,14 +52,19 @@ def hydra_main(cfg: DictConfig) -> float | None:
         return run(cfg, run_dir)
     except (ConfigError, CheckpointError, StrategyError, TrainingStopped) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
+        if _is_multirun():
+            raise  # Hydra records the failed job; the other jobs (and an Optuna search) go on
         sys.exit(1)
     except Preempted as err:
         print(f"preempted: {err}", file=sys.stderr, flush=True)
         sys.exit(EXIT_PREEMPTED)
     except Exception as err:
         if type(err).__name__ == "ChildFailedError":
-            print(f"error: a worker failed, the job was stopped; see {run_dir}/train_rank*.log "
-                  f"({str(err).strip().splitlines()[0][:200]})", file=sys.stderr, flush=True)
+            message = (f"a worker failed, the job was stopped; see {run_dir}/train_rank*.log "
+                       f"({str(err).strip().splitlines()[0][:200]})")
+            print(f"error: {message}", file=sys.stderr, flush=True)
+            if _is_multirun():
+                raise RuntimeError(message) from None
             sys.exit(1)
         raise
 

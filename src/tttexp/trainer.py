@@ -141,7 +141,7 @@ class Trainer:
                     watch.restart()
                 if self._preempted():
                     path = self.save()
-                    requeued = requeue_slurm_job()
+                    requeued = self.preemption.hand_over() or requeue_slurm_job()
                     raise Preempted(
                         f"stopped by signal {self.preemption.signal} after step {self.step}; checkpoint {path}; "
                         + ("the job was requeued" if requeued else "run again with resume=auto to continue")
