@@ -8,7 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers import initialization as init
+
+try:  # transformers >= 5: initialisers that skip tensors loaded from a checkpoint
+    from transformers import initialization as init
+except ImportError:  # pragma: no cover - older transformers
+    from torch.nn import init
 from transformers.utils import ModelOutput
 
 from tttexp.models.attention import Attention
@@ -89,6 +93,7 @@ class TTTPreTrainedModel(PreTrainedModel):
             init.copy_(module.token_idx, 1.0 / torch.arange(1, module.k + 1, dtype=torch.float32))
             if module.output_gate is not None:
                 init.zeros_(module.output_gate)
+                init.zeros_(module.output_bias)
 
 
 class TTTModel(TTTPreTrainedModel):
