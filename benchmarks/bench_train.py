@@ -109,6 +109,7 @@ def main() -> None:
     parser.add_argument("--kernels", default="triton", help="TTT inner-loop kernels to time: triton,torch")
     parser.add_argument("--compile-llama", action="store_true")
     parser.add_argument("--compile-ttt", action="store_true", help="also time torch.compile'd TTT models")
+    parser.add_argument("--skip-llama", action="store_true", help="TTT rows only (Llama measured in another run)")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing for TTT")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -122,8 +123,9 @@ def main() -> None:
                     rows.append(measure("ttt", size, ctx, batch, layer, args, kernel=kernel))
                 if args.compile_ttt:
                     rows.append(measure("ttt", size, ctx, batch, layer, args, compiled=True))
-            rows.append(measure("llama", size, ctx, batch, "", args))
-            if args.compile_llama:
+            if not args.skip_llama:
+                rows.append(measure("llama", size, ctx, batch, "", args))
+            if args.compile_llama and not args.skip_llama:
                 rows.append(measure("llama", size, ctx, batch, "", args, compiled=True))
     result = {
         "benchmark": "train",

@@ -31,16 +31,25 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def rotary(x: Tensor, positions: Tensor, theta: float) -> Tensor:
-    """Rotate-half RoPE on ``x [B, H, T, F]`` at integer ``positions [T]`` (the caller takes them modulo K)."""
-    f = x.shape[-1]
-    dt = torch.promote_types(x.dtype, torch.float32)
-    inv_freq = 1.0 / (theta ** (torch.arange(0, f, 2, device=x.device, dtype=dt) / f))
+def rotary_tables(positions: Tensor, dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin ``[T, dim]`` of rotate-half RoPE at integer ``positions [T]``."""
+    dt = torch.promote_types(dtype, torch.float32)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=dt) / dim))
     angles = positions.to(dt)[:, None] * inv_freq[None, :]
     emb = torch.cat([angles, angles], dim=-1)
-    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    f = x.shape[-1]
     x1, x2 = x[..., : f // 2], x[..., f // 2 :]
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def rotary(x: Tensor, positions: Tensor, theta: float) -> Tensor:
+    """Rotate-half RoPE on ``x [B, H, T, F]`` at integer ``positions [T]`` (the caller takes them modulo K)."""
+    cos, sin = rotary_tables(positions, x.shape[-1], theta, x.dtype)
+    return apply_rotary(x, cos, sin)
 
 
 def document_mask(starts: Tensor, width: int) -> Tensor:
@@ -77,13 +86,16 @@ class CausalConv(nn.Module):
         if tail is None:
             tail = x.new_zeros(bsz, self.width - 1, ch)
         xp = torch.cat([tail.to(x.dtype), x], dim=1)
-        if starts is None:
+        if starts is None and not x.is_cuda:
             y = F.conv1d(xp.transpose(1, 2), self.weight.to(x.dtype), self.bias.to(x.dtype), groups=ch)
             y = y.transpose(1, 2)
         else:
-            allowed = document_mask(starts, self.width).to(x.dtype)
+            # A sum of shifted copies: exact, and under torch.compile it fuses into one elementwise kernel
+            # (depthwise conv1d goes to a separate, slower library kernel on the GPU).
+            allowed = None if starts is None else document_mask(starts, self.width).to(x.dtype)
             y = self.bias.to(x.dtype).expand(bsz, seq, ch)
             for lag in range(self.width):
                 shifted = xp[:, self.width - 1 - lag : self.width - 1 - lag + seq]
-                y = y + shifted * self.weight[:, 0, self.width - 1 - lag].to(x.dtype) * allowed[..., lag, None]
+                term = shifted * self.weight[:, 0, self.width - 1 - lag].to(x.dtype)
+                y = y + (term if allowed is None else term * allowed[..., lag, None])
         return y, xp[:, seq:]
