@@ -7,14 +7,19 @@ wandb's own ``_step`` is left to count ``log`` calls. That keeps a resumed run w
 from a checkpoint may log steps that the previous attempt already logged, which wandb rejects for its
 monotonic ``_step`` but accepts for a step metric.
 
+Calls reach wandb from one background thread, in order, so a training step never waits for wandb's
+serialisation and IPC; ``finish`` drains that queue first.
+
 Resume: the run id is kept in ``<run_dir>/wandb_run_id``; a job started again in the same run directory
 passes that id with ``resume="allow"`` and continues the same wandb run.
 """
 
 from __future__ import annotations
 
+import queue
 import secrets
 import string
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -119,6 +124,9 @@ class WandbLogger:
         self.sync_dir = Path(run.dir).parent
         (run_dir / RUN_ID_FILE).write_text(f"{run.id}\n", encoding="utf-8")
         self._guard("start", lambda r: self._prepare(r, facts))
+        self._queue: queue.Queue = queue.Queue()
+        self._worker = threading.Thread(target=self._drain, name="tttexp-wandb", daemon=True)
+        self._worker.start()
         if mode == "offline" and self.active:
             notice(f"wandb is offline; the run is in {self.sync_dir}; upload it with: wandb sync {self.sync_dir}")
 
@@ -162,6 +170,9 @@ class WandbLogger:
         """A wandb alert (e-mail/Slack when online). A failing alert is reported once and never stops logging."""
         if not self.active:
             return
+        if self._in_background():
+            self._queue.put(("alert", lambda _run: self.alert(title, text)))
+            return
         try:
             self._run.alert(title=str(title), text=str(text), level=self._wandb.AlertLevel.WARN)
         except Exception as exc:
@@ -176,6 +187,7 @@ class WandbLogger:
         service waits for that, so the files are complete when ``finish`` returns and no wandb process
         outlives the run. The next ``start`` in this process starts a new service.
         """
+        self._flush()
         run, self._run = self._run, None
         if run is None:
             return
@@ -192,14 +204,37 @@ class WandbLogger:
             notice(f"wandb teardown failed: {problem}")
         self._broken = True
 
+    def _in_background(self) -> bool:
+        """True when calls should be queued for the worker (it runs, and this is not the worker itself)."""
+        worker = getattr(self, "_worker", None)
+        return worker is not None and worker.is_alive() and threading.current_thread() is not worker
+
     def _guard(self, where: str, call: Callable[[Any], None]) -> None:
         if not self.active:
+            return
+        if self._in_background():
+            self._queue.put((where, call))
             return
         try:
             call(self._run)
         except Exception as exc:
             self._broken = True
             notice(f"wandb logging is off after an error in {where}(): {one_line(exc)}")
+
+    def _drain(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            self._guard(*item)
+
+    def _flush(self) -> None:
+        """Wait until every queued call has reached wandb, then stop the worker."""
+        worker = getattr(self, "_worker", None)
+        if worker is not None and worker.is_alive():
+            self._queue.put(None)
+            worker.join()
+        self._worker = None
 
 
 def _stop_service(wandb: Any) -> str | None:
