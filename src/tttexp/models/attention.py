@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from tttexp.models.cache import LayerState
 from tttexp.models.configuration import TTTConfig
-from tttexp.models.layers import rotary
+from tttexp.models.layers import apply_rotary, rotary_tables
 
 
 class Attention(nn.Module):
@@ -40,8 +40,8 @@ class Attention(nn.Module):
         k = self.k_proj(hidden).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
         positions = torch.arange(seq, device=hidden.device) + offset
-        q = rotary(q, positions, self.config.rope_theta)
-        k = rotary(k, positions, self.config.rope_theta)
+        cos, sin = rotary_tables(positions, self.head_dim, self.config.rope_theta, q.dtype)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
         past = 0
         if cache is not None:
@@ -64,14 +64,13 @@ class Attention(nn.Module):
         """``None`` where plain causal attention is right (SDPA's own causal path, as transformers' Llama uses),
         else a boolean ``[B or 1, 1, T, past + T]`` mask: causal, and no key before the reader's document start."""
         doc_start = cache.doc_start if cache is not None else None
-        if starts is None and doc_start is None:
-            if past == 0 or seq == 1:
-                return None
-            q_idx = torch.arange(seq, device=device) + past
-            key_idx = torch.arange(past + seq, device=device)
-            return (key_idx[None, :] <= q_idx[:, None])[None, None]
+        if starts is None and doc_start is None and (past == 0 or seq == 1):
+            return None
         q_idx = torch.arange(seq, device=device) + past
         key_idx = torch.arange(past + seq, device=device)
+        causal = key_idx[None, :] <= q_idx[:, None]
+        if starts is None and doc_start is None:
+            return causal[None, None]
         first = torch.zeros(bsz, seq, dtype=torch.long, device=device)
         if starts is not None:
             first = torch.where(starts, q_idx, torch.zeros_like(q_idx)).cummax(dim=1).values
@@ -79,5 +78,4 @@ class Attention(nn.Module):
             first = torch.maximum(first, doc_start[:, None])
         if cache is not None:
             cache.doc_start = first[:, -1]
-        allowed = (key_idx[None, None, :] <= q_idx[None, :, None]) & (key_idx[None, None, :] >= first[:, :, None])
-        return allowed[:, None]
+        return (causal[None] & (key_idx[None, None, :] >= first[:, :, None]))[:, None]

@@ -38,8 +38,9 @@ class TTTConfig(PretrainedConfig):
     ``mixer_types`` gives each layer's sequence mixer (``ttt`` or ``attention``: Llama-style causal softmax
     attention with ``num_key_value_heads`` K/V heads and RoPE at absolute positions); ``None`` means all TTT.
     It is not called ``layer_types`` because transformers reserves that name for its own attention vocabulary.
-    ``ttt_output_gate`` multiplies each TTT layer's output by a learnable per-channel gate that starts at 0, so a
-    model converted from a pretrained one starts as the base without the converted attention layers.
+    ``ttt_output_gate`` turns each TTT layer's output into ``gate * out + bias`` with learnable per-channel
+    ``gate`` and ``bias`` that start at 0: a layer converted from attention then starts as a constant (the
+    conversion sets ``bias`` to the base attention's mean output), and the TTT path opens as training goes.
     """
 
     model_type = "tttexp"

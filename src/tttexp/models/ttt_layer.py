@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from tttexp import ops
 from tttexp.models.cache import LayerState
 from tttexp.models.configuration import TTTConfig
-from tttexp.models.layers import CausalConv, rotary
+from tttexp.models.layers import CausalConv, apply_rotary, rotary_tables
 from tttexp.ops import reference
 from tttexp.ops.reference import State
 
@@ -35,8 +35,10 @@ class TTTLayer(nn.Module):
         if config.use_gate:
             self.g_proj = nn.Linear(width, width, bias=False)
         self.post_norm = nn.LayerNorm(width, eps=1e-6)
-        # Per-channel output gate, starting closed: a layer converted from attention starts as "no mixer".
+        # Gated residual: out = gate * o_proj(...) + bias, per channel, the gate starting closed. A layer converted
+        # from attention starts as a constant (the base attention's mean output, set by the conversion).
         self.output_gate = nn.Parameter(torch.zeros(width)) if config.ttt_output_gate else None
+        self.output_bias = nn.Parameter(torch.zeros(width)) if config.ttt_output_gate else None
 
         std = config.initializer_range
         self.lr_weight = nn.Parameter(torch.randn(heads, width) * std)
@@ -82,8 +84,8 @@ class TTTLayer(nn.Module):
             XQ, XK = xq, self.k_proj(hidden)
         XQ, XK, XV = self._heads(XQ), self._heads(XK), self._heads(self.v_proj(hidden))
         positions = (torch.arange(seq, device=hidden.device) + offset) % self.k
-        XQ = rotary(XQ, positions, self.config.rope_theta)
-        XK = rotary(XK, positions, self.config.rope_theta)
+        cos, sin = rotary_tables(positions, self.head_dim, self.config.rope_theta, XQ.dtype)
+        XQ, XK = apply_rotary(XQ, cos, sin), apply_rotary(XK, cos, sin)
 
         gate_logits = torch.einsum("btc,hc->bht", hidden, self.lr_weight.to(hidden.dtype)) + self.lr_bias[:, None]
         base_lr = self.config.ttt_base_lr * self.inner_lr_scale
@@ -97,7 +99,7 @@ class TTTLayer(nn.Module):
             out = F.gelu(self.g_proj(hidden), approximate="tanh") * out
         out = self.o_proj(out)
         if self.output_gate is not None:
-            out = out * self.output_gate.to(out.dtype)
+            out = out * self.output_gate.to(out.dtype) + self.output_bias.to(out.dtype)
         return out
 
     def _inner(
