@@ -78,7 +78,8 @@ def measure(kind: str, size: str, ctx: int, batch: int, layer: str, args, compil
             kernel: str = "triton") -> dict:
     torch.manual_seed(0)
     row = {"model": kind, "size": size, "context": ctx, "batch": batch, "ttt_layer": layer if kind == "ttt" else None,
-           "kernel": kernel if kind == "ttt" else None, "compiled": compiled}
+           "kernel": kernel if kind == "ttt" else None, "compiled": compiled,
+           "checkpointing": bool(args.checkpointing and kind == "ttt")}
     model = None
     try:
         model = ttt(size, layer, args.checkpointing, kernel) if kind == "ttt" else llama(size)

@@ -46,9 +46,12 @@ def table() -> str:
                 key = (r["size"], r["context"])
                 best[key] = max(best.get(key, 0.0), r["tokens_per_sec"])
         for r in train:
-            name = (f"TTT-{r['ttt_layer']}" + (f" ({r.get('kernel')})" if r.get("kernel") not in (None, "triton")
-                                               else "")) if r["ttt_layer"] else \
-                "Llama" + (" compiled" if r["compiled"] else "")
+            if r["ttt_layer"]:
+                name = f"TTT-{r['ttt_layer']}" + (f" ({r.get('kernel')})" if r.get("kernel") not in (None, "triton")
+                                                  else "") + (" compiled" if r["compiled"] else "") \
+                    + (" + activation checkpointing" if r.get("checkpointing") else "")
+            else:
+                name = "Llama" + (" compiled" if r["compiled"] else "")
             if "error" in r:
                 lines.append(f"| {name} | {r['size']} | {r['context']} | {r['batch']} | {r['error']} | | | |")
                 continue
