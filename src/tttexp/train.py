@@ -143,7 +143,8 @@ def _fill_logger_names(cfg: DictConfig) -> None:
     backend = cfg.logging
     if "run_name" in backend and backend.run_name is None:
         stamp = time.strftime("%m%d-%H%M%S")
-        backend.run_name = f"{cfg.model.name}-{cfg.model.ttt_layer}-{cfg.strategy.name}-{stamp}"
+        model = Path(str(cfg.strategy.base_model)).stem if "base_model" in cfg.strategy else cfg.model.name
+        backend.run_name = f"{model}-{cfg.model.ttt_layer}-{cfg.strategy.name}-{stamp}"
     if "group" in backend and backend.group is None and _is_multirun():
         sweep = Path(HydraConfig.get().sweep.dir)
         backend.group = f"{sweep.parent.name}-{sweep.name}"
