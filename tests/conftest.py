@@ -8,8 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Without a GPU the Triton kernels run under Triton's interpreter. The variable must be set before any module
+# defines a kernel (triton reads it when a function is decorated), so it is set here, before tests are imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ def make_inputs(layer, batch, heads, seq, f, k=16, dtype=torch.float64, seed=Non
     r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
     xq, xk, xv = r(batch, heads, seq, f), r(batch, heads, seq, f), r(batch, heads, seq, f)
     lr = torch.rand(batch, heads, seq, generator=g, dtype=dtype) * (1.0 / f) + 0.1 / f
-    tok = (1.0 / torch.arange(1, k + 1, dtype=dtype) + 0.05 * r(k)).clamp_min(0.0)
+    tok = 1.0 / torch.arange(1, k + 1, dtype=dtype) + 0.05 * torch.rand(k, generator=g, dtype=dtype)
     ln_w, ln_b = 1.0 + 0.1 * r(heads, f), 0.1 * r(heads, f)
     init = tuple(0.2 * r(*shape[1:]) for shape in state_shapes(layer, batch, heads, f))
     return (xq, xk, xv, lr, tok, ln_w, ln_b), init
