@@ -52,23 +52,25 @@ def run_app(name: str, out_dir: Path, *overrides: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--runs", default="eager,compiled,compiled_wandb,state_passing")
+    parser.add_argument("--log-every", type=int, default=1)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     work = Path(os.environ.get("OUT", "/tmp")) / "app-runs"
     work.mkdir(parents=True, exist_ok=True)
     base = ["model=125m", "data.seq_len=2048", "data.batch_size=8", "data.vocab_size=32000", "data.val_windows=16",
-            f"trainer.max_steps={args.steps}", "trainer.log_every=1", f"trainer.eval_every={args.steps}",
-            "trainer.position_eval_sequences=2", "optim.warmup_steps=10"]
+            f"trainer.max_steps={args.steps}", f"trainer.log_every={args.log_every}",
+            f"trainer.eval_every={args.steps}", "trainer.position_eval_sequences=2", "optim.warmup_steps=10"]
     gpu = ["strategy=gpu_optimized", "strategy.inference_every=25"]
-    runs = {
-        "eager": run_app("eager", work, *base, *gpu, "strategy.compile=false", "logging=none"),
-        "compiled": run_app("compiled", work, *base, *gpu, "strategy.compile=true", "logging=none"),
-        "compiled_wandb": run_app("compiled_wandb", work, *base, *gpu, "strategy.compile=true", "logging=wandb",
-                                  "logging.mode=offline"),
-        "state_passing": run_app("state_passing", work, *base, "strategy=multi_gpu_state_passing",
-                                 "distributed.nproc_per_node=1", "logging=none"),
+    plans = {
+        "eager": [*base, *gpu, "strategy.compile=false", "logging=none"],
+        "compiled": [*base, *gpu, "strategy.compile=true", "logging=none"],
+        "compiled_wandb": [*base, *gpu, "strategy.compile=true", "logging=wandb", "logging.mode=offline"],
+        "state_passing": [*base, "strategy=multi_gpu_state_passing", "distributed.nproc_per_node=1", "logging=none"],
     }
-    eager, compiled = runs["eager"]["losses"], runs["compiled"]["losses"]
+    runs = {name: run_app(name, work, *plans[name]) for name in args.runs.split(",")}
+    empty = {"losses": {}, "median_step_ms": float("nan")}
+    eager, compiled = runs.get("eager", empty)["losses"], runs.get("compiled", empty)["losses"]
     common = sorted(set(eager) & set(compiled))
     diffs = [abs(eager[s] - compiled[s]) for s in common]
     summary = {
@@ -80,8 +82,9 @@ def main() -> None:
         "compiled_vs_eager_max_abs_loss_diff": max(diffs) if diffs else None,
         "compiled_vs_eager_loss_first_last": [eager.get(common[0]), eager.get(common[-1]), compiled.get(common[-1])]
         if common else None,
-        "compiled_speedup": runs["eager"]["median_step_ms"] / runs["compiled"]["median_step_ms"],
-        "wandb_offline_overhead": runs["compiled_wandb"]["median_step_ms"] / runs["compiled"]["median_step_ms"] - 1,
+        "compiled_speedup": runs.get("eager", empty)["median_step_ms"] / runs.get("compiled", empty)["median_step_ms"],
+        "wandb_offline_overhead": runs.get("compiled_wandb", empty)["median_step_ms"]
+        / runs.get("compiled", empty)["median_step_ms"] - 1,
         "runs": runs,
     }
     device = summary["device"].replace(" ", "_")
