@@ -22,6 +22,7 @@ from torch import nn
 
 from tttexp.config import ConfigError
 from tttexp.data import Tokenizer
+from tttexp.data.tokenizer import TransformersBackend
 from tttexp.models import TTTForCausalLM
 from tttexp.models.convert import (
     ConversionError,
@@ -193,17 +194,6 @@ def load_base_model(source: BaseSource, trust_remote_code: bool = False) -> nn.M
     return model.eval()
 
 
-class _TransformersTokenizer:
-    def __init__(self, tok: Any) -> None:
-        self.tok = tok
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.tok(texts, add_special_tokens=False, verbose=False)["input_ids"]
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids)
-
-
 def load_base_tokenizer(source: BaseSource, trust_remote_code: bool = False) -> tuple[Tokenizer, int]:
     """The base's tokenizer wrapped as a :class:`tttexp.data.Tokenizer`, and its size."""
     from transformers import AutoTokenizer
@@ -218,7 +208,7 @@ def load_base_tokenizer(source: BaseSource, trust_remote_code: bool = False) -> 
     backend = getattr(tok, "backend_tokenizer", None)
     definition = backend.to_str() if backend is not None else repr(sorted(tok.get_vocab().items()))
     digest = hashlib.sha256(f"{type(tok).__name__}\x00{definition}".encode()).hexdigest()[:16]
-    wrapped = Tokenizer(_TransformersTokenizer(tok), name=f"hf-{digest}", source=source.label,
+    wrapped = Tokenizer(TransformersBackend(tok), name=f"hf-{digest}", source=source.label,
                         vocab_size=len(tok), eos_id=int(tok.eos_token_id))
     return wrapped, len(tok)
 

@@ -224,7 +224,9 @@ def _sentencepiece_tokenizer(path: Path) -> Tokenizer:
 # --- transformers ----------------------------------------------------------------------------------
 
 
-class _TransformersBackend:
+class TransformersBackend:
+    """A transformers tokenizer behind the :class:`Tokenizer` interface (no special tokens added)."""
+
     def __init__(self, tok: Any) -> None:
         self.tok = tok
 
@@ -254,7 +256,7 @@ def _transformers_tokenizer(name_or_path: str) -> Tokenizer:
         :16
     ]
     return Tokenizer(
-        _TransformersBackend(tok),
+        TransformersBackend(tok),
         name=f"hf-{digest}",
         source=name_or_path,
         vocab_size=len(tok),
