@@ -137,3 +137,20 @@ def test_bad_config_is_one_clear_line(kwargs, message):
     with pytest.raises(ValueError, match=message) as err:
         TTTConfig(**kwargs)
     assert "\n" not in str(err.value)
+
+
+def test_decoding_with_the_triton_decode_kernel_equals_one_pass():
+    """Token-by-token continuation through the Triton decode kernel (the interpreter on the CPU)."""
+    pytest.importorskip("triton")
+    from tttexp.ops.dispatch import triton_available
+
+    if not triton_available():
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    model = small_model("mamba", "linear", dtype=torch.float32, kernel="triton")
+    ids = torch.randint(0, 61, (2, 21))
+    with torch.no_grad():
+        whole = model(ids, use_cache=False).logits
+        cache = TTTCache(2)
+        pieces = [model(ids[:, :16], cache=cache, use_cache=True).logits]
+        pieces += [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(16, 21)]
+    assert ((torch.cat(pieces, 1) - whole).norm() / whole.norm()) < 1e-5
