@@ -146,8 +146,9 @@ def test_decoding_with_the_triton_decode_kernel_equals_one_pass():
 
     if not triton_available():
         pytest.skip("needs a GPU or TRITON_INTERPRET=1")
-    model = small_model("mamba", "linear", dtype=torch.float32, kernel="triton")
-    ids = torch.randint(0, 61, (2, 21))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = small_model("mamba", "linear", dtype=torch.float32, kernel="triton").to(device)
+    ids = torch.randint(0, 61, (2, 21), device=device)
     with torch.no_grad():
         whole = model(ids, use_cache=False).logits
         cache = TTTCache(2)
