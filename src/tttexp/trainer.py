@@ -163,8 +163,11 @@ class Trainer:
         return bool(period) and self.step % period == 0 and self.step < self.loop.max_steps
 
     def _preempted(self) -> bool:
+        """Has any process been signalled? One process needs no device tensor (and so no host sync)."""
+        if self.strategy.world_size == 1:
+            return self.preemption.requested()
         flag = torch.tensor(1.0 if self.preemption.requested() else 0.0, device=self.device)
-        return bool(self.strategy.all_reduce_max(flag) > 0) if self.strategy.world_size > 1 else bool(flag)
+        return bool(self.strategy.all_reduce_max(flag) > 0)
 
     # ------------------------------------------------------------------------------------------------------------
     # One optimizer step
