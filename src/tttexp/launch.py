@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import sys
 import uuid
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tttexp.config import ConfigError
+from tttexp.strategies.ddp import free_port
 
 
 def in_existing_world() -> bool:
@@ -46,12 +46,6 @@ def needs_launch(cfg: DictConfig) -> bool:
     return is_ddp and not in_existing_world() and resolve_nproc(cfg.distributed.nproc_per_node) > 1
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch(cfg: DictConfig, run_dir: Path) -> Any:
     """Run the job in ``nproc_per_node`` local workers; returns rank 0's result. A worker that dies ends all."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
@@ -64,7 +58,7 @@ def launch(cfg: DictConfig, run_dir: Path) -> Any:
         nproc_per_node=nproc,
         run_id=f"tttexp-{uuid.uuid4().hex[:8]}",
         rdzv_backend="c10d",
-        rdzv_endpoint=f"127.0.0.1:{_free_port()}",
+        rdzv_endpoint=f"127.0.0.1:{free_port()}",
         max_restarts=0,
         monitor_interval=1.0,
         start_method="spawn",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 
 from tttexp.data import StreamLoader, build_tokenizer, load_documents, tokenize_documents
 from tttexp.models import TTTConfig, TTTForCausalLM
+from tttexp.strategies.ddp import free_port
 
 from . import ddp_update
 from .helpers import records
@@ -74,12 +74,6 @@ def test_with_resets_each_document_scores_as_if_alone(stream_tokens):
             block = b["input_ids"][:, first * K : nxt * K]
             alone = model(block, use_cache=False).logits
             assert (together[:, first * K : nxt * K] - alone).abs().max() < 1e-9
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_gloo_processes_update_like_one_process_on_both_halves(tmp_path):

@@ -15,7 +15,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tttexp.strategies.base import Strategy, StrategyError
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on right now."""
     import socket
 
     with socket.socket() as sock:
@@ -70,7 +71,7 @@ class DistributedDataParallel(Strategy):
             if "MASTER_PORT" not in os.environ:
                 if self.world_size > 1:
                     raise StrategyError("a multi-process world needs MASTER_ADDR and MASTER_PORT (torchrun sets them)")
-                os.environ["MASTER_PORT"] = str(_free_port())
+                os.environ["MASTER_PORT"] = str(free_port())
             dist.init_process_group(
                 backend=backend, rank=self.rank, world_size=self.world_size,
                 timeout=datetime.timedelta(seconds=self.timeout_s),
