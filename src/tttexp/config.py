@@ -121,6 +121,7 @@ class StrategyBase:
     max_bad_steps: int = 5  # with skip_nonfinite: stop after this many bad steps in a row
     inference_every: int = 0  # steps between inference timings (prefill + decode); 0 disables
     prefetch: bool = False  # background batch preparation with pinned memory
+    kernel: str | None = None  # pin the inner-loop kernel (torch | triton); None: use model.kernel
 
 
 @dataclass
@@ -133,6 +134,7 @@ class ConservativeStrategy(StrategyBase):
     lr_scale: float = 0.5
     max_grad_norm: float | None = 0.5
     skip_nonfinite: bool = True
+    kernel: str | None = "torch"  # the reference implementation, equal to the float64 oracle's maths
 
 
 @dataclass
@@ -314,6 +316,7 @@ def validate(cfg: DictConfig) -> None:
     _choice("device", cfg.device, ("auto", "cpu", "cuda"))
     s = cfg.strategy
     _choice("strategy.precision", s.precision, ("fp32", "bf16"))
+    _choice("strategy.kernel", s.kernel, (None, "torch", "triton"))
     _positive("strategy.lr_scale", s.lr_scale)
     if s.state_passing and d.seq_len % m.mini_batch_size:
         raise ConfigError(

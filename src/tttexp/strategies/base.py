@@ -44,6 +44,7 @@ class Strategy:
         max_bad_steps: int = 5,
         inference_every: int = 0,
         prefetch: bool = False,
+        kernel: str | None = None,
         **options: Any,
     ) -> None:
         self.name = name
@@ -59,6 +60,7 @@ class Strategy:
         self.max_bad_steps = max_bad_steps
         self.inference_every = inference_every
         self.prefetch = prefetch
+        self.kernel = kernel
         self.options = options
         self.device = torch.device("cpu")
         self.rank, self.world_size, self.local_rank = 0, 1, 0
@@ -103,8 +105,8 @@ class Strategy:
             self.precision, self.compile, self.prefetch = "fp32", False, False
 
     def kernel_for(self, requested: str) -> str:
-        """The inner-loop kernel this recipe uses (conservative pins the reference)."""
-        return "torch" if self.name == "conservative" else requested
+        """The inner-loop kernel this recipe uses: its pinned one (``strategy.kernel``), else ``model.kernel``."""
+        return self.kernel or requested
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """Move to the device; compile if asked. Returns the module to call in the loop."""
