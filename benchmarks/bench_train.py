@@ -41,7 +41,8 @@ def ttt(size: str, layer: str, checkpointing: bool, kernel: str):
                        gradient_checkpointing=checkpointing)
 
 
-def time_steps(model, batch: int, ctx: int, steps: int, warmup: int, compiled: bool) -> dict:
+def time_steps(model, batch: int, ctx: int, steps: int, warmup: int, compiled: bool,
+               profile_to: Path | None = None) -> dict:
     device = torch.device("cuda")
     model = model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -62,8 +63,28 @@ def time_steps(model, batch: int, ctx: int, steps: int, warmup: int, compiled: b
         if i >= warmup:
             times.append(start.elapsed_time(end) / 1000)
     seconds = statistics.median(times)
-    return {"step_s": seconds, "tokens_per_sec": batch * ctx / seconds,
-            "peak_memory_gib": torch.cuda.max_memory_allocated() / 1024**3}
+    result = {"step_s": seconds, "tokens_per_sec": batch * ctx / seconds,
+              "peak_memory_gib": torch.cuda.max_memory_allocated() / 1024**3}
+    if profile_to is not None:
+        result["profile"] = str(profile_steps(call, opt, ids, profile_to))
+    return result
+
+
+def profile_steps(call, opt, ids, path: Path, steps: int = 2) -> Path:
+    """The GPU kernels of ``steps`` optimizer steps, by total time, as a text table at ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = call(input_ids=ids, labels=ids, use_cache=False)
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90))
+    return path
 
 
 def flops_per_token(kind: str, size: str, ctx: int, layer: str, n_params: int) -> float:
@@ -84,7 +105,11 @@ def measure(kind: str, size: str, ctx: int, batch: int, layer: str, args, compil
     try:
         model = ttt(size, layer, args.checkpointing, kernel) if kind == "ttt" else llama(size)
         n_params = sum(p.numel() for p in model.parameters())
-        row.update(time_steps(model, batch, ctx, args.steps, args.warmup, compiled))
+        prof = None
+        if args.profile:
+            tag = f"{kind}-{layer if kind == 'ttt' else ''}-{size}-{ctx}{'-compiled' if compiled else ''}"
+            prof = Path(args.profile) / f"{tag}.txt"
+        row.update(time_steps(model, batch, ctx, args.steps, args.warmup, compiled, prof))
         peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name()), None)
         row["mfu"] = row["tokens_per_sec"] * flops_per_token(kind, size, ctx, layer, n_params) / peak if peak else None
         row["parameters"] = n_params
@@ -112,6 +137,7 @@ def main() -> None:
     parser.add_argument("--compile-ttt", action="store_true", help="also time torch.compile'd TTT models")
     parser.add_argument("--skip-llama", action="store_true", help="TTT rows only (Llama measured in another run)")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing for TTT")
+    parser.add_argument("--profile", default=None, help="folder for a kernel-time table of each row")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 

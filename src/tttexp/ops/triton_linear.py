@@ -118,106 +118,86 @@ def _linear_fwd_kernel(
 
 
 @triton.jit
-def _linear_bwd_kernel(
-    xq_ptr, xk_ptr, xv_ptr, lr_ptr, tok_ptr, lnw_ptr, lnb_ptr, w0_ptr, b0_ptr, reset_ptr,
-    ckw_ptr, ckb_ptr, scw_ptr, scb_ptr, dout_ptr, dwf_ptr, dbf_ptr,
-    dxq_ptr, dxk_ptr, dxv_ptr, dlr_ptr, dtok_ptr, dlnw_ptr, dlnb_ptr, dws_ptr, dbs_ptr, dw0_ptr, db0_ptr,
+def _linear_bwd_segment_kernel(
+    xq_ptr, xk_ptr, xv_ptr, lr_ptr, tok_ptr, lnw_ptr, lnb_ptr, w0_ptr, b0_ptr, reset_ptr, ckw_ptr, ckb_ptr, dout_ptr,
+    xh_ptr, gx_ptr, g_ptr, lg_ptr, dlg_ptr, dzb_ptr, rstd_ptr, c_ptr, p_ptr, q_ptr,
+    dxq_ptr, dxk_ptr, dxv_ptr, dlr_ptr, dtok_ptr, dlnw_ptr, dlnb_ptr,
     T, N, NC, H,
     F: tl.constexpr, FP: tl.constexpr, BK: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
-    HAS_RESET: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr,
+    HAS_RESET: tl.constexpr, FINISH: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr,
 ):
+    """One checkpoint segment of one (batch, head): recompute its states forward from the checkpoint and, per step,
+    either store what the reverse chain needs (``FINISH`` false) or, given the chain's ``p = Xk dW' + db'`` and
+    ``q = Lg dW'^T``, every gradient of the step (``FINISH`` true). Segments run in parallel."""
     pid = tl.program_id(0).to(tl.int64)
-    h = pid % H
-    bi = pid // H
+    seg = pid % NC
+    bh = pid // NC
+    h = bh % H
+    bi = bh // H
     rows = tl.arange(0, BK)
     cols = tl.arange(0, FP)
     cmask = cols < F
     w_off = cols[:, None] * F + cols[None, :]
     w_msk = cmask[:, None] & cmask[None, :]
     wp_off = cols[:, None] * FP + cols[None, :]
+    tile_off = rows[:, None] * FP + cols[None, :]
     gw = tl.load(lnw_ptr + h * F + cols, mask=cmask, other=0.0).to(tl.float32)
     gb = tl.load(lnb_ptr + h * F + cols, mask=cmask, other=0.0).to(tl.float32)
-    dW = tl.load(dwf_ptr + pid * F * F + w_off, mask=w_msk, other=0.0).to(tl.float32)
-    db = tl.load(dbf_ptr + pid * F + cols, mask=cmask, other=0.0).to(tl.float32)
+    W = tl.load(ckw_ptr + (bh * NC + seg) * FP * FP + wp_off)
+    b = tl.load(ckb_ptr + (bh * NC + seg) * FP + cols)
     dtok = tl.zeros([BK], dtype=tl.float32)
     dgw = tl.zeros([FP], dtype=tl.float32)
     dgb = tl.zeros([FP], dtype=tl.float32)
-    x_base = pid * T * F
+    x_base = bh * T * F
     causal = rows[None, :] <= rows[:, None]
-    sc_base = pid * C
-    for si in range(NC):
-        s_idx = NC - 1 - si
-        n0 = s_idx * C
-        n1 = tl.minimum(n0 + C, N)
-        ck = pid * NC + s_idx
-        W = tl.load(ckw_ptr + ck * FP * FP + wp_off)
-        b = tl.load(ckb_ptr + ck * FP + cols)
-        # recompute the states that the segment's mini-batches start from
-        for n in range(n0, n1):
-            if HAS_RESET:  # noqa: SIM102 (constexpr guard first)
-                if tl.load(reset_ptr + bi * N + n) != 0:
-                    W = tl.load(w0_ptr + h * F * F + w_off, mask=w_msk, other=0.0).to(tl.float32)
-                    b = tl.load(b0_ptr + h * F + cols, mask=cmask, other=0.0).to(tl.float32)
-            tl.store(scw_ptr + (sc_base + n - n0) * FP * FP + wp_off, W)
-            tl.store(scb_ptr + (sc_base + n - n0) * FP + cols, b)
-            if n < n1 - 1:
-                start = n * K
-                m = tl.minimum(T - start, K)
-                rmask = rows < m
-                xk = _load_rows(xk_ptr, x_base, start, rows, cols, rmask, cmask, F)
-                xv = _load_rows(xv_ptr, x_base, start, rows, cols, rmask, cmask, F)
-                eta = tl.load(lr_ptr + pid * T + start + rows, mask=rmask, other=0.0).to(tl.float32)
-                t_last = tl.load(tok_ptr + m - 1).to(tl.float32)
-                g, xh1, rstd1, e, gx = _inner_grad(xk, xv, W, b, gw, gb, cmask, F, DT, PREC, EMU)
-                lg = eta[:, None] * g
-                W = W - t_last * mm(tl.trans(xk), lg, DT, PREC, EMU)
-                b = b - t_last * tl.sum(lg, 0)
-        tl.debug_barrier()
-        for i in range(n1 - n0):
-            n = n1 - 1 - i
-            start = n * K
-            m = tl.minimum(T - start, K)
-            rmask = rows < m
-            xmsk = rmask[:, None] & cmask[None, :]
-            x_off = x_base + (start + rows)[:, None] * F + cols[None, :]
-            W = tl.load(scw_ptr + (sc_base + n - n0) * FP * FP + wp_off)
-            b = tl.load(scb_ptr + (sc_base + n - n0) * FP + cols)
-            xq = tl.load(xq_ptr + x_off, mask=xmsk, other=0.0)
-            xk = tl.load(xk_ptr + x_off, mask=xmsk, other=0.0)
-            xv = tl.load(xv_ptr + x_off, mask=xmsk, other=0.0)
-            dout = tl.load(dout_ptr + x_off, mask=xmsk, other=0.0).to(tl.float32)
-            eta = tl.load(lr_ptr + pid * T + start + rows, mask=rmask, other=0.0).to(tl.float32)
-            t = tl.load(tok_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-            t_last = tl.load(tok_ptr + m - 1).to(tl.float32)
-            # recompute the step
-            g, xh1, rstd1, e, gx = _inner_grad(xk, xv, W, b, gw, gb, cmask, F, DT, PREC, EMU)
-            lg = eta[:, None] * g
-            s1 = mm(xq, tl.trans(xk), DT, PREC, EMU) + 1.0
-            mmat = tl.where(causal, t[:, None] * s1, 0.0)
-            zbar = mm(xq, W, DT, PREC, EMU) + b[None, :] - mm(mmat, lg, DT, PREC, EMU)
-            xh2, rstd2 = ln_rows(zbar, cmask, F)
-            # out = xq + LN(zbar)
+    n0 = seg * C
+    n1 = tl.minimum(n0 + C, N)
+    for n in range(n0, n1):
+        if HAS_RESET:  # noqa: SIM102 (constexpr guard first)
+            if tl.load(reset_ptr + bi * N + n) != 0:
+                W = tl.load(w0_ptr + h * F * F + w_off, mask=w_msk, other=0.0).to(tl.float32)
+                b = tl.load(b0_ptr + h * F + cols, mask=cmask, other=0.0).to(tl.float32)
+        start = n * K
+        m = tl.minimum(T - start, K)
+        rmask = rows < m
+        xmsk = rmask[:, None] & cmask[None, :]
+        x_off = x_base + (start + rows)[:, None] * F + cols[None, :]
+        st = (bh * N + n) * BK
+        xq = tl.load(xq_ptr + x_off, mask=xmsk, other=0.0)
+        xk = tl.load(xk_ptr + x_off, mask=xmsk, other=0.0)
+        xv = tl.load(xv_ptr + x_off, mask=xmsk, other=0.0)
+        dout = tl.load(dout_ptr + x_off, mask=xmsk, other=0.0).to(tl.float32)
+        eta = tl.load(lr_ptr + bh * T + start + rows, mask=rmask, other=0.0).to(tl.float32)
+        t = tl.load(tok_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+        t_last = tl.load(tok_ptr + m - 1).to(tl.float32)
+        g, xh1, rstd1, e, gx = _inner_grad(xk, xv, W, b, gw, gb, cmask, F, DT, PREC, EMU)
+        lg = eta[:, None] * g
+        s1 = mm(xq, tl.trans(xk), DT, PREC, EMU) + 1.0
+        mmat = tl.where(causal, t[:, None] * s1, 0.0)
+        zbar = mm(xq, W, DT, PREC, EMU) + b[None, :] - mm(mmat, lg, DT, PREC, EMU)
+        xh2, rstd2 = ln_rows(zbar, cmask, F)
+        # out = xq + LN(zbar)
+        dzbar = ln_rows_bwd(dout * gw[None, :], xh2, rstd2, cmask, F)
+        # zbar = xq W + b - M lg: the part of dL/dlg that does not depend on later steps
+        dlg = -mm(tl.trans(mmat), dzbar, DT, PREC, EMU)
+        c = tl.sum(gx * xh1, 1) / F
+        if FINISH:
             dgw += tl.sum(dout * xh2, 0)
             dgb += tl.sum(dout, 0)
-            dzbar = ln_rows_bwd(dout * gw[None, :], xh2, rstd2, cmask, F)
-            # zbar = xq W + b - M lg ; W' = W - t_last xk^T lg ; b' = b - t_last sum(lg)
+            p = tl.load(p_ptr + st * FP + tile_off)
+            q = tl.load(q_ptr + st * FP + tile_off)
             dxq = dout + mm(dzbar, tl.trans(W), DT, PREC, EMU)
-            p = mm(xk, dW, DT, PREC, EMU) + db[None, :]
             dmm = tl.where(causal, -mm(dzbar, tl.trans(lg), DT, PREC, EMU), 0.0)
-            dlg = -mm(tl.trans(mmat), dzbar, DT, PREC, EMU) - t_last * p
+            dlg = dlg - t_last * p
             dt_last = -tl.sum(tl.sum(p * lg, 1), 0)
             dtok += tl.sum(dmm * s1, 1) + tl.where(rows == m - 1, dt_last, 0.0)
             ds = dmm * t[:, None]
             dxq += mm(ds, xk, DT, PREC, EMU)
-            dxk = mm(tl.trans(ds), xq, DT, PREC, EMU) - t_last * mm(lg, tl.trans(dW), DT, PREC, EMU)
-            dW += mm(tl.trans(xq), dzbar, DT, PREC, EMU)
-            db += tl.sum(dzbar, 0)
+            dxk = mm(tl.trans(ds), xq, DT, PREC, EMU) - t_last * q
             # lg = eta * g ; g = LN-L2 gradient at z = xk W + b
-            tl.store(dlr_ptr + pid * T + start + rows, tl.sum(dlg * g, 1).to(dlr_ptr.dtype.element_ty),
-                     mask=rmask)
+            tl.store(dlr_ptr + bh * T + start + rows, tl.sum(dlg * g, 1).to(dlr_ptr.dtype.element_ty), mask=rmask)
             dg = eta[:, None] * dlg
             a = tl.sum(gx, 1) / F
-            c = tl.sum(gx * xh1, 1) / F
             dgx = ln_rows_bwd(dg, xh1, rstd1, cmask, F)
             dxh1 = (-rstd1[:, None] * (c[:, None] * dg + (tl.sum(dg * xh1, 1) / F)[:, None] * gx)
                     + dgx * (gw * gw)[None, :])
@@ -228,25 +208,95 @@ def _linear_bwd_kernel(
             dxk += dgx * gw[None, :]
             dz = ln_rows_bwd(dxh1, xh1, rstd1, cmask, F) - (drstd1 * rstd1 * rstd1 / F)[:, None] * xh1
             dxk += mm(dz, tl.trans(W), DT, PREC, EMU)
-            dW += mm(tl.trans(xk), dz, DT, PREC, EMU)
-            db += tl.sum(dz, 0)
             tl.store(dxq_ptr + x_off, dxq.to(dxq_ptr.dtype.element_ty), mask=xmsk)
             tl.store(dxk_ptr + x_off, dxk.to(dxk_ptr.dtype.element_ty), mask=xmsk)
             tl.store(dxv_ptr + x_off, dxv.to(dxv_ptr.dtype.element_ty), mask=xmsk)
-            if HAS_RESET:  # noqa: SIM102 (constexpr guard first)
-                if tl.load(reset_ptr + bi * N + n) != 0:
-                    tl.store(dw0_ptr + pid * F * F + w_off,
-                             tl.load(dw0_ptr + pid * F * F + w_off, mask=w_msk, other=0.0) + dW, mask=w_msk)
-                    tl.store(db0_ptr + pid * F + cols, tl.load(db0_ptr + pid * F + cols, mask=cmask, other=0.0) + db,
-                             mask=cmask)
-                    dW = tl.zeros([FP, FP], dtype=tl.float32)
-                    db = tl.zeros([FP], dtype=tl.float32)
-        tl.debug_barrier()
-    tl.store(dws_ptr + pid * F * F + w_off, dW, mask=w_msk)
-    tl.store(dbs_ptr + pid * F + cols, db, mask=cmask)
-    tl.store(dtok_ptr + pid * BK + rows, dtok)
-    tl.store(dlnw_ptr + pid * F + cols, dgw, mask=cmask)
-    tl.store(dlnb_ptr + pid * F + cols, dgb, mask=cmask)
+        else:
+            tl.store(xh_ptr + st * FP + tile_off, xh1)
+            tl.store(gx_ptr + st * FP + tile_off, gx)
+            tl.store(g_ptr + st * FP + tile_off, g)
+            tl.store(lg_ptr + st * FP + tile_off, lg)
+            tl.store(dlg_ptr + st * FP + tile_off, dlg)
+            tl.store(dzb_ptr + st * FP + tile_off, dzbar)
+            tl.store(rstd_ptr + st + rows, rstd1)
+            tl.store(c_ptr + st + rows, c)
+        W = W - t_last * mm(tl.trans(xk), lg, DT, PREC, EMU)
+        b = b - t_last * tl.sum(lg, 0)
+    if FINISH:
+        tl.store(dtok_ptr + pid * BK + rows, dtok)
+        tl.store(dlnw_ptr + pid * FP + cols, dgw)
+        tl.store(dlnb_ptr + pid * FP + cols, dgb)
+
+
+@triton.jit
+def _linear_bwd_chain_kernel(
+    xq_ptr, xk_ptr, lr_ptr, tok_ptr, lnw_ptr, reset_ptr,
+    xh_ptr, gx_ptr, g_ptr, lg_ptr, dlg_ptr, dzb_ptr, rstd_ptr, c_ptr, dwf_ptr, dbf_ptr,
+    p_ptr, q_ptr, dws_ptr, dbs_ptr, dw0_ptr, db0_ptr,
+    T, N, H,
+    F: tl.constexpr, FP: tl.constexpr, BK: tl.constexpr, K: tl.constexpr,
+    HAS_RESET: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr,
+):
+    """The only sequential part of the backward: carry ``dL/dW``, ``dL/db`` from the last step to the first.
+
+    Per step: ``p = Xk dW' + db'`` and ``q = Lg dW'^T`` (stored for the finishing pass), the step's full
+    ``dL/dLg = dLg_local - t_last p``, its path back to ``Z`` (the LayerNorm-L2 gradient's own backward, row-wise)
+    and ``dW = dW' + Xq^T dZbar + Xk^T dZ``. One program per (batch, head)."""
+    bh = tl.program_id(0).to(tl.int64)
+    h = bh % H
+    bi = bh // H
+    rows = tl.arange(0, BK)
+    cols = tl.arange(0, FP)
+    cmask = cols < F
+    w_off = cols[:, None] * F + cols[None, :]
+    w_msk = cmask[:, None] & cmask[None, :]
+    tile_off = rows[:, None] * FP + cols[None, :]
+    gw = tl.load(lnw_ptr + h * F + cols, mask=cmask, other=0.0).to(tl.float32)
+    gw2 = (gw * gw)[None, :]
+    dW = tl.load(dwf_ptr + bh * F * F + w_off, mask=w_msk, other=0.0).to(tl.float32)
+    db = tl.load(dbf_ptr + bh * F + cols, mask=cmask, other=0.0).to(tl.float32)
+    x_base = bh * T * F
+    for i in range(N):
+        n = N - 1 - i
+        start = n * K
+        m = tl.minimum(T - start, K)
+        rmask = rows < m
+        xmsk = rmask[:, None] & cmask[None, :]
+        x_off = x_base + (start + rows)[:, None] * F + cols[None, :]
+        st = (bh * N + n) * BK
+        xq = tl.load(xq_ptr + x_off, mask=xmsk, other=0.0)
+        xk = tl.load(xk_ptr + x_off, mask=xmsk, other=0.0)
+        eta = tl.load(lr_ptr + bh * T + start + rows, mask=rmask, other=0.0).to(tl.float32)
+        t_last = tl.load(tok_ptr + m - 1).to(tl.float32)
+        xh1 = tl.load(xh_ptr + st * FP + tile_off)
+        gx = tl.load(gx_ptr + st * FP + tile_off)
+        g = tl.load(g_ptr + st * FP + tile_off)
+        lg = tl.load(lg_ptr + st * FP + tile_off)
+        dlg = tl.load(dlg_ptr + st * FP + tile_off)
+        dzbar = tl.load(dzb_ptr + st * FP + tile_off)
+        rstd1 = tl.load(rstd_ptr + st + rows)
+        c = tl.load(c_ptr + st + rows)
+        p = mm(xk, dW, DT, PREC, EMU) + db[None, :]
+        q = mm(lg, tl.trans(dW), DT, PREC, EMU)
+        tl.store(p_ptr + st * FP + tile_off, p)
+        tl.store(q_ptr + st * FP + tile_off, q)
+        dg = eta[:, None] * (dlg - t_last * p)
+        dgx = ln_rows_bwd(dg, xh1, rstd1, cmask, F)
+        dxh1 = -rstd1[:, None] * (c[:, None] * dg + (tl.sum(dg * xh1, 1) / F)[:, None] * gx) + dgx * gw2
+        # d rstd1 = sum(dg * g) / rstd1, entering dz as -(d rstd1) rstd1^2 xh1 / F
+        dz = ln_rows_bwd(dxh1, xh1, rstd1, cmask, F) - (tl.sum(dg * g, 1) * rstd1 / F)[:, None] * xh1
+        dW += mm(tl.trans(xq), dzbar, DT, PREC, EMU) + mm(tl.trans(xk), dz, DT, PREC, EMU)
+        db += tl.sum(dzbar, 0) + tl.sum(dz, 0)
+        if HAS_RESET:  # noqa: SIM102 (constexpr guard first)
+            if tl.load(reset_ptr + bi * N + n) != 0:
+                tl.store(dw0_ptr + bh * F * F + w_off,
+                         tl.load(dw0_ptr + bh * F * F + w_off, mask=w_msk, other=0.0) + dW, mask=w_msk)
+                tl.store(db0_ptr + bh * F + cols, tl.load(db0_ptr + bh * F + cols, mask=cmask, other=0.0) + db,
+                         mask=cmask)
+                dW = tl.zeros([FP, FP], dtype=tl.float32)
+                db = tl.zeros([FP], dtype=tl.float32)
+    tl.store(dws_ptr + bh * F * F + w_off, dW, mask=w_msk)
+    tl.store(dbs_ptr + bh * F + cols, db, mask=cmask)
 
 
 def _shapes(xq: Tensor, tok: Tensor, every: int) -> tuple[int, int, int, int, int, int, int, int]:
@@ -293,40 +343,52 @@ def linear_backward(
     W0: Tensor, b0: Tensor, reset: Tensor | None, ckw: Tensor, ckb: Tensor,
     dout: Tensor, dWf: Tensor, dbf: Tensor, every: int | None = None,
 ) -> dict[str, Tensor]:
-    """Run the backward kernel (contiguous inputs, checkpoints from :func:`linear_forward` with the same
-    ``every``). Returns per-token grads, ``tok``/``ln_w``/``ln_b`` grads reduced over batch (and heads
-    for ``tok``), ``state_W``/``state_b`` (the start state's gradient, ``[B,H,...]``) and the reset-point
-    contributions to the initial state ``reset_W``/``reset_b`` (``[H,...]``, zero without ``reset``)."""
+    """Run the backward (contiguous inputs, checkpoints from :func:`linear_forward` with the same ``every``).
+
+    Three launches: the checkpoint segments in parallel (each recomputes its states and stores the per-step pieces
+    that do not depend on later steps), the short reverse chain through ``dL/dW`` per (batch, head), and the
+    segments in parallel again to finish every gradient. Returns per-token grads, ``tok``/``ln_w``/``ln_b`` grads
+    reduced over batch (and heads for ``tok``), ``state_W``/``state_b`` (the start state's gradient,
+    ``[B,H,...]``) and the reset-point contributions to the initial state ``reset_W``/``reset_b`` (``[H,...]``,
+    zero without ``reset``)."""
     every = every or CONFIG["every"]
     bsz, heads, seq, f, k, n_mb, n_ck, bk = _shapes(xq, tok, every)
     fp = padded_dim(f)
     dev = xq.device
     f32 = dict(device=dev, dtype=torch.float32)
-    scw = torch.empty(bsz * heads, every, fp, fp, **f32)
-    scb = torch.empty(bsz * heads, every, fp, **f32)
+    bh = bsz * heads
+    tiles = [torch.empty(bh, n_mb, bk, fp, **f32) for _ in range(8)]  # xh, gx, g, lg, dlg, dzbar, p, q
+    rows = [torch.empty(bh, n_mb, bk, **f32) for _ in range(2)]  # rstd, c
     dxq, dxk, dxv = torch.empty_like(xq), torch.empty_like(xk), torch.empty_like(xv)
     dlr = torch.empty_like(lr)
-    dtok = torch.empty(bsz * heads, bk, **f32)
-    dlnw = torch.empty(bsz, heads, f, **f32)
-    dlnb = torch.empty(bsz, heads, f, **f32)
+    dtok = torch.empty(bh * n_ck, bk, **f32)
+    dlnw = torch.empty(bsz, heads, n_ck, fp, **f32)
+    dlnb = torch.empty(bsz, heads, n_ck, fp, **f32)
     dws = torch.empty(bsz, heads, f, f, **f32)
     dbs = torch.empty(bsz, heads, f, **f32)
     has_reset = reset is not None
     dw0 = torch.zeros(bsz, heads, f, f, **f32) if has_reset else dws
     db0 = torch.zeros(bsz, heads, f, **f32) if has_reset else dbs
+    rst = reset if has_reset else tok
     dt, prec, emu = dot_config(xq.dtype, CONFIG["lowp"])
-    _linear_bwd_kernel[(bsz * heads,)](
-        xq, xk, xv, lr, tok, ln_w, ln_b, W0, b0, reset if has_reset else tok,
-        ckw, ckb, scw, scb, dout, dWf, dbf,
-        dxq, dxk, dxv, dlr, dtok, dlnw, dlnb, dws, dbs, dw0, db0,
-        seq, n_mb, n_ck, heads,
-        F=f, FP=fp, BK=bk, K=k, C=every, HAS_RESET=has_reset, DT=dt, PREC=prec, EMU=emu,
-        **_launch_opts("bwd", fp, xq.dtype),
-    )
+    dots = dict(DT=dt, PREC=prec, EMU=emu)
+    opts = _launch_opts("bwd", fp, xq.dtype)
+    for finish in (False, True):
+        if finish:
+            _linear_bwd_chain_kernel[(bh,)](
+                xq, xk, lr, tok, ln_w, rst, *tiles[:6], *rows, dWf, dbf, *tiles[6:], dws, dbs, dw0, db0,
+                seq, n_mb, heads, F=f, FP=fp, BK=bk, K=k, HAS_RESET=has_reset, **dots, **opts,
+            )
+        _linear_bwd_segment_kernel[(bh * n_ck,)](
+            xq, xk, xv, lr, tok, ln_w, ln_b, W0, b0, rst, ckw, ckb, dout, *tiles[:6], *rows, *tiles[6:],
+            dxq, dxk, dxv, dlr, dtok, dlnw, dlnb,
+            seq, n_mb, n_ck, heads,
+            F=f, FP=fp, BK=bk, K=k, C=every, HAS_RESET=has_reset, FINISH=finish, **dots, **opts,
+        )
     return {
         "xq": dxq, "xk": dxk, "xv": dxv, "lr": dlr,
         "tok": dtok[:, :k].sum(0).to(tok.dtype),
-        "ln_w": dlnw.sum(0).to(ln_w.dtype), "ln_b": dlnb.sum(0).to(ln_b.dtype),
+        "ln_w": dlnw[..., :f].sum((0, 2)).to(ln_w.dtype), "ln_b": dlnb[..., :f].sum((0, 2)).to(ln_b.dtype),
         "state_W": dws, "state_b": dbs,
         "reset_W": dw0.sum(0) if has_reset else torch.zeros(heads, f, f, **f32),
         "reset_b": db0.sum(0) if has_reset else torch.zeros(heads, f, **f32),

@@ -1,0 +1,46 @@
+"""Per-kernel GPU time of one TTT op call (forward + backward), to see which launch the time goes to.
+
+    PYTHONPATH=src python benchmarks/profile_op.py --layer linear --shapes 8x2048x12x64,1x32768x12x64
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from bench_ops import _fns, make_inputs
+from torch.profiler import ProfilerActivity, profile
+
+from tttexp.ops.triton_ttt import ttt_triton
+
+
+def kernel_times(layer: str, b: int, t: int, h: int, f: int, reps: int = 5) -> dict[str, float]:
+    """Mean microseconds per call of every GPU kernel that one forward+backward launches."""
+    inputs = make_inputs(layer, b, t, h, f, torch.bfloat16)
+    _, fwd_bwd, leaves = _fns(ttt_triton, layer, inputs)
+    for _ in range(3):
+        fwd_bwd()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fwd_bwd()
+        torch.cuda.synchronize()
+    times = {e.key: e.device_time_total / reps for e in prof.key_averages() if e.device_time_total > 0}
+    return dict(sorted(times.items(), key=lambda kv: -kv[1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layer", default="linear")
+    ap.add_argument("--shapes", default="8x2048x12x64,1x32768x12x64", help="BxTxHxF, comma separated")
+    args = ap.parse_args()
+    for shape in args.shapes.split(","):
+        b, t, h, f = map(int, shape.split("x"))
+        times = kernel_times(args.layer, b, t, h, f)
+        print(f"\n{args.layer} B={b} T={t} H={h} F={f}: {sum(times.values()):.0f} us of kernels per fwd+bwd")
+        for name, us in list(times.items())[:12]:
+            print(f"  {us:9.1f} us  {name[:80]}")
+
+
+if __name__ == "__main__":
+    main()
