@@ -6,11 +6,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import torch
 from bench_ops import _fns, make_inputs
 from torch.profiler import ProfilerActivity, profile
 
+from tttexp.ops import triton_linear, triton_mlp
 from tttexp.ops.triton_ttt import ttt_triton
 
 
@@ -33,11 +35,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layer", default="linear")
     ap.add_argument("--shapes", default="8x2048x12x64,1x32768x12x64", help="BxTxHxF, comma separated")
+    ap.add_argument("--config", default="{}", help='kernel settings as JSON, e.g. \'{"chain_warps": 4}\'')
     args = ap.parse_args()
+    (triton_linear if args.layer == "linear" else triton_mlp).CONFIG.update(json.loads(args.config))
     for shape in args.shapes.split(","):
         b, t, h, f = map(int, shape.split("x"))
         times = kernel_times(args.layer, b, t, h, f)
-        print(f"\n{args.layer} B={b} T={t} H={h} F={f}: {sum(times.values()):.0f} us of kernels per fwd+bwd")
+        total = sum(times.values())
+        print(f"\n{args.layer} {args.config} B={b} T={t} H={h} F={f}: {total:.0f} us of kernels per fwd+bwd")
         for name, us in list(times.items())[:12]:
             print(f"  {us:9.1f} us  {name[:80]}")
 

@@ -1,9 +1,16 @@
 """Triton kernels for the TTT-Linear inner loop: forward and hand-derived backward over a whole sequence.
 
-One program per (batch, head) walks the mini-batches in order with ``W [F, F]`` and ``b [F]`` held on chip in fp32.
-The forward writes the outputs, the final state, and a checkpoint of the state every ``C`` mini-batches. The
-backward sweeps the checkpoint segments in reverse: it recomputes the segment's start states into a small scratch
-buffer (one per program, ``C`` states), then walks the segment backwards carrying ``dL/dW``, ``dL/db``. The math is
+Forward: one program per (batch, head) walks the mini-batches in order with ``W [F, F]`` and ``b [F]`` held on chip
+in fp32, writing the outputs, the final state and a checkpoint of the state every ``C`` mini-batches.
+
+Backward, in three launches. Only ``dL/dW``, ``dL/db`` must travel backwards through every step; everything else
+about a step depends on its own start state and the upstream gradient of its outputs. So (1) one program per
+checkpoint segment recomputes the segment's states from its checkpoint and stores each step's pieces (the
+normalised inner prediction, the inner gradient, the output-path gradient ``dZbar``...) in fp32 tiles; (2) one
+program per (batch, head) runs the reverse chain over all steps, which is now only a few ``BK x F`` by ``F x F`` dots
+per step, and stores per step what the later steps send back (``Xk dW' + db'`` and ``Lg dW'^T``); (3) the segments
+run in parallel again and turn those into every gradient. The chain is the only sequential part and it is short, so
+long sequences with few (batch, head) pairs no longer leave the GPU idle. The math is
 :mod:`tttexp.ops.triton_linear_math` (checked against autograd of the reference in float64).
 """
 
@@ -20,19 +27,19 @@ from tttexp.ops.triton_common import dot_config, ln_rows, ln_rows_bwd, mm, padde
 
 # Mini-batches per checkpoint segment, warps per program, and the dots used for bf16 inputs ("input": bf16
 # operands, "tf32": fp32 operands in tf32); the benchmark may override them.
-# Warps left at None: forward 4 (head dim up to 64) or 8, backward 8 (measured on an H100, see
-# benchmarks/NOTES-kernels.md). Stages None: Triton's default, except fp32 backward at head dim 128 (the
-# pipelined buffers need more shared memory than the chip has).
-CONFIG = {"every": 8, "fwd_warps": None, "bwd_warps": None, "fwd_stages": None, "bwd_stages": None,
-          "lowp": "input"}
+# Warps left at None: 4 for head dims up to 64, 8 above, for the forward, the backward's segment passes ("bwd") and
+# its reverse chain ("chain") alike (measured on an H100, see benchmarks/NOTES-kernels.md). Stages None: Triton's
+# default, except fp32 backward at head dim 128 (the pipelined buffers need more shared memory than the chip has).
+CONFIG = {"every": 8, "fwd_warps": None, "bwd_warps": None, "chain_warps": None, "fwd_stages": None,
+          "bwd_stages": None, "lowp": "input"}
 
 
 def _launch_opts(kind: str, fp: int, dtype: torch.dtype) -> dict[str, int]:
-    warps = CONFIG[f"{kind}_warps"] or (8 if kind == "bwd" or fp > 64 else 4)
-    opts = {"num_warps": warps}
-    if CONFIG[f"{kind}_stages"]:
-        opts["num_stages"] = CONFIG[f"{kind}_stages"]
-    elif kind == "bwd" and fp > 64 and dtype == torch.float32:
+    opts = {"num_warps": CONFIG[f"{kind}_warps"] or (4 if fp <= 64 else 8)}
+    stages = CONFIG["fwd_stages" if kind == "fwd" else "bwd_stages"]
+    if stages:
+        opts["num_stages"] = stages
+    elif kind != "fwd" and fp > 64 and dtype == torch.float32:
         opts["num_stages"] = 1
     return opts
 
@@ -229,6 +236,29 @@ def _linear_bwd_segment_kernel(
 
 
 @triton.jit
+def _chain_inputs(xq_ptr, xk_ptr, lr_ptr, tok_ptr, xh_ptr, gx_ptr, g_ptr, lg_ptr, dlg_ptr, dzb_ptr, rstd_ptr, c_ptr,
+                  x_base, bh, n, T, N, F: tl.constexpr, FP: tl.constexpr, BK: tl.constexpr, K: tl.constexpr):
+    """What the reverse chain reads for step ``n``: inputs and the segment pass's per-step pieces."""
+    rows = tl.arange(0, BK)
+    cols = tl.arange(0, FP)
+    start = n * K
+    m = tl.minimum(T - start, K)
+    rmask = rows < m
+    xmsk = rmask[:, None] & (cols < F)[None, :]
+    x_off = x_base + (start + rows)[:, None] * F + cols[None, :]
+    st = (bh * N + n) * BK
+    tile = st * FP + rows[:, None] * FP + cols[None, :]
+    return (
+        tl.load(xq_ptr + x_off, mask=xmsk, other=0.0),
+        tl.load(xk_ptr + x_off, mask=xmsk, other=0.0),
+        tl.load(lr_ptr + bh * T + start + rows, mask=rmask, other=0.0).to(tl.float32),
+        tl.load(tok_ptr + m - 1).to(tl.float32),
+        tl.load(xh_ptr + tile), tl.load(gx_ptr + tile), tl.load(g_ptr + tile), tl.load(lg_ptr + tile),
+        tl.load(dlg_ptr + tile), tl.load(dzb_ptr + tile), tl.load(rstd_ptr + st + rows), tl.load(c_ptr + st + rows),
+    )
+
+
+@triton.jit
 def _linear_bwd_chain_kernel(
     xq_ptr, xk_ptr, lr_ptr, tok_ptr, lnw_ptr, reset_ptr,
     xh_ptr, gx_ptr, g_ptr, lg_ptr, dlg_ptr, dzb_ptr, rstd_ptr, c_ptr, dwf_ptr, dbf_ptr,
@@ -258,24 +288,10 @@ def _linear_bwd_chain_kernel(
     x_base = bh * T * F
     for i in range(N):
         n = N - 1 - i
-        start = n * K
-        m = tl.minimum(T - start, K)
-        rmask = rows < m
-        xmsk = rmask[:, None] & cmask[None, :]
-        x_off = x_base + (start + rows)[:, None] * F + cols[None, :]
         st = (bh * N + n) * BK
-        xq = tl.load(xq_ptr + x_off, mask=xmsk, other=0.0)
-        xk = tl.load(xk_ptr + x_off, mask=xmsk, other=0.0)
-        eta = tl.load(lr_ptr + bh * T + start + rows, mask=rmask, other=0.0).to(tl.float32)
-        t_last = tl.load(tok_ptr + m - 1).to(tl.float32)
-        xh1 = tl.load(xh_ptr + st * FP + tile_off)
-        gx = tl.load(gx_ptr + st * FP + tile_off)
-        g = tl.load(g_ptr + st * FP + tile_off)
-        lg = tl.load(lg_ptr + st * FP + tile_off)
-        dlg = tl.load(dlg_ptr + st * FP + tile_off)
-        dzbar = tl.load(dzb_ptr + st * FP + tile_off)
-        rstd1 = tl.load(rstd_ptr + st + rows)
-        c = tl.load(c_ptr + st + rows)
+        xq, xk, eta, t_last, xh1, gx, g, lg, dlg, dzbar, rstd1, c = _chain_inputs(
+            xq_ptr, xk_ptr, lr_ptr, tok_ptr, xh_ptr, gx_ptr, g_ptr, lg_ptr, dlg_ptr, dzb_ptr, rstd_ptr, c_ptr,
+            x_base, bh, n, T, N, F, FP, BK, K)
         p = mm(xk, dW, DT, PREC, EMU) + db[None, :]
         q = mm(lg, tl.trans(dW), DT, PREC, EMU)
         tl.store(p_ptr + st * FP + tile_off, p)
@@ -377,7 +393,8 @@ def linear_backward(
         if finish:
             _linear_bwd_chain_kernel[(bh,)](
                 xq, xk, lr, tok, ln_w, rst, *tiles[:6], *rows, dWf, dbf, *tiles[6:], dws, dbs, dw0, db0,
-                seq, n_mb, heads, F=f, FP=fp, BK=bk, K=k, HAS_RESET=has_reset, **dots, **opts,
+                seq, n_mb, heads, F=f, FP=fp, BK=bk, K=k, HAS_RESET=has_reset, **dots,
+                **_launch_opts("chain", fp, xq.dtype),
             )
         _linear_bwd_segment_kernel[(bh * n_ck,)](
             xq, xk, xv, lr, tok, ln_w, ln_b, W0, b0, rst, ckw, ckb, dout, *tiles[:6], *rows, *tiles[6:],
