@@ -134,37 +134,42 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--kernels", default="triton", help="TTT inner-loop kernels to time: triton,torch")
     parser.add_argument("--compile-llama", action="store_true")
-    parser.add_argument("--compile-ttt", action="store_true", help="also time torch.compile'd TTT models")
+    parser.add_argument("--compile-llama-max-context", type=int, default=1 << 30,
+                        help="compile the Llama only up to this context (compiled SDPA is slower at 32k)")
+    parser.add_argument("--ttt-modes", default="eager", help="eager,compiled: how to run the TTT models")
     parser.add_argument("--skip-llama", action="store_true", help="TTT rows only (Llama measured in another run)")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing for TTT")
     parser.add_argument("--profile", default=None, help="folder for a kernel-time table of each row")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    rows = []
-    for size in args.sizes.split(","):
-        for ctx in map(int, args.contexts.split(",")):
-            batch = max(1, args.tokens // ctx)
-            for layer in args.layers.split(","):
-                for kernel in args.kernels.split(","):
-                    rows.append(measure("ttt", size, ctx, batch, layer, args, kernel=kernel))
-                if args.compile_ttt:
-                    rows.append(measure("ttt", size, ctx, batch, layer, args, compiled=True))
-            if not args.skip_llama:
-                rows.append(measure("llama", size, ctx, batch, "", args))
-            if args.compile_llama and not args.skip_llama:
-                rows.append(measure("llama", size, ctx, batch, "", args, compiled=True))
     result = {
         "benchmark": "train",
         "device": torch.cuda.get_device_name(),
         "date": datetime.date.today().isoformat(),
         "commit": os.environ.get("GIT_COMMIT") or _git(),
         "torch": torch.__version__,
-        "rows": rows,
+        "rows": [],
     }
     out = Path(args.out or f"benchmarks/results/train-{result['date']}-{result['device'].replace(' ', '_')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    rows = result["rows"]
+
+    def add(row: dict) -> None:  # the file is rewritten after every row, so a cut-short run keeps what it measured
+        rows.append(row)
+        out.write_text(json.dumps(result, indent=2))
+
+    for size in args.sizes.split(","):
+        for ctx in map(int, args.contexts.split(",")):
+            batch = max(1, args.tokens // ctx)
+            for layer in args.layers.split(","):
+                for mode in args.ttt_modes.split(","):
+                    for kernel in args.kernels.split(","):
+                        add(measure("ttt", size, ctx, batch, layer, args, mode == "compiled", kernel))
+            if not args.skip_llama:
+                add(measure("llama", size, ctx, batch, "", args))
+            if args.compile_llama and not args.skip_llama and ctx <= args.compile_llama_max_context:
+                add(measure("llama", size, ctx, batch, "", args, compiled=True))
     print_table(rows)
 
 

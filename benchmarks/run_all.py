@@ -18,10 +18,13 @@ START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 RUNS = [
     ["benchmarks/bench_ops.py"],
-    ["benchmarks/bench_train.py", "--sizes", "125m", "--contexts", "2048,8192,32768", "--tokens", "16384",
-     "--compile-llama"],
-    ["benchmarks/bench_train.py", "--sizes", "1.3b", "--contexts", "2048", "--tokens", "16384", "--layers", "linear",
-     "--checkpointing", "--out", "benchmarks/results/train-1.3b.json"],
+    *(["benchmarks/bench_train.py", "--sizes", size, "--contexts", "2048,8192,32768", "--tokens", "16384",
+       "--ttt-modes", "compiled", "--compile-llama", "--compile-llama-max-context", "8192",
+       "--out", f"benchmarks/results/train-{size}.json"]
+      for size in ("125m", "350m", "760m")),
+    ["benchmarks/bench_train.py", "--sizes", "1.3b", "--contexts", "2048,8192,32768", "--tokens", "16384",
+     "--ttt-modes", "compiled", "--checkpointing", "--compile-llama",
+     "--compile-llama-max-context", "8192", "--out", "benchmarks/results/train-1.3b.json"],
     ["benchmarks/bench_decode.py", "--size", "125m", "--batch", "64", "--prompt", "2048"],
 ]
 

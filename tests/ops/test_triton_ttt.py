@@ -101,19 +101,20 @@ def check(pairs, tol: float) -> dict[str, float]:
 
 
 LINEAR_CASES = [
-    # b, h, t, f, k, state, reset, every
-    (1, 2, 37, 64, 16, False, False, 8),
-    (2, 2, 37, 64, 16, True, True, 2),
-    (2, 2, 37, 96, 16, True, True, 8),
-    (1, 2, 37, 96, 16, False, True, 1),
-    (2, 1, 21, 32, 8, False, False, 2),
-    (1, 1, 5, 64, 16, True, False, 8),
+    # b, h, t, f, k, state, reset, every, forward split into state chain + segment outputs
+    (1, 2, 37, 64, 16, False, False, 8, True),
+    (2, 2, 37, 64, 16, True, True, 2, True),
+    (2, 2, 37, 96, 16, True, True, 8, False),
+    (1, 2, 37, 96, 16, False, True, 1, True),
+    (2, 1, 21, 32, 8, False, False, 2, False),
+    (1, 1, 5, 64, 16, True, False, 8, True),
 ]
 
 
-@pytest.mark.parametrize(("b", "h", "t", "f", "k", "with_state", "with_reset", "every"), LINEAR_CASES)
-def test_linear_fp32_forward_backward(monkeypatch, b, h, t, f, k, with_state, with_reset, every):
+@pytest.mark.parametrize(("b", "h", "t", "f", "k", "with_state", "with_reset", "every", "split"), LINEAR_CASES)
+def test_linear_fp32_forward_backward(monkeypatch, b, h, t, f, k, with_state, with_reset, every, split):
     monkeypatch.setitem(tlin.CONFIG, "every", every)
+    monkeypatch.setitem(tlin.CONFIG, "split_fwd", split)
     inputs = make("linear", b, h, t, f, k, with_state, with_reset)
     check(run_both("linear", *inputs, torch.float32), 1e-5)
 

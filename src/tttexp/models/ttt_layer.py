@@ -83,8 +83,11 @@ class TTTLayer(nn.Module):
         else:
             XQ, XK = xq, self.k_proj(hidden)
         XQ, XK, XV = self._heads(XQ), self._heads(XK), self._heads(self.v_proj(hidden))
+        # RoPE at the position inside the mini-batch: a [K, F] table, gathered per token (no sin/cos per element)
         positions = (torch.arange(seq, device=hidden.device) + offset) % self.k
-        cos, sin = rotary_tables(positions, self.head_dim, self.config.rope_theta, XQ.dtype)
+        cos, sin = rotary_tables(torch.arange(self.k, device=hidden.device), self.head_dim,
+                                 self.config.rope_theta, XQ.dtype)
+        cos, sin = cos[positions], sin[positions]
         XQ, XK = apply_rotary(XQ, cos, sin), apply_rotary(XK, cos, sin)
 
         gate_logits = torch.einsum("btc,hc->bht", hidden, self.lr_weight.to(hidden.dtype)) + self.lr_bias[:, None]

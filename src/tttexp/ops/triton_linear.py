@@ -1,7 +1,9 @@
 """Triton kernels for the TTT-Linear inner loop: forward and hand-derived backward over a whole sequence.
 
 Forward: one program per (batch, head) walks the mini-batches in order with ``W [F, F]`` and ``b [F]`` held on chip
-in fp32, writing the outputs, the final state and a checkpoint of the state every ``C`` mini-batches.
+in fp32. Without gradients it writes the outputs and the final state in that one pass. For training it runs only the
+state chain (two dots a step) and saves a checkpoint every ``C`` mini-batches; a second launch then computes the
+outputs of every checkpoint segment in parallel, which keeps the GPU busy when batch x heads is small.
 
 Backward, in three launches. Only ``dL/dW``, ``dL/db`` must travel backwards through every step; everything else
 about a step depends on its own start state and the upstream gradient of its outputs. So (1) one program per
@@ -30,8 +32,10 @@ from tttexp.ops.triton_common import dot_config, ln_rows, ln_rows_bwd, mm, padde
 # Warps left at None: 4 for head dims up to 64, 8 above, for the forward, the backward's segment passes ("bwd") and
 # its reverse chain ("chain") alike (measured on an H100, see benchmarks/NOTES-kernels.md). Stages None: Triton's
 # default, except fp32 backward at head dim 128 (the pipelined buffers need more shared memory than the chip has).
+# split_fwd None: split the training forward (state chain, then segment outputs) only when batch x heads fills
+# under a third of the SMs; below that the chain's shorter steps win, above it the extra output pass costs more.
 CONFIG = {"every": 8, "fwd_warps": None, "bwd_warps": None, "chain_warps": None, "fwd_stages": None,
-          "bwd_stages": None, "lowp": "input"}
+          "bwd_stages": None, "lowp": "input", "split_fwd": None}
 
 
 def _launch_opts(kind: str, fp: int, dtype: torch.dtype) -> dict[str, int]:
@@ -68,34 +72,49 @@ def _linear_fwd_kernel(
     out_ptr, wf_ptr, bf_ptr, ckw_ptr, ckb_ptr,
     T, N, NC, H,
     F: tl.constexpr, FP: tl.constexpr, BK: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
-    HAS_STATE: tl.constexpr, HAS_RESET: tl.constexpr, SAVE: tl.constexpr,
-    DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr,
+    HAS_STATE: tl.constexpr, HAS_RESET: tl.constexpr, SAVE: tl.constexpr, OUTPUT: tl.constexpr,
+    SEGMENT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr,
 ):
+    """Three uses. Whole sequence per (batch, head) with outputs (``OUTPUT``, not ``SEGMENT``); the state chain
+    alone (neither), which only updates ``W``, ``b`` and saves checkpoints, two dots a step; or the outputs of one
+    checkpoint segment per program starting from its checkpoint (``SEGMENT``), all segments in parallel."""
     pid = tl.program_id(0).to(tl.int64)
-    h = pid % H
-    bi = pid // H
+    if SEGMENT:
+        seg = pid % NC
+        bh = pid // NC
+        n0 = seg * C
+        n1 = tl.minimum(n0 + C, N)
+    else:
+        bh = pid
+        n0 = 0
+        n1 = N
+    h = bh % H
+    bi = bh // H
     rows = tl.arange(0, BK)
     cols = tl.arange(0, FP)
     cmask = cols < F
     w_off = cols[:, None] * F + cols[None, :]
     w_msk = cmask[:, None] & cmask[None, :]
     wp_off = cols[:, None] * FP + cols[None, :]
-    if HAS_STATE:
-        W = tl.load(ws_ptr + pid * F * F + w_off, mask=w_msk, other=0.0).to(tl.float32)
-        b = tl.load(bs_ptr + pid * F + cols, mask=cmask, other=0.0).to(tl.float32)
+    if SEGMENT:
+        W = tl.load(ckw_ptr + pid * FP * FP + wp_off)
+        b = tl.load(ckb_ptr + pid * FP + cols)
+    elif HAS_STATE:
+        W = tl.load(ws_ptr + bh * F * F + w_off, mask=w_msk, other=0.0).to(tl.float32)
+        b = tl.load(bs_ptr + bh * F + cols, mask=cmask, other=0.0).to(tl.float32)
     else:
         W = tl.load(w0_ptr + h * F * F + w_off, mask=w_msk, other=0.0).to(tl.float32)
         b = tl.load(b0_ptr + h * F + cols, mask=cmask, other=0.0).to(tl.float32)
     gw = tl.load(lnw_ptr + h * F + cols, mask=cmask, other=0.0).to(tl.float32)
     gb = tl.load(lnb_ptr + h * F + cols, mask=cmask, other=0.0).to(tl.float32)
-    x_base = pid * T * F
+    x_base = bh * T * F
     causal = rows[None, :] <= rows[:, None]
-    for n in range(N):
+    for n in range(n0, n1):
         start = n * K
         m = tl.minimum(T - start, K)
         if SAVE:  # noqa: SIM102 (constexpr guard first)
             if n % C == 0:
-                ck = pid * NC + n // C
+                ck = bh * NC + n // C
                 tl.store(ckw_ptr + ck * FP * FP + wp_off, W)
                 tl.store(ckb_ptr + ck * FP + cols, b)
         if HAS_RESET:  # noqa: SIM102 (constexpr guard first)
@@ -103,25 +122,27 @@ def _linear_fwd_kernel(
                 W = tl.load(w0_ptr + h * F * F + w_off, mask=w_msk, other=0.0).to(tl.float32)
                 b = tl.load(b0_ptr + h * F + cols, mask=cmask, other=0.0).to(tl.float32)
         rmask = rows < m
-        xq = _load_rows(xq_ptr, x_base, start, rows, cols, rmask, cmask, F)
         xk = _load_rows(xk_ptr, x_base, start, rows, cols, rmask, cmask, F)
         xv = _load_rows(xv_ptr, x_base, start, rows, cols, rmask, cmask, F)
-        eta = tl.load(lr_ptr + pid * T + start + rows, mask=rmask, other=0.0).to(tl.float32)
-        t = tl.load(tok_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+        eta = tl.load(lr_ptr + bh * T + start + rows, mask=rmask, other=0.0).to(tl.float32)
         t_last = tl.load(tok_ptr + m - 1).to(tl.float32)
         g, xh1, rstd1, e, gx = _inner_grad(xk, xv, W, b, gw, gb, cmask, F, DT, PREC, EMU)
         lg = eta[:, None] * g
-        s = mm(xq, tl.trans(xk), DT, PREC, EMU)
-        mmat = tl.where(causal, t[:, None] * (s + 1.0), 0.0)
-        zbar = mm(xq, W, DT, PREC, EMU) + b[None, :] - mm(mmat, lg, DT, PREC, EMU)
-        xh2, rstd2 = ln_rows(zbar, cmask, F)
-        out = xq.to(tl.float32) + xh2 * gw[None, :] + gb[None, :]
-        tl.store(out_ptr + x_base + (start + rows)[:, None] * F + cols[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+        if OUTPUT:
+            xq = _load_rows(xq_ptr, x_base, start, rows, cols, rmask, cmask, F)
+            t = tl.load(tok_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+            s = mm(xq, tl.trans(xk), DT, PREC, EMU)
+            mmat = tl.where(causal, t[:, None] * (s + 1.0), 0.0)
+            zbar = mm(xq, W, DT, PREC, EMU) + b[None, :] - mm(mmat, lg, DT, PREC, EMU)
+            xh2, rstd2 = ln_rows(zbar, cmask, F)
+            out = xq.to(tl.float32) + xh2 * gw[None, :] + gb[None, :]
+            tl.store(out_ptr + x_base + (start + rows)[:, None] * F + cols[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
         W = W - t_last * mm(tl.trans(xk), lg, DT, PREC, EMU)
         b = b - t_last * tl.sum(lg, 0)
-    tl.store(wf_ptr + pid * F * F + w_off, W, mask=w_msk)
-    tl.store(bf_ptr + pid * F + cols, b, mask=cmask)
+    if not SEGMENT:
+        tl.store(wf_ptr + bh * F * F + w_off, W, mask=w_msk)
+        tl.store(bf_ptr + bh * F + cols, b, mask=cmask)
 
 
 @triton.jit
@@ -315,6 +336,14 @@ def _linear_bwd_chain_kernel(
     tl.store(dbs_ptr + bh * F + cols, db, mask=cmask)
 
 
+def _split_forward(programs: int, device: torch.device) -> bool:
+    if CONFIG["split_fwd"] is not None:
+        return CONFIG["split_fwd"]
+    if device.type != "cuda":
+        return False
+    return 3 * programs <= torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _shapes(xq: Tensor, tok: Tensor, every: int) -> tuple[int, int, int, int, int, int, int, int]:
     bsz, heads, seq, f = xq.shape
     k = tok.shape[0]
@@ -343,14 +372,17 @@ def linear_forward(
     ckw = torch.empty(bsz * heads, nck, fp, fp, device=dev, dtype=torch.float32)
     ckb = torch.empty(bsz * heads, nck, fp, device=dev, dtype=torch.float32)
     dt, prec, emu = dot_config(xq.dtype, CONFIG["lowp"])
-    _linear_fwd_kernel[(bsz * heads,)](
-        xq, xk, xv, lr, tok, ln_w, ln_b, W0, b0,
-        sW if sW is not None else wf, sb if sb is not None else bf, reset if reset is not None else tok,
-        out, wf, bf, ckw, ckb,
-        seq, n_mb, n_ck, heads,
-        F=f, FP=fp, BK=bk, K=k, C=every, HAS_STATE=sW is not None, HAS_RESET=reset is not None, SAVE=save,
-        DT=dt, PREC=prec, EMU=emu, **_launch_opts("fwd", fp, xq.dtype),
-    )
+    args = (xq, xk, xv, lr, tok, ln_w, ln_b, W0, b0,
+            sW if sW is not None else wf, sb if sb is not None else bf, reset if reset is not None else tok,
+            out, wf, bf, ckw, ckb, seq, n_mb, n_ck, heads)
+    flags = dict(F=f, FP=fp, BK=bk, K=k, C=every, HAS_STATE=sW is not None, HAS_RESET=reset is not None,
+                 DT=dt, PREC=prec, EMU=emu, **_launch_opts("fwd", fp, xq.dtype))
+    if save and _split_forward(bsz * heads, dev):
+        # the state chain writes the checkpoints, then every segment's outputs come out in parallel
+        _linear_fwd_kernel[(bsz * heads,)](*args, SAVE=True, OUTPUT=False, SEGMENT=False, **flags)
+        _linear_fwd_kernel[(bsz * heads * n_ck,)](*args, SAVE=False, OUTPUT=True, SEGMENT=True, **flags)
+    else:
+        _linear_fwd_kernel[(bsz * heads,)](*args, SAVE=save, OUTPUT=True, SEGMENT=False, **flags)
     return out, wf, bf, ckw, ckb
 
 
