@@ -25,7 +25,7 @@ from tttexp.ops import dispatch, reference  # noqa: E402
 from tttexp.ops import triton_linear as tlin  # noqa: E402
 from tttexp.ops import triton_mlp as tmlp  # noqa: E402
 from tttexp.ops.triton_decode import linear_decode_step  # noqa: E402
-from tttexp.ops.triton_ttt import linear_fwd_op, mlp_fwd_op, ttt_triton  # noqa: E402
+from tttexp.ops.triton_ttt import linear_bwd_op, linear_fwd_op, mlp_bwd_op, mlp_fwd_op, ttt_triton  # noqa: E402
 
 D = torch.float64
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -193,16 +193,30 @@ def test_compile_traces_the_custom_op_without_breaks(layer):
 
 @pytest.mark.parametrize("layer", ["linear", "mlp"])
 def test_opcheck(layer):
-    """Schema, fake (meta) implementation and autograd registration of the forward custom ops."""
-    xs, lr, tok, ln, init, state, _ = make(layer, 1, 1, 20, 16, 16, True, False)
+    """Schema, fake (meta) implementation and autograd registration of the custom ops, forward and backward.
+
+    Batch and heads above 1, so the fake outputs' strides are checked against the real ones (torch.compile
+    trusts them)."""
+    xs, lr, tok, ln, init, state, _ = make(layer, 2, 2, 20, 16, 16, True, False)
     args = [x.float().contiguous().requires_grad_(True) for x in [*xs, lr, tok, *ln, *init]]
     st = [x.float().contiguous().requires_grad_(True) for x in state]
-    reset = torch.zeros(1, 2, dtype=torch.uint8, device=DEV)
+    reset = torch.zeros(2, 2, dtype=torch.uint8, device=DEV)
     if layer == "linear":
         op, call = linear_fwd_op, (*args, *st, reset, 1, True)
     else:
         op, call = mlp_fwd_op, (*args, st, reset, 1, True)
-    torch.library.opcheck(op, call, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(op, call, test_utils=checks)
+
+    plain = [a.detach() for a in args]
+    out = op(*call)
+    dout = torch.randn_like(out[0])
+    if layer == "linear":
+        bwd_call = (*plain, reset, out[3], out[4], dout, torch.randn_like(out[1]), torch.randn_like(out[2]), 1)
+        torch.library.opcheck(linear_bwd_op, bwd_call, test_utils=("test_schema", "test_faketensor"))
+    else:
+        bwd_call = (*plain, reset, list(out[5:]), dout, [torch.randn_like(x) for x in out[1:5]], 1)
+        torch.library.opcheck(mlp_bwd_op, bwd_call, test_utils=("test_schema", "test_faketensor"))
 
 
 def decode_sequence(xs, lr, tok, ln, init, state, reset, dtype):

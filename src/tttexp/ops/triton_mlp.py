@@ -525,8 +525,9 @@ def mlp_backward(
     )
     cur = d["n_mb"] % 2
     shape = (d["bsz"], d["heads"])
-    state = (g1[:, cur, :f].reshape(*shape, f, hid), gb1[:, cur].reshape(*shape, hid),
-             g2[:, cur, :, :f].reshape(*shape, hid, f), gb2[:, :f].reshape(*shape, f))
+    state = tuple(x.contiguous() for x in (  # contiguous, as the op's fake (meta) outputs promise torch.compile
+        g1[:, cur, :f].reshape(*shape, f, hid), gb1[:, cur].reshape(*shape, hid),
+        g2[:, cur, :, :f].reshape(*shape, hid, f), gb2[:, :f].reshape(*shape, f)))
     if has_reset:
         rst = (di[0][:, :f].reshape(*shape, f, hid).sum(0), di[1].reshape(*shape, hid).sum(0),
                di[2][..., :f].reshape(*shape, hid, f).sum(0), di[3][:, :f].reshape(*shape, f).sum(0))
