@@ -3,6 +3,8 @@
     python benchmarks/bench_train.py --sizes 125m --contexts 2048,8192,32768 --tokens 16384
 Each row times full optimizer steps (forward, backward, fused AdamW) in bf16 autocast, median over timed steps
 after warm-up; the Llama runs eager and, with --compile-llama, compiled; the ratio uses the faster Llama.
+TTT models run eager, compiled whole ("compiled") or compiled one block at a time ("blocks": every block shares
+one compiled graph, so large models compile in a fraction of the time; the head and loss stay eager).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tttexp.metrics import PEAK_BF16_FLOPS, train_flops_per_token, ttt_flops_per
 from tttexp.models import SIZE_PRESETS, build_model  # noqa: E402
 
 VOCAB = 32000
+MODES = {"eager": False, "compiled": True, "blocks": "blocks"}
 
 
 def llama(size: str):
@@ -41,12 +44,17 @@ def ttt(size: str, layer: str, checkpointing: bool, kernel: str):
                        gradient_checkpointing=checkpointing)
 
 
-def time_steps(model, batch: int, ctx: int, steps: int, warmup: int, compiled: bool,
+def time_steps(model, batch: int, ctx: int, steps: int, warmup: int, compiled: bool | str,
                profile_to: Path | None = None) -> dict:
     device = torch.device("cuda")
     model = model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    call = torch.compile(model) if compiled else model
+    call = model
+    if compiled == "blocks":
+        for block in model.model.layers:
+            block.compile()
+    elif compiled:
+        call = torch.compile(model)
     ids = torch.randint(0, VOCAB, (batch, ctx), device=device)
     torch.cuda.reset_peak_memory_stats()
     times = []
@@ -95,7 +103,7 @@ def flops_per_token(kind: str, size: str, ctx: int, layer: str, n_params: int) -
                                                                p["num_hidden_layers"], 16, layer))
 
 
-def measure(kind: str, size: str, ctx: int, batch: int, layer: str, args, compiled: bool = False,
+def measure(kind: str, size: str, ctx: int, batch: int, layer: str, args, compiled: bool | str = False,
             kernel: str = "triton") -> dict:
     torch.manual_seed(0)
     row = {"model": kind, "size": size, "context": ctx, "batch": batch, "ttt_layer": layer if kind == "ttt" else None,
@@ -136,7 +144,7 @@ def main() -> None:
     parser.add_argument("--compile-llama", action="store_true")
     parser.add_argument("--compile-llama-max-context", type=int, default=1 << 30,
                         help="compile the Llama only up to this context (compiled SDPA is slower at 32k)")
-    parser.add_argument("--ttt-modes", default="eager", help="eager,compiled: how to run the TTT models")
+    parser.add_argument("--ttt-modes", default="eager", help="eager,compiled,blocks: how to run the TTT models")
     parser.add_argument("--skip-llama", action="store_true", help="TTT rows only (Llama measured in another run)")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing for TTT")
     parser.add_argument("--profile", default=None, help="folder for a kernel-time table of each row")
@@ -165,7 +173,7 @@ def main() -> None:
             for layer in args.layers.split(","):
                 for mode in args.ttt_modes.split(","):
                     for kernel in args.kernels.split(","):
-                        add(measure("ttt", size, ctx, batch, layer, args, mode == "compiled", kernel))
+                        add(measure("ttt", size, ctx, batch, layer, args, MODES[mode], kernel))
             if not args.skip_llama:
                 add(measure("llama", size, ctx, batch, "", args))
             if args.compile_llama and not args.skip_llama and ctx <= args.compile_llama_max_context:
@@ -190,7 +198,7 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         if r["ttt_layer"]:
             name = f"ttt-{r['ttt_layer']}" + ("" if r["kernel"] == "triton" else f"-{r['kernel']}") + \
-                ("-compiled" if r["compiled"] else "")
+                ("-blocks" if r["compiled"] == "blocks" else "-compiled" if r["compiled"] else "")
         else:
             name = "llama" + ("-compiled" if r["compiled"] else "")
         if "error" in r:

@@ -19,11 +19,12 @@ START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 RUNS = [
     ["benchmarks/bench_ops.py"],
     *(["benchmarks/bench_train.py", "--sizes", size, "--contexts", "2048,8192,32768", "--tokens", "16384",
-       "--ttt-modes", "compiled", "--compile-llama", "--compile-llama-max-context", "8192",
+       "--ttt-modes", "compiled" if size == "125m" else "blocks", "--compile-llama",
+       "--compile-llama-max-context", "8192",
        "--out", f"benchmarks/results/train-{size}.json"]
       for size in ("125m", "350m", "760m")),
     ["benchmarks/bench_train.py", "--sizes", "1.3b", "--contexts", "2048,8192,32768", "--tokens", "16384",
-     "--ttt-modes", "compiled", "--checkpointing", "--compile-llama",
+     "--ttt-modes", "blocks", "--checkpointing", "--compile-llama",
      "--compile-llama-max-context", "8192", "--out", "benchmarks/results/train-1.3b.json"],
     ["benchmarks/bench_decode.py", "--size", "125m", "--batch", "64", "--prompt", "2048"],
 ]
@@ -50,9 +51,10 @@ def table() -> str:
                 best[key] = max(best.get(key, 0.0), r["tokens_per_sec"])
         for r in train:
             if r["ttt_layer"]:
-                name = f"TTT-{r['ttt_layer']}" + (f" ({r.get('kernel')})" if r.get("kernel") not in (None, "triton")
-                                                  else "") + (" compiled" if r["compiled"] else "") \
-                    + (" + activation checkpointing" if r.get("checkpointing") else "")
+                kernel = f" ({r['kernel']})" if r.get("kernel") not in (None, "triton") else ""
+                mode = {"blocks": " compiled per block", True: " compiled"}.get(r["compiled"], "")
+                name = f"TTT-{r['ttt_layer']}{kernel}{mode}" + (" + activation checkpointing"
+                                                                 if r.get("checkpointing") else "")
             else:
                 name = "Llama" + (" compiled" if r["compiled"] else "")
             if "error" in r:
