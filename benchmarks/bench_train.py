@@ -108,10 +108,12 @@ def measure(kind: str, size: str, ctx: int, batch: int, layer: str, args, compil
     torch.manual_seed(0)
     row = {"model": kind, "size": size, "context": ctx, "batch": batch, "ttt_layer": layer if kind == "ttt" else None,
            "kernel": kernel if kind == "ttt" else None, "compiled": compiled,
-           "checkpointing": bool(args.checkpointing and kind == "ttt")}
+           "checkpointing": bool(args.checkpointing if kind == "ttt" else args.llama_checkpointing)}
     model = None
     try:
         model = ttt(size, layer, args.checkpointing, kernel) if kind == "ttt" else llama(size)
+        if kind == "llama" and args.llama_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         n_params = sum(p.numel() for p in model.parameters())
         prof = None
         if args.profile:
@@ -147,6 +149,7 @@ def main() -> None:
     parser.add_argument("--ttt-modes", default="eager", help="eager,compiled,blocks: how to run the TTT models")
     parser.add_argument("--skip-llama", action="store_true", help="TTT rows only (Llama measured in another run)")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing for TTT")
+    parser.add_argument("--llama-checkpointing", action="store_true", help="activation checkpointing for the Llama")
     parser.add_argument("--profile", default=None, help="folder for a kernel-time table of each row")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()

@@ -56,7 +56,8 @@ def table() -> str:
                 name = f"TTT-{r['ttt_layer']}{kernel}{mode}" + (" + activation checkpointing"
                                                                  if r.get("checkpointing") else "")
             else:
-                name = "Llama" + (" compiled" if r["compiled"] else "")
+                name = "Llama" + (" compiled" if r["compiled"] else "") + (" + activation checkpointing"
+                                                                          if r.get("checkpointing") else "")
             if "error" in r:
                 lines.append(f"| {name} | {r['size']} | {r['context']} | {r['batch']} | {r['error']} | | | |")
                 continue
