@@ -38,10 +38,13 @@ def newest(prefix: str) -> dict | None:
 def table() -> str:
     lines = []
     train = [r for p in sorted(RESULTS.glob("train-*.json")) for r in json.loads(p.read_text())["rows"]]
+    order = {"125m": 0, "350m": 1, "760m": 2, "1.3b": 3}
+    train.sort(key=lambda r: (order.get(r["size"], 9), r["context"], r["model"] != "ttt"))
     meta = newest("train-")
     if meta:
         lines += [f"Training, {meta['device']}, {meta['date']}, commit {meta['commit'][:8]} (bf16, fused AdamW; "
-                  "ratio against the faster of the eager and compiled Llama of the same width, same run):", "",
+                  "ratio against the faster of the eager and compiled Llama of the same width, measured on the same "
+                  "GPU and day):", "",
                   "| model | size | context | batch | tokens/s | × Llama | MFU | peak GiB |",
                   "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         best: dict[tuple, float] = {}
