@@ -27,6 +27,7 @@ RUNS = [
      "--ttt-modes", "blocks", "--checkpointing", "--compile-llama",
      "--compile-llama-max-context", "8192", "--out", "benchmarks/results/train-1.3b.json"],
     ["benchmarks/bench_decode.py", "--size", "125m", "--batch", "64", "--prompt", "2048"],
+    ["benchmarks/bench_default.py"],
 ]
 
 
@@ -78,6 +79,11 @@ def table() -> str:
             name = f"TTT-{r['ttt_layer']}" if r["ttt_layer"] else "Llama (KV cache)"
             ratio = r["decode_tokens_per_sec"] / base if base else 0
             lines.append(f"| {name} | {r['decode_tokens_per_sec']:,.0f} | {ratio:.2f} | {r['prefill_s'] * 1000:.0f} |")
+    default = newest("default-")
+    if default:
+        lines += ["", f"The embedded default run (`python -m tttexp.train`, no overrides), {default['device']} with "
+                      f"{default['cpu_count']} cores, {default['date']}: {default['wall_s']:.0f} s wall from start to "
+                      f"exit, final validation loss {default['final_val_loss']:.2f}."]
     ops = newest("ops-")
     if ops and "rows" in ops:
         lines += ["", f"Inner-loop op, {ops.get('device')}, {ops.get('date')}: see `{RESULTS.name}/` for the rows."]
