@@ -257,29 +257,6 @@ def _linear_bwd_segment_kernel(
 
 
 @triton.jit
-def _chain_inputs(xq_ptr, xk_ptr, lr_ptr, tok_ptr, xh_ptr, gx_ptr, g_ptr, lg_ptr, dlg_ptr, dzb_ptr, rstd_ptr, c_ptr,
-                  x_base, bh, n, T, N, F: tl.constexpr, FP: tl.constexpr, BK: tl.constexpr, K: tl.constexpr):
-    """What the reverse chain reads for step ``n``: inputs and the segment pass's per-step pieces."""
-    rows = tl.arange(0, BK)
-    cols = tl.arange(0, FP)
-    start = n * K
-    m = tl.minimum(T - start, K)
-    rmask = rows < m
-    xmsk = rmask[:, None] & (cols < F)[None, :]
-    x_off = x_base + (start + rows)[:, None] * F + cols[None, :]
-    st = (bh * N + n) * BK
-    tile = st * FP + rows[:, None] * FP + cols[None, :]
-    return (
-        tl.load(xq_ptr + x_off, mask=xmsk, other=0.0),
-        tl.load(xk_ptr + x_off, mask=xmsk, other=0.0),
-        tl.load(lr_ptr + bh * T + start + rows, mask=rmask, other=0.0).to(tl.float32),
-        tl.load(tok_ptr + m - 1).to(tl.float32),
-        tl.load(xh_ptr + tile), tl.load(gx_ptr + tile), tl.load(g_ptr + tile), tl.load(lg_ptr + tile),
-        tl.load(dlg_ptr + tile), tl.load(dzb_ptr + tile), tl.load(rstd_ptr + st + rows), tl.load(c_ptr + st + rows),
-    )
-
-
-@triton.jit
 def _linear_bwd_chain_kernel(
     xq_ptr, xk_ptr, lr_ptr, tok_ptr, lnw_ptr, reset_ptr,
     xh_ptr, gx_ptr, g_ptr, lg_ptr, dlg_ptr, dzb_ptr, rstd_ptr, c_ptr, dwf_ptr, dbf_ptr,
@@ -309,10 +286,18 @@ def _linear_bwd_chain_kernel(
     x_base = bh * T * F
     for i in range(N):
         n = N - 1 - i
+        start = n * K
+        m = tl.minimum(T - start, K)
+        rmask = rows < m
         st = (bh * N + n) * BK
-        xq, xk, eta, t_last, xh1, gx, g, lg, dlg, dzbar, rstd1, c = _chain_inputs(
-            xq_ptr, xk_ptr, lr_ptr, tok_ptr, xh_ptr, gx_ptr, g_ptr, lg_ptr, dlg_ptr, dzb_ptr, rstd_ptr, c_ptr,
-            x_base, bh, n, T, N, F, FP, BK, K)
+        tile = st * FP + tile_off
+        xq = _load_rows(xq_ptr, x_base, start, rows, cols, rmask, cmask, F)
+        xk = _load_rows(xk_ptr, x_base, start, rows, cols, rmask, cmask, F)
+        eta = tl.load(lr_ptr + bh * T + start + rows, mask=rmask, other=0.0).to(tl.float32)
+        t_last = tl.load(tok_ptr + m - 1).to(tl.float32)
+        xh1, gx, g = tl.load(xh_ptr + tile), tl.load(gx_ptr + tile), tl.load(g_ptr + tile)
+        lg, dlg, dzbar = tl.load(lg_ptr + tile), tl.load(dlg_ptr + tile), tl.load(dzb_ptr + tile)
+        rstd1, c = tl.load(rstd_ptr + st + rows), tl.load(c_ptr + st + rows)
         p = mm(xk, dW, DT, PREC, EMU) + db[None, :]
         q = mm(lg, tl.trans(dW), DT, PREC, EMU)
         tl.store(p_ptr + st * FP + tile_off, p)
