@@ -31,7 +31,7 @@ def step(model, ids, labels) -> None:
 def run_rank(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from tttexp.strategies import DistributedDataParallel
+    from tttexp.distributed import DistributedDataParallel
 
     strategy = DistributedDataParallel("multi_gpu_state_passing", backend="gloo", timeout_s=60)
     strategy.setup("cpu", seed=0)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from hydra.utils import instantiate
 
-from tttexp.preflight import compose_config
-from tttexp.train import build_model_and_data
-from tttexp.trainer import LoopSettings, OptimSettings, Trainer
+from tttexp.app.preflight import compose_config
+from tttexp.app.train import build_model_and_data
+from tttexp.training.trainer import LoopSettings, OptimSettings, Trainer
 
 
 def build_trainer(overrides: list[str], run_dir: Path, cache_dir: Path, logger=None) -> Trainer:

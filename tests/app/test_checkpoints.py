@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tttexp.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+from tttexp.errors import CheckpointError
+from tttexp.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 
 from .helpers import last_by_step
 

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 from hydra.utils import instantiate
 
-from tttexp.config import ConfigError, validate
-from tttexp.preflight import CONF_DIR, check, compose_config
-from tttexp.strategies import Strategy
+from tttexp.app.preflight import CONF_DIR, check, compose_config
+from tttexp.app.schemas import validate
+from tttexp.distributed import Strategy
+from tttexp.errors import ConfigError
 
 
 def options(group: str) -> list[str]:

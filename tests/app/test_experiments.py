@@ -7,9 +7,9 @@ import re
 import pytest
 from hydra.utils import instantiate
 
-from tttexp.config import validate
-from tttexp.preflight import CONF_DIR, check, compose_config
-from tttexp.strategies import Strategy
+from tttexp.app.preflight import CONF_DIR, check, compose_config
+from tttexp.app.schemas import validate
+from tttexp.distributed import Strategy
 
 RECIPES = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml") if re.match(r"[\d.]+[mb]_ttt_", p.stem))
 GPUS = 8  # the recipes' assumption: batch_size x grad_accum_steps x 8 GPUs sequences per optimizer step

@@ -9,9 +9,9 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from tttexp.config import ConfigError
-from tttexp.preflight import compose_config
-from tttexp.pretrained import load_base_config, load_base_tokenizer, prepare_from_pretrained, resolve_base
+from tttexp.app.preflight import compose_config
+from tttexp.errors import ConfigError
+from tttexp.models.pretrained import load_base_config, load_base_tokenizer, prepare_from_pretrained, resolve_base
 
 
 def prepare(base_model: str, *extra: str):
@@ -132,7 +132,7 @@ def test_smollm2_converts_far_below_random_and_learns(run_app, app_cache, tmp_pa
     from tttexp.data import DataModule
     from tttexp.models import TTTForCausalLM
     from tttexp.models.convert import parse_layers, ttt_config_for
-    from tttexp.pretrained import validation_loss
+    from tttexp.models.pretrained import validation_loss
 
     source = resolve_base("smollm2")
     config = load_base_config(source)

@@ -4,22 +4,23 @@ import math
 
 import pytest
 
-from tttexp import metrics as M
+from tttexp.training import metrics as M
+from tttexp.training.schedule import lr_at
 
 
 def test_lr_warmup_then_cosine_to_floor():
-    lrs = [M.lr_at(s, peak=1.0, warmup_steps=10, max_steps=110, min_ratio=0.1) for s in range(110)]
+    lrs = [lr_at(s, peak=1.0, warmup_steps=10, max_steps=110, min_ratio=0.1) for s in range(110)]
     assert lrs[0] == pytest.approx(0.1)
     assert lrs[9] == pytest.approx(1.0)
     assert lrs[10] == pytest.approx(1.0)
     assert lrs[60] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))
-    assert M.lr_at(110, peak=1.0, warmup_steps=10, max_steps=110, min_ratio=0.1) == pytest.approx(0.1)
+    assert lr_at(110, peak=1.0, warmup_steps=10, max_steps=110, min_ratio=0.1) == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
     assert min(lrs) >= 0.1 - 1e-12
 
 
 def test_lr_without_warmup_starts_at_peak():
-    assert M.lr_at(0, peak=3e-3, warmup_steps=0, max_steps=100, min_ratio=0.0) == pytest.approx(3e-3)
+    assert lr_at(0, peak=3e-3, warmup_steps=0, max_steps=100, min_ratio=0.0) == pytest.approx(3e-3)
 
 
 def test_tokens_per_second():

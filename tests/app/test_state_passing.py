@@ -14,8 +14,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from tttexp.data import StreamLoader, build_tokenizer, load_documents, tokenize_documents
+from tttexp.distributed.world import free_port
 from tttexp.models import TTTConfig, TTTForCausalLM
-from tttexp.strategies.ddp import free_port
 
 from . import ddp_update
 from .helpers import records

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tttexp.checkpoint import latest_valid_checkpoint
-from tttexp.trainer import TrainingStopped
+from tttexp.errors import TrainingStopped
+from tttexp.training.checkpoint import latest_valid_checkpoint
 
 from .helpers import build_trainer, records
 

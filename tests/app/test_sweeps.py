@@ -21,9 +21,9 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from tttexp.config import register_configs, validate
-from tttexp.preflight import CONF_DIR, check, compose_config
-from tttexp.sweep import SUMMARY_CSV, collect, failure_line, format_table, to_csv, write_summary
+from tttexp.app.preflight import CONF_DIR, check, compose_config
+from tttexp.app.schemas import register_configs, validate
+from tttexp.app.sweep_summary import SUMMARY_CSV, collect, failure_line, format_table, to_csv, write_summary
 
 SMOKE = ["experiment=smoke", "logging=none"]
 FAST = [*SMOKE, "trainer.plots=false", "trainer.position_eval_sequences=0"]  # no end-of-run extras
@@ -160,7 +160,7 @@ def test_presets_exist_and_train_yaml_registers_them():
     assert {"optuna_lr", "optuna_ttt"} <= set(HPARAMS)
     assert {"local", "slurm"} <= set(LAUNCHERS)
     cfg = compose_full([])
-    assert cfg.hydra.callbacks.sweep_summary._target_ == "tttexp.sweep.SweepSummary"
+    assert cfg.hydra.callbacks.sweep_summary._target_ == "tttexp.app.sweep_summary.SweepSummary"
     assert instantiate(cfg.hydra.callbacks.sweep_summary).__class__.__name__ == "SweepSummary"
     assert cfg.hydra.runtime.choices["hparams_search"] is None
 

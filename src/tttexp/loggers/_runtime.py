@@ -1,19 +1,10 @@
-"""Process facts and console notices shared by the loggers."""
+"""Console notices shared by the loggers."""
 
 from __future__ import annotations
 
 import logging
-import os
 
 _log = logging.getLogger("tttexp.loggers")
-
-
-def process_rank() -> int:
-    """Global rank of this process from ``RANK`` (set by torchrun); 0 when unset or unreadable."""
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
 
 
 def notice(message: str) -> None:

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from tttexp.loggers._runtime import process_rank
+from tttexp.distributed.world import process_rank
 from tttexp.loggers.catalogue import model_facts
 from tttexp.loggers.protocol import Scalar
 from tttexp.loggers.values import plain_dict, to_plain

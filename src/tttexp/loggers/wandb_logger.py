@@ -24,7 +24,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tttexp.loggers._runtime import notice, one_line, process_rank
+from tttexp.distributed.world import process_rank
+from tttexp.loggers._runtime import notice, one_line
 from tttexp.loggers.catalogue import STEP, STEP_PREFIXES, model_facts
 from tttexp.loggers.protocol import Scalar
 from tttexp.loggers.values import plain_dict, to_plain

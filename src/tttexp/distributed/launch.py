@@ -11,20 +11,15 @@ import logging
 import os
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from tttexp.config import ConfigError
-from tttexp.strategies.ddp import free_port
-
-
-def in_existing_world() -> bool:
-    """Started by torchrun/elastic (WORLD_SIZE set) or as one task of a multi-task SLURM step."""
-    env = os.environ
-    return "WORLD_SIZE" in env or int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env
+from tttexp.distributed.world import free_port, in_existing_world, process_rank
+from tttexp.errors import ConfigError
 
 
 def resolve_nproc(value: Any) -> int:
@@ -46,8 +41,9 @@ def needs_launch(cfg: DictConfig) -> bool:
     return is_ddp and not in_existing_world() and resolve_nproc(cfg.distributed.nproc_per_node) > 1
 
 
-def launch(cfg: DictConfig, run_dir: Path) -> Any:
-    """Run the job in ``nproc_per_node`` local workers; returns rank 0's result. A worker that dies ends all."""
+def launch(cfg: DictConfig, run_dir: Path, job: Callable[[DictConfig, Path], Any]) -> Any:
+    """Run ``job(cfg, run_dir)`` in ``nproc_per_node`` local workers; returns rank 0's result. A worker that dies
+    ends all. ``job`` must be a module-level function (workers are spawned and receive it by reference)."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -65,15 +61,13 @@ def launch(cfg: DictConfig, run_dir: Path) -> Any:
         logs_specs=DefaultLogsSpecs(log_dir=str(run_dir / "elastic")),
     )
     container = OmegaConf.to_container(cfg, resolve=True)
-    results = elastic_launch(config, worker)(container, str(run_dir))
+    results = elastic_launch(config, worker)(job, container, str(run_dir))
     return results.get(0) if isinstance(results, dict) else results
 
 
-def worker(config: dict, run_dir: str) -> Any:
-    """One process of a launched job: its own log file, then the same ``run`` as a single-process job."""
-    from tttexp.train import run
-
-    rank = int(os.environ.get("RANK", "0"))
+def worker(job: Callable[[DictConfig, Path], Any], config: dict, run_dir: str) -> Any:
+    """One process of a launched job: its own log file, then the same ``job`` as a single-process run."""
+    rank = process_rank()
     path = Path(run_dir)
     path.mkdir(parents=True, exist_ok=True)
     (path / f"rank{rank}.pid").write_text(str(os.getpid()))
@@ -83,4 +77,4 @@ def worker(config: dict, run_dir: str) -> Any:
     if rank != 0:
         log = open(path / f"train_rank{rank}.log", "a", buffering=1)  # noqa: SIM115 - lives as long as the worker
         sys.stdout = sys.stderr = log
-    return run(OmegaConf.create(config), path)
+    return job(OmegaConf.create(config), path)

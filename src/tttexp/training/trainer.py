@@ -2,7 +2,7 @@
 
 Read top to bottom: :meth:`Trainer.fit` is the loop; everything it calls is below it in the order it is used.
 The trainer talks to a :class:`tttexp.loggers.Logger` (never to wandb) and to a
-:class:`tttexp.strategies.Strategy` (never to torch.distributed directly).
+:class:`tttexp.distributed.Strategy` (never to torch.distributed directly).
 """
 
 from __future__ import annotations
@@ -18,13 +18,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from tttexp import checkpoint as ckpt
-from tttexp import metrics as M
-from tttexp.evaluation import loss_by_position, mean_loss
-from tttexp.inference import time_inference
+from tttexp.distributed import Strategy
+from tttexp.errors import TrainingStopped
 from tttexp.models import TTTCache, TTTForCausalLM
-from tttexp.preemption import Preempted, PreemptionFlag, requeue_slurm_job
-from tttexp.strategies import Strategy
+from tttexp.training import checkpoint as ckpt
+from tttexp.training import metrics as M
+from tttexp.training.schedule import lr_at
+from tttexp.training.inference import time_inference
+from tttexp.training.preemption import Preempted, PreemptionFlag, requeue_slurm_job
+from tttexp.training.validation import loss_by_position, mean_loss
 
 
 @dataclass
@@ -50,10 +52,6 @@ class LoopSettings:
     position_eval_len: int = 0
     position_eval_sequences: int = 8
     plots: bool = True
-
-
-class TrainingStopped(RuntimeError):
-    """The run stopped on purpose (too many bad steps); a final checkpoint of the last good weights exists."""
 
 
 class Trainer:
@@ -232,7 +230,7 @@ class Trainer:
 
     def _set_learning_rate(self, step: int) -> float:
         peak = self.optim.lr * self.strategy.lr_scale
-        lr = M.lr_at(step, peak=peak, warmup_steps=self.optim.warmup_steps, max_steps=self.loop.max_steps,
+        lr = lr_at(step, peak=peak, warmup_steps=self.optim.warmup_steps, max_steps=self.loop.max_steps,
                      min_ratio=self.optim.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -298,7 +296,7 @@ class Trainer:
                                       [[r["start"], r["end"], r["loss"], r["ppl"]] for r in rows], step=self.step)
                 self.position_rows = rows
         if self.loop.plots:
-            from tttexp import plots
+            from tttexp.training import plots
 
             loss_png = plots.plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png") \
                 if (self.run_dir / "metrics.jsonl").exists() else None

@@ -1,6 +1,6 @@
 """SingleDevice: one process on one device (the conservative, gpu_optimized and from_pretrained recipes)."""
 
-from tttexp.strategies.base import Strategy
+from tttexp.distributed.strategy import Strategy
 
 
 class SingleDevice(Strategy):

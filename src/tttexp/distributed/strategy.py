@@ -11,9 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-
-class StrategyError(ValueError):
-    """The recipe cannot run here as configured; the message is one line that says what to change."""
+from tttexp.errors import StrategyError
 
 
 def warn(message: str) -> None:

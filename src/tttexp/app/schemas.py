@@ -13,6 +13,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
+from tttexp.errors import ConfigError
+
 # --------------------------------------------------------------------------------------------------------------
 # Groups with one schema
 # --------------------------------------------------------------------------------------------------------------
@@ -128,7 +130,7 @@ class StrategyBase:
 class ConservativeStrategy(StrategyBase):
     """Correctness first: fp32, reference kernels, no compile, deterministic, non-finite steps skipped."""
 
-    _target_: str = "tttexp.strategies.SingleDevice"
+    _target_: str = "tttexp.distributed.SingleDevice"
     name: str = "conservative"
     deterministic: bool = True
     lr_scale: float = 0.5
@@ -141,7 +143,7 @@ class ConservativeStrategy(StrategyBase):
 class GpuOptimizedStrategy(StrategyBase):
     """Speed first: bf16 autocast, Triton kernels, torch.compile, TF32, prefetching loader."""
 
-    _target_: str = "tttexp.strategies.SingleDevice"
+    _target_: str = "tttexp.distributed.SingleDevice"
     name: str = "gpu_optimized"
     precision: str = "bf16"
     compile: bool = True
@@ -155,7 +157,7 @@ class GpuOptimizedStrategy(StrategyBase):
 class StatePassingStrategy(StrategyBase):
     """DDP over all local devices; each row's TTT state is carried across consecutive chunks."""
 
-    _target_: str = "tttexp.strategies.DistributedDataParallel"
+    _target_: str = "tttexp.distributed.DistributedDataParallel"
     name: str = "multi_gpu_state_passing"
     precision: str = "bf16"
     tf32: bool = True
@@ -166,7 +168,7 @@ class StatePassingStrategy(StrategyBase):
 class FromPretrainedStrategy(StrategyBase):
     """Start from a pretrained Llama-family LM converted to TTT."""
 
-    _target_: str = "tttexp.strategies.SingleDevice"
+    _target_: str = "tttexp.distributed.SingleDevice"
     name: str = "from_pretrained"
     base_model: str = "smollm2"  # hub id | local directory | .gguf file | smollm2 (the offline package weights)
     convert_layers: str = "all"  # all | every_other | a comma-separated list of layer indices
@@ -232,10 +234,6 @@ def register_configs() -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 ALLOWED_TARGET_PREFIXES = ("tttexp.", "torch.", "transformers.")
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message is one line that says what to change."""
 
 
 def _choice(path: str, value: Any, allowed: tuple) -> None:

@@ -15,12 +15,10 @@ from typing import Any
 
 import torch
 
+from tttexp.errors import CheckpointError
+
 CKPT_DIR = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8})\.pt$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or written; the message is one line."""
 
 
 def checkpoint_dir(run_dir: Path) -> Path:

@@ -12,44 +12,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from tttexp.strategies.base import Strategy, StrategyError
-
-
-def free_port() -> int:
-    """A TCP port on the loopback interface that nothing listens on right now."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def world_from_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun/elastic variables, or SLURM's; (0, 1, 0) when alone."""
-    env = os.environ
-    if "WORLD_SIZE" in env and "RANK" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    if "SLURM_NTASKS" in env and "SLURM_PROCID" in env and int(env["SLURM_NTASKS"]) > 1:
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
-    return 0, 1, 0
-
-
-def _slurm_rendezvous() -> None:
-    """Under a multi-task SLURM step without torchrun: rendezvous at the first node, on a port from the job id."""
-    env = os.environ
-    if "SLURM_PROCID" not in env or "WORLD_SIZE" in env or int(env.get("SLURM_NTASKS", "1")) < 2:
-        return
-    if "MASTER_ADDR" not in env:
-        nodes = env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))
-        try:
-            import subprocess
-
-            first = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
-                                   timeout=30).stdout.split()[0]
-        except (OSError, IndexError, subprocess.SubprocessError):
-            first = nodes.split(",")[0].split("[")[0]
-        env["MASTER_ADDR"] = first
-    env.setdefault("MASTER_PORT", str(15000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+from tttexp.distributed.strategy import Strategy
+from tttexp.distributed.world import free_port, slurm_rendezvous, world_from_env
+from tttexp.errors import StrategyError
 
 
 class DistributedDataParallel(Strategy):
@@ -65,7 +30,7 @@ class DistributedDataParallel(Strategy):
         self.rank, self.world_size, self.local_rank = world_from_env()
         picked = super().setup(device, seed)
         if not dist.is_initialized():
-            _slurm_rendezvous()
+            slurm_rendezvous()
             backend = self.backend if self.backend != "auto" else ("nccl" if picked.type == "cuda" else "gloo")
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             if "MASTER_PORT" not in os.environ:

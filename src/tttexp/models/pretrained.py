@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tttexp.config import ConfigError
 from tttexp.data import Tokenizer
 from tttexp.data.tokenizer import TransformersBackend
+from tttexp.errors import ConfigError
 from tttexp.models import TTTForCausalLM
 from tttexp.models.convert import (
     ConversionError,

@@ -1,0 +1,1 @@
+"""Entry points and their config: train, eval, preflight, schemas, sweep summary."""

@@ -1,0 +1,88 @@
+"""``python -m tttexp.eval checkpoint=...``: validation loss, perplexity and loss by position of a trained model.
+
+Takes the same config groups as training (the data and tokenizer must match the run that made the checkpoint).
+``checkpoint`` is a ``checkpoints/step-*.pt`` file of a run, or a directory written by ``save_pretrained``.
+Writes ``eval.json`` and ``ppl_by_position.png`` to its own run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from tttexp.app.schemas import register_configs, validate
+from tttexp.errors import CheckpointError, ConfigError
+from tttexp.training.checkpoint import load_checkpoint
+from tttexp.training.validation import loss_by_position, mean_loss
+
+register_configs()
+
+
+def load_model(cfg: DictConfig, data) -> object:
+    """A model from a run checkpoint (rebuilt from ``cfg.model``) or from a ``save_pretrained`` directory."""
+    source = Path(cfg.checkpoint)
+    if source.is_dir():
+        from tttexp.models import TTTForCausalLM
+
+        if not (source / "config.json").exists():
+            raise CheckpointError(f"{source} is a directory without config.json; give a save_pretrained directory")
+        return TTTForCausalLM.from_pretrained(source)
+    state = load_checkpoint(source)
+    model = instantiate(cfg.model, vocab_size=cfg.model.vocab_size or data.vocab_size,
+                        eos_token_id=data.tokenizer.eos_id)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{source} does not fit model={cfg.model.name}: pass the run's model options "
+                              f"({str(err).splitlines()[0][:120]})") from err
+    return model
+
+
+def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
+    validate(cfg)
+    strategy = instantiate(cfg.strategy)
+    device = strategy.setup(cfg.device, cfg.seed)
+    data = instantiate(cfg.data)
+    data.setup(mini_batch_size=cfg.model.mini_batch_size)
+    model = load_model(cfg, data).to(device)
+    total, count = mean_loss(model, data.val_set.batches(cfg.data.batch_size), autocast=strategy.autocast())
+    loss = total / max(count, 1)
+    result = {"checkpoint": str(cfg.checkpoint), "val/loss": loss, "val/ppl": math.exp(min(loss, 50.0)),
+              "val/tokens": count}
+    length = cfg.trainer.position_eval_len or 4 * cfg.data.seq_len
+    try:
+        sequences = data.val_set.long_sequences(length, cfg.trainer.position_eval_sequences or 8)
+    except ValueError:
+        sequences = None
+    if sequences is not None and len(sequences):
+        rows = loss_by_position(model, sequences, autocast=strategy.autocast())
+        result["val/ppl_by_position"] = rows
+        from tttexp.training.plots import plot_by_position
+
+        plot_by_position(rows, out_dir / "ppl_by_position.png")
+    (out_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    print(f"val/loss {loss:.4f}  val/ppl {result['val/ppl']:.2f}  ({count:,} tokens)")
+    for row in result.get("val/ppl_by_position", []):
+        print(f"  positions {row['start']:>6}-{row['end']:<6} ppl {row['ppl']:10.2f}")
+    print(f"written: {out_dir / 'eval.json'}", flush=True)
+    return result
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+def main(cfg: DictConfig) -> float:
+    try:
+        return evaluate(cfg, Path(HydraConfig.get().runtime.output_dir))["val/loss"]
+    except (ConfigError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""The app: ``python -m tttexp.train [group=option ...] [key=value ...]`` (``-m`` for sweeps).
+
+Compose and check the config, seed, build the strategy, data, model and logger with ``hydra.utils.instantiate``,
+and hand them to the :class:`tttexp.trainer.Trainer`. No training logic lives here.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from tttexp.app.schemas import register_configs, validate
+from tttexp.errors import CheckpointError, ConfigError, StrategyError, TrainingStopped
+from tttexp.training.checkpoint import latest_valid_checkpoint, load_checkpoint
+from tttexp.training.preemption import EXIT_PREEMPTED, Preempted
+from tttexp.training.trainer import LoopSettings, OptimSettings, Trainer, set_kernel
+
+register_configs()
+
+
+def main() -> None:
+    """Entry point: a one-line error for a bad command line, then Hydra."""
+    from tttexp.app import preflight
+
+    problem = preflight.check(sys.argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    hydra_main()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def hydra_main(cfg: DictConfig) -> float | None:
+    from tttexp.distributed import launch
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        validate(cfg)
+        _fill_logger_names(cfg)
+        if launch.needs_launch(cfg):
+            return launch.launch(cfg, run_dir, run)
+        return run(cfg, run_dir)
+    except (ConfigError, CheckpointError, StrategyError, TrainingStopped) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        if _is_multirun():
+            raise  # Hydra records the failed job; the other jobs (and an Optuna search) go on
+        sys.exit(1)
+    except Preempted as err:
+        print(f"preempted: {err}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_PREEMPTED)
+    except Exception as err:
+        if type(err).__name__ == "ChildFailedError":
+            message = (f"a worker failed, the job was stopped; see {run_dir}/train_rank*.log "
+                       f"({str(err).strip().splitlines()[0][:200]})")
+            print(f"error: {message}", file=sys.stderr, flush=True)
+            if _is_multirun():
+                raise RuntimeError(message) from None
+            sys.exit(1)
+        raise
+
+
+def run(cfg: DictConfig, run_dir: Path) -> float | None:
+    """Train one job into ``run_dir``; returns the final validation loss (the sweepers' objective)."""
+    validate(cfg)
+    strategy = instantiate(cfg.strategy, backend=cfg.distributed.backend, timeout_s=cfg.distributed.timeout_s)
+    device = strategy.setup(cfg.device, cfg.seed)
+
+    data = instantiate(cfg.data)
+    model, extra_facts = build_model_and_data(cfg, strategy, data)
+    set_kernel(model, strategy.kernel_for(cfg.model.kernel))
+
+    resume_state = _resume_state(cfg.resume, run_dir)
+    logger = _build_logger(cfg, run_dir, strategy.is_main, resumed=resume_state is not None)
+    facts = {**_facts(cfg, model, strategy, device), **extra_facts}
+    logger.start(run_dir, OmegaConf.to_container(cfg, resolve=True), facts)
+    trainer = Trainer(
+        model=model, data=data, strategy=strategy, logger=logger,
+        optim=OptimSettings(**OmegaConf.to_container(cfg.optim, resolve=True)),
+        loop=LoopSettings(**OmegaConf.to_container(cfg.trainer, resolve=True)),
+        run_dir=run_dir, health=_health_monitor(), resume_state=resume_state,
+    )
+    summary: dict[str, Any] = {}
+    failed = True
+    try:
+        summary = trainer.fit()
+        failed = False
+    finally:
+        logger.finish(summary or trainer._summary(0.0), failed=failed)
+        strategy.teardown()
+    if strategy.is_main:
+        print_summary(summary, run_dir)
+    return summary.get("summary/final_val_loss")
+
+
+def build_model_and_data(cfg: DictConfig, strategy, data) -> tuple[Any, dict[str, Any]]:
+    """Set up the data and build the model; ``from_pretrained`` converts a base LM and uses its tokenizer."""
+    if cfg.strategy.name == "from_pretrained":
+        from tttexp.models.pretrained import prepare_from_pretrained
+
+        return prepare_from_pretrained(cfg, strategy, data)
+    data.setup(rank=strategy.rank, world_size=strategy.world_size, mini_batch_size=cfg.model.mini_batch_size,
+               stream=strategy.state_passing)
+    model = instantiate(cfg.model, vocab_size=cfg.model.vocab_size or data.vocab_size,
+                        eos_token_id=data.tokenizer.eos_id)
+    return model, {}
+
+
+def _resume_state(resume: str | None, run_dir: Path) -> dict[str, Any] | None:
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = latest_valid_checkpoint(run_dir)
+        if found is None:
+            return None
+        path, state = found
+    else:
+        path, state = Path(resume), load_checkpoint(Path(resume))
+    print(f"resuming from {path} (step {state['step']})", flush=True)
+    return state
+
+
+def _build_logger(cfg: DictConfig, run_dir: Path, is_main: bool, resumed: bool):
+    from tttexp.loggers import JsonlLogger, LoggerGroup, NullLogger
+
+    if not is_main:
+        return NullLogger()
+    backend = instantiate(cfg.logging)
+    return LoggerGroup([JsonlLogger(run_dir / "metrics.jsonl"), backend])
+
+
+def _fill_logger_names(cfg: DictConfig) -> None:
+    """Default run name ``<model>-<layer>-<strategy>-<time>``; under ``-m`` the group is the sweep's folder."""
+    backend = cfg.logging
+    if "run_name" in backend and backend.run_name is None:
+        stamp = time.strftime("%m%d-%H%M%S")
+        model = Path(str(cfg.strategy.base_model)).stem if "base_model" in cfg.strategy else cfg.model.name
+        backend.run_name = f"{model}-{cfg.model.ttt_layer}-{cfg.strategy.name}-{stamp}"
+    if "group" in backend and backend.group is None and _is_multirun():
+        sweep = Path(HydraConfig.get().sweep.dir)
+        backend.group = f"{sweep.parent.name}-{sweep.name}"
+
+
+def _is_multirun() -> bool:
+    try:
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:
+        return False
+
+
+def _health_monitor():
+    from tttexp.loggers import HealthMonitor
+
+    return HealthMonitor()
+
+
+def _facts(cfg: DictConfig, model, strategy, device) -> dict[str, Any]:
+    return {
+        "model/total_parameters": sum(p.numel() for p in model.parameters()),
+        "model/hidden_size": model.config.hidden_size,
+        "model/num_layers": model.config.num_hidden_layers,
+        "model/ttt_layer": model.config.ttt_layer,
+        "model/backbone": model.config.backbone,
+        "model/kernel": model.config.kernel,
+        "model/state_passing": bool(strategy.state_passing),
+        "model/preset": cfg.model.name,
+        "world_size": strategy.world_size,
+        "device": str(device),
+        "git_commit": _git_commit(),
+        "seed": cfg.seed,
+    }
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
+    """The end-of-run table."""
+    rows = [(k.removeprefix("summary/"), v) for k, v in summary.items()]
+    width = max((len(k) for k, _ in rows), default=10)
+    print("\n" + "-" * (width + 20))
+    for key, value in rows:
+        text = f"{value:,.4f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value)
+        print(f"{key:<{width}}  {text:>16}")
+    print("-" * (width + 20))
+    print(f"run directory: {run_dir}", flush=True)
+

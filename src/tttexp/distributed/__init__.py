@@ -1,0 +1,8 @@
+"""The process/device layer: one device, DDP over a world of processes; the world read from the environment;
+the elastic self-launch."""
+
+from tttexp.distributed.ddp import DistributedDataParallel
+from tttexp.distributed.single import SingleDevice
+from tttexp.distributed.strategy import Strategy
+
+__all__ = ["DistributedDataParallel", "SingleDevice", "Strategy"]
