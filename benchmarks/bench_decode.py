@@ -8,17 +8,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from bench_train import VOCAB, _git, llama, ttt  # noqa: E402
+from common import VOCAB, commit, llama, ttt
 
 
 @torch.no_grad()
@@ -81,7 +75,7 @@ def main() -> None:
         del model
         torch.cuda.empty_cache()
     result = {"benchmark": "decode", "device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
-              "commit": os.environ.get("GIT_COMMIT") or _git(), "rows": rows}
+              "commit": commit(), "rows": rows}
     out = Path(args.out or f"benchmarks/results/decode-{result['date']}-{result['device'].replace(' ', '_')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

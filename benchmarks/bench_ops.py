@@ -10,59 +10,23 @@ Writes ``ops-<date>-<device>.json`` (device, date, commit from ``GIT_COMMIT`` or
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
-import os
 import platform
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 import triton
+from common import commit, op_fns, op_inputs
 from triton.testing import do_bench
 
 from tttexp.ops import reference
-from tttexp.ops import triton_linear as tlin
-from tttexp.ops import triton_mlp as tmlp
-from tttexp.ops.triton_decode import linear_decode_step
-from tttexp.ops.triton_ttt import ttt_triton
-
-
-def _commit() -> str:
-    if os.environ.get("GIT_COMMIT"):
-        return os.environ["GIT_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def make_inputs(layer: str, b: int, t: int, h: int, f: int, dtype: torch.dtype, k: int = 16) -> list:
-    dev = "cuda"
-    xs = [(torch.randn(b, h, t, f, device=dev) * 0.7).to(dtype).requires_grad_(True) for _ in range(3)]
-    lr = (torch.rand(b, h, t, device=dev) * 2.0 / f).requires_grad_(True)
-    tok = (1.0 / torch.arange(1, k + 1, device=dev) + 0.05 * torch.rand(k, device=dev)).requires_grad_(True)
-    ln = [(1.0 + 0.2 * torch.randn(h, f, device=dev)).requires_grad_(True),
-          (0.1 * torch.randn(h, f, device=dev)).requires_grad_(True)]
-    init = [(0.02 * torch.randn(*s[1:], device=dev)).requires_grad_(True)
-            for s in reference.state_shapes(layer, b, h, f)]
-    return [*xs, lr, tok, *ln, init]
-
-
-def _fns(op, layer: str, inputs: list):
-    leaves = inputs[:7] + inputs[7]
-    dout = torch.randn_like(inputs[0])
-
-    def fwd():
-        with torch.no_grad():
-            return op(layer, *inputs[:7], tuple(inputs[7]))
-
-    def fwd_bwd():
-        out, fin = op(layer, *inputs[:7], tuple(inputs[7]))
-        torch.autograd.backward([out, fin[0]], [dout, torch.ones_like(fin[0])])
-
-    return fwd, fwd_bwd, leaves
+from tttexp.ops.dispatch import ttt_triton
+from tttexp.ops.ttt_linear.decode import linear_decode_step
+from tttexp.ops.ttt_linear.triton import LinearConfig
+from tttexp.ops.ttt_mlp.triton import MLPConfig
 
 
 def time_ms(fn, leaves, rep: int = 200) -> float:
@@ -85,12 +49,12 @@ def time_once_ms(fn, n: int = 2) -> float:
 
 
 def bench_case(layer: str, b: int, t: int, h: int, f: int, dtype: torch.dtype, ref: str) -> dict:
-    inputs = make_inputs(layer, b, t, h, f, dtype)
-    tf, tfb, leaves = _fns(ttt_triton, layer, inputs)
+    inputs = op_inputs(layer, b, t, h, f, dtype)
+    tf, tfb, leaves = op_fns(ttt_triton, layer, inputs)
     row = {"layer": layer, "B": b, "T": t, "H": h, "F": f, "dtype": str(dtype).removeprefix("torch."),
            "triton_fwd_ms": time_ms(tf, leaves), "triton_fwd_bwd_ms": time_ms(tfb, leaves)}
     if ref != "skip":
-        rf, rfb, _ = _fns(reference.ttt_dual, layer, inputs)
+        rf, rfb, _ = op_fns(reference.ttt_dual, layer, inputs)
         timer = (lambda fn: time_ms(fn, leaves, rep=500)) if ref == "bench" else time_once_ms
         row["ref_fwd_ms"] = timer(rf)
         row["ref_fwd_bwd_ms"] = timer(rfb)
@@ -106,19 +70,14 @@ GRID_MLP_64 = [{}, {"hc": 16}, {"warps": 4, "bwd_warps": 4}, {"fwd_stages": 1, "
 
 def variants(layer: str, b: int, t: int, h: int, f: int, grid: list[dict]) -> list[dict]:
     """fwd / fwd+bwd of one layer's op under kernel settings (checkpoint interval, warps, stages, chunk)."""
-    config = (tlin if layer == "linear" else tmlp).CONFIG
-    base = dict(config)
+    cls = LinearConfig if layer == "linear" else MLPConfig
     rows = []
-    inputs = make_inputs(layer, b, t, h, f, torch.bfloat16)
+    inputs = op_inputs(layer, b, t, h, f, torch.bfloat16)
     for change in grid:
-        config.clear()
-        config.update(base, **change)
-        tf, tfb, leaves = _fns(ttt_triton, layer, inputs)
+        tf, tfb, leaves = op_fns(ttt_triton, layer, inputs, config=cls(**change))
         rows.append({"layer": layer, "shape": [b, t, h, f], "change": change or "default",
                      "fwd_ms": time_ms(tf, leaves), "fwd_bwd_ms": time_ms(tfb, leaves)})
         print(json.dumps(rows[-1]), flush=True)
-    config.clear()
-    config.update(base)
     return rows
 
 
@@ -152,9 +111,9 @@ def main() -> None:
         rows.append(bench_case(layer, b, t, h, f, torch.bfloat16, ref))
         print(json.dumps(rows[-1]), flush=True)
     result = {
-        "device": torch.cuda.get_device_name(), "date": dt.date.today().isoformat(), "commit": _commit(),
+        "device": torch.cuda.get_device_name(), "date": dt.date.today().isoformat(), "commit": commit(),
         "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-        "config": {"linear": dict(tlin.CONFIG), "mlp": dict(tmlp.CONFIG)},
+        "config": {"linear": dataclasses.asdict(LinearConfig()), "mlp": dataclasses.asdict(MLPConfig())},
         "method": "triton.testing.do_bench median (ms); reference ttt_dual same inputs",
         "cases": rows,
     }

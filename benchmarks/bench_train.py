@@ -12,36 +12,16 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
+from common import VOCAB, commit, llama, ttt
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from tttexp.models import SIZE_PRESETS
+from tttexp.training.metrics import PEAK_BF16_FLOPS, train_flops_per_token, ttt_flops_per_token
 
-from tttexp.metrics import PEAK_BF16_FLOPS, train_flops_per_token, ttt_flops_per_token  # noqa: E402
-from tttexp.models import SIZE_PRESETS, build_model  # noqa: E402
-
-VOCAB = 32000
 MODES = {"eager": False, "compiled": True, "blocks": "blocks"}
-
-
-def llama(size: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    p = SIZE_PRESETS[size]
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=p["hidden_size"], intermediate_size=p["intermediate_size"],
-                      num_hidden_layers=p["num_hidden_layers"], num_attention_heads=p["num_attention_heads"],
-                      tie_word_embeddings=True, max_position_embeddings=65536, attn_implementation="sdpa")
-    return LlamaForCausalLM(cfg)
-
-
-def ttt(size: str, layer: str, checkpointing: bool, kernel: str):
-    return build_model(vocab_size=VOCAB, **SIZE_PRESETS[size], ttt_layer=layer, kernel=kernel,
-                       gradient_checkpointing=checkpointing)
 
 
 def time_steps(model, batch: int, ctx: int, steps: int, warmup: int, compiled: bool | str,
@@ -158,7 +138,7 @@ def main() -> None:
         "benchmark": "train",
         "device": torch.cuda.get_device_name(),
         "date": datetime.date.today().isoformat(),
-        "commit": os.environ.get("GIT_COMMIT") or _git(),
+        "commit": commit(),
         "torch": torch.__version__,
         "rows": [],
     }
@@ -182,13 +162,6 @@ def main() -> None:
             if args.compile_llama and not args.skip_llama and ctx <= args.compile_llama_max_context:
                 add(measure("llama", size, ctx, batch, "", args, compiled=True))
     print_table(rows)
-
-
-def _git() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def print_table(rows: list[dict]) -> None:

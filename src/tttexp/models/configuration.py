@@ -6,9 +6,9 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-TTT_LAYERS = ("linear", "mlp")
+from tttexp.ops.names import KERNELS, TTT_LAYERS
+
 BACKBONES = ("mamba", "transformer")
-KERNELS = ("auto", "triton", "torch")
 MIXERS = ("ttt", "attention")
 
 # hidden / layers / heads / SwiGLU intermediate (Sun et al. 2024, Table of model sizes). 760m has head dim 96.

@@ -153,20 +153,7 @@ class TTTLayer(nn.Module):
     ) -> tuple[Tensor, State]:
         """Tokens ``start:end`` that sit at positions ``pos..`` of one mini-batch (reference path)."""
         sl = slice(start, end)
-        one_token = end - start == 1 and self.layer == "linear" and not torch.is_grad_enabled()
-        if one_token and ops.resolve_kernel(self.config.kernel, XQ.device.type) == "triton":  # decoding
-            from tttexp.ops.triton_decode import linear_decode_step
-
-            acc = pending if pending is not None else reference.zero_accumulators(state)
-            return linear_decode_step(XQ[:, :, sl], XK[:, :, sl], XV[:, :, sl], lr[:, :, sl].float(),
-                                      tok[pos : pos + 1].float(), self.ttt_norm_weight.float(),
-                                      self.ttt_norm_bias.float(), state, acc)
-        step = reference.MINIBATCH[self.layer]
-        dt = reference.compute_dtype(XQ)
-        with torch.autocast(device_type=XQ.device.type, enabled=False):
-            out, acc = step(
-                XQ[:, :, sl].to(dt), XK[:, :, sl].to(dt), XV[:, :, sl].to(dt), lr[:, :, sl].to(dt),
-                tok[pos : pos + end - start].to(dt), self.ttt_norm_weight.to(dt), self.ttt_norm_bias.to(dt),
-                state, pending,
-            )
-        return out.to(XQ.dtype), acc
+        return ops.decode_step(
+            self.layer, XQ[:, :, sl], XK[:, :, sl], XV[:, :, sl], lr[:, :, sl], tok[pos : pos + end - start],
+            self.ttt_norm_weight, self.ttt_norm_bias, state, pending, kernel=self.config.kernel,
+        )

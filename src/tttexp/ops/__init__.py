@@ -1,5 +1,8 @@
-"""The TTT inner loop: a PyTorch reference (``reference``) and Triton kernels, chosen by ``dispatch``."""
+"""The TTT inner loop: one folder per op (``ttt_linear``, ``ttt_mlp``: PyTorch reference, hand-derived backward,
+Triton kernels, ``torch.library`` op), the shared dual-form reference (``reference``), and ``dispatch``, the single
+entry that picks an implementation."""
 
-from tttexp.ops.dispatch import KERNELS, resolve_kernel, ttt
+from tttexp.ops.dispatch import decode_step, resolve_kernel, ttt
+from tttexp.ops.names import KERNELS, TTT_LAYERS
 
-__all__ = ["KERNELS", "resolve_kernel", "ttt"]
+__all__ = ["KERNELS", "TTT_LAYERS", "decode_step", "resolve_kernel", "ttt"]

@@ -17,51 +17,24 @@ LayerNorm statistics never drop to bf16. Outer gradients flow through the closed
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-LN_EPS = 1e-6
-State = tuple[Tensor, ...]
+from tttexp.ops.common import (  # noqa: F401 (re-exported: models and tests use these names from here)
+    LN_EPS,
+    State,
+    compute_dtype,
+    gelu_tanh,
+    gelu_tanh_grad,
+    layer_norm,
+    layer_norm_l2_grad,
+)
+from tttexp.ops.names import TTT_LAYERS
+from tttexp.ops.ttt_linear.reference import minibatch_linear
+from tttexp.ops.ttt_mlp.reference import minibatch_mlp
 
-LAYERS = ("linear", "mlp")
-
-
-def compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def layer_norm(z: Tensor, w: Tensor, b: Tensor, eps: float = LN_EPS) -> Tensor:
-    """LayerNorm over the last dim with per-head affine ``w, b`` of shape ``[H, F]`` (z is ``[B, H, T, F]``)."""
-    mu = z.mean(-1, keepdim=True)
-    var = (z - mu).pow(2).mean(-1, keepdim=True)
-    return (z - mu) * torch.rsqrt(var + eps) * w[:, None, :] + b[:, None, :]
-
-
-def layer_norm_l2_grad(z: Tensor, target: Tensor, w: Tensor, b: Tensor, eps: float = LN_EPS) -> Tensor:
-    """d/dz of 0.5 * ||LN(z) - target||^2, per row, in closed form."""
-    f = z.shape[-1]
-    mu = z.mean(-1, keepdim=True)
-    var = (z - mu).pow(2).mean(-1, keepdim=True)
-    rstd = torch.rsqrt(var + eps)
-    xhat = (z - mu) * rstd
-    g_xhat = (xhat * w[:, None, :] + b[:, None, :] - target) * w[:, None, :]
-    return (
-        f * g_xhat - g_xhat.sum(-1, keepdim=True) - xhat * (g_xhat * xhat).sum(-1, keepdim=True)
-    ) * (rstd / f)
-
-
-def gelu_tanh(x: Tensor) -> Tensor:
-    return F.gelu(x, approximate="tanh")
-
-
-def gelu_tanh_grad(x: Tensor) -> Tensor:
-    c = math.sqrt(2.0 / math.pi)
-    inner = c * (x + 0.044715 * x.pow(3))
-    t = torch.tanh(inner)
-    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * x * x)
+LAYERS = TTT_LAYERS
 
 
 def zero_accumulators(state: State) -> State:
@@ -77,72 +50,6 @@ def state_shapes(layer: str, batch: int, heads: int, head_dim: int) -> list[tupl
     raise ValueError(f"model.ttt_layer must be one of {LAYERS}, got {layer!r}")
 
 
-# --------------------------------------------------------------------------------------------------------------
-# One mini-batch (or a piece of one), with accumulators: the building block of the dual form, chunking and decode.
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _causal_sum(scores: Tensor, values: Tensor) -> Tensor:
-    """``sum_{j<=i} scores[i, j] * values[j]`` for every i: ``tril(scores) @ values``."""
-    return scores.tril() @ values
-
-
-def _prefix_sum(values: Tensor) -> Tensor:
-    return values.cumsum(-2)
-
-
-def minibatch_linear(
-    xq: Tensor, xk: Tensor, xv: Tensor, lr: Tensor, tok: Tensor, ln_w: Tensor, ln_b: Tensor,
-    state: State, acc: State | None,
-) -> tuple[Tensor, State]:
-    """Tokens of one mini-batch at positions given by ``tok`` ([m], their token weights), TTT-Linear.
-
-    ``state`` is the mini-batch's start state, ``acc`` the updates of its earlier tokens (``None``: none yet).
-    Returns the outputs ``xq + LN(Zbar)`` and the accumulators including these tokens.
-    """
-    W, b = state
-    z = xk @ W + b[..., None, :]
-    g = layer_norm_l2_grad(z, xv - xk, ln_w, ln_b)
-    lg = lr[..., None] * g
-    t = tok[:, None]
-    update = _causal_sum(xq @ xk.transpose(-1, -2), lg) + _prefix_sum(lg)
-    new_acc = (xk.transpose(-1, -2) @ lg, lg.sum(-2))
-    if acc is not None:
-        update = update + xq @ acc[0] + acc[1][..., None, :]
-        new_acc = (acc[0] + new_acc[0], acc[1] + new_acc[1])
-    zbar = xq @ W + b[..., None, :] - t * update
-    out = xq + layer_norm(zbar, ln_w, ln_b)
-    return out, new_acc
-
-
-def minibatch_mlp(
-    xq: Tensor, xk: Tensor, xv: Tensor, lr: Tensor, tok: Tensor, ln_w: Tensor, ln_b: Tensor,
-    state: State, acc: State | None,
-) -> tuple[Tensor, State]:
-    """As :func:`minibatch_linear` for the two-layer TTT-MLP (hidden 4F, gelu_tanh)."""
-    W1, b1, W2, b2 = state
-    z1 = xk @ W1 + b1[..., None, :]
-    x2 = gelu_tanh(z1)
-    z2 = x2 @ W2 + b2[..., None, :]
-    g2 = layer_norm_l2_grad(z2, xv - xk, ln_w, ln_b)
-    g1 = (g2 @ W2.transpose(-1, -2)) * gelu_tanh_grad(z1)
-    lg1, lg2 = lr[..., None] * g1, lr[..., None] * g2
-    t = tok[:, None]
-    update1 = _causal_sum(xq @ xk.transpose(-1, -2), lg1) + _prefix_sum(lg1)
-    if acc is not None:
-        update1 = update1 + xq @ acc[0] + acc[1][..., None, :]
-    x2bar = gelu_tanh(xq @ W1 + b1[..., None, :] - t * update1)
-    update2 = _causal_sum(x2bar @ x2.transpose(-1, -2), lg2) + _prefix_sum(lg2)
-    if acc is not None:
-        update2 = update2 + x2bar @ acc[2] + acc[3][..., None, :]
-    z2bar = x2bar @ W2 + b2[..., None, :] - t * update2
-    out = xq + layer_norm(z2bar, ln_w, ln_b)
-    new_acc = (xk.transpose(-1, -2) @ lg1, lg1.sum(-2), x2.transpose(-1, -2) @ lg2, lg2.sum(-2))
-    if acc is not None:
-        new_acc = tuple(a + n for a, n in zip(acc, new_acc, strict=True))
-    return out, new_acc
-
-
 MINIBATCH = {"linear": minibatch_linear, "mlp": minibatch_mlp}
 
 
@@ -151,7 +58,7 @@ def apply_accumulators(state: State, acc: State, last_tok: Tensor) -> State:
     return tuple(s - last_tok * a for s, a in zip(state, acc, strict=True))
 
 
-def _reset_rows(state: State, init_state: State, reset: Tensor) -> State:
+def reset_rows(state: State, init_state: State, reset: Tensor) -> State:
     """Rows where ``reset`` ([B] bool) is set go back to the learned initial state (``[H, ...]`` tensors)."""
     out = []
     for s, s0 in zip(state, init_state, strict=True):
@@ -197,7 +104,7 @@ def ttt_dual(
         for n, start in enumerate(range(0, seq, k)):
             end = min(start + k, seq)
             if reset is not None:
-                cur = _reset_rows(cur, init_state, reset[:, n])
+                cur = reset_rows(cur, init_state, reset[:, n])
             sl = slice(start, end)
             o, acc = step(
                 xq[:, :, sl], xk[:, :, sl], xv[:, :, sl], lr[:, :, sl], tok[: end - start], ln_w, ln_b, cur, None

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tttexp.ops import reference
-from tttexp.ops.triton_linear_math import linear_step, ttt_linear_manual
+from tttexp.ops.ttt_linear.math import linear_step, ttt_linear_manual
 
 D = torch.float64
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tttexp.ops import reference
-from tttexp.ops.triton_mlp_math import gelu_parts, mlp_step, ttt_mlp_manual
+from tttexp.ops.common import gelu_parts
+from tttexp.ops.ttt_mlp.math import mlp_step, ttt_mlp_manual
 
 D = torch.float64
 

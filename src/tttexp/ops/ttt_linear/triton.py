@@ -13,34 +13,52 @@ program per (batch, head) runs the reverse chain over all steps, which is now on
 per step, and stores per step what the later steps send back (``Xk dW' + db'`` and ``Lg dW'^T``); (3) the segments
 run in parallel again and turn those into every gradient. The chain is the only sequential part and it is short, so
 long sequences with few (batch, head) pairs no longer leave the GPU idle. The math is
-:mod:`tttexp.ops.triton_linear_math` (checked against autograd of the reference in float64).
+:mod:`tttexp.ops.ttt_linear.math` (checked against autograd of the reference in float64).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from tttexp.ops.triton_common import dot_config, ln_rows, ln_rows_bwd, mm, padded_dim
-
-# Mini-batches per checkpoint segment, warps per program, and the dots used for bf16 inputs ("input": bf16
-# operands, "tf32": fp32 operands in tf32); the benchmark may override them.
-# Warps left at None: 4 for head dims up to 64, 8 above, for the forward, the backward's segment passes ("bwd") and
-# its reverse chain ("chain") alike (measured on an H100, see benchmarks/NOTES-kernels.md). Stages None: Triton's
-# default, except fp32 backward at head dim 128 (the pipelined buffers need more shared memory than the chip has).
-# split_fwd None: split the training forward (state chain, then segment outputs) only when batch x heads fills
-# under a third of the SMs; below that the chain's shorter steps win, above it the extra output pass costs more.
-CONFIG = {"every": 8, "fwd_warps": None, "bwd_warps": None, "chain_warps": None, "fwd_stages": None,
-          "bwd_stages": None, "lowp": "input", "split_fwd": None}
+from tttexp.ops.triton_utils import dot_config, ln_rows, ln_rows_bwd, mm, padded_dim
 
 
-def _launch_opts(kind: str, fp: int, dtype: torch.dtype) -> dict[str, int]:
-    opts = {"num_warps": CONFIG[f"{kind}_warps"] or (4 if fp <= 64 else 8)}
-    stages = CONFIG["fwd_stages" if kind == "fwd" else "bwd_stages"]
+@dataclass(frozen=True)
+class LinearConfig:
+    """Launch settings of the TTT-Linear kernels; the defaults are the measured best on an H100
+    (benchmarks/NOTES-kernels.md).
+
+    ``every``: mini-batches per checkpoint segment. Warps left at None: 4 for head dims up to 64, 8 above, for the
+    forward (``fwd_warps``), the backward's segment passes (``bwd_warps``) and its reverse chain (``chain_warps``).
+    Stages None: Triton's default, except the fp32 backward at head dim 128 (the pipelined buffers need more shared
+    memory than the chip has). ``lowp``: the dots used for bf16 inputs ("input": bf16 operands, "tf32": fp32
+    operands in tf32). ``split_fwd`` None: split the training forward (state chain, then segment outputs) only when
+    batch x heads fills under a third of the SMs; below that the chain's shorter steps win, above it the extra
+    output pass costs more.
+    """
+
+    every: int = 8
+    fwd_warps: int | None = None
+    bwd_warps: int | None = None
+    chain_warps: int | None = None
+    fwd_stages: int | None = None
+    bwd_stages: int | None = None
+    lowp: str = "input"
+    split_fwd: bool | None = None
+
+
+DEFAULT_CONFIG = LinearConfig()
+
+
+def _launch_opts(config: LinearConfig, kind: str, fp: int, dtype: torch.dtype) -> dict[str, int]:
+    opts = {"num_warps": getattr(config, f"{kind}_warps") or (4 if fp <= 64 else 8)}
+    stages = config.fwd_stages if kind == "fwd" else config.bwd_stages
     if stages:
         opts["num_stages"] = stages
     elif kind != "fwd" and fp > 64 and dtype == torch.float32:
@@ -321,9 +339,9 @@ def _linear_bwd_chain_kernel(
     tl.store(dbs_ptr + bh * F + cols, db, mask=cmask)
 
 
-def _split_forward(programs: int, device: torch.device) -> bool:
-    if CONFIG["split_fwd"] is not None:
-        return CONFIG["split_fwd"]
+def _split_forward(config: LinearConfig, programs: int, device: torch.device) -> bool:
+    if config.split_fwd is not None:
+        return config.split_fwd
     if device.type != "cuda":
         return False
     return 3 * programs <= torch.cuda.get_device_properties(device).multi_processor_count
@@ -339,14 +357,14 @@ def _shapes(xq: Tensor, tok: Tensor, every: int) -> tuple[int, int, int, int, in
 def linear_forward(
     xq: Tensor, xk: Tensor, xv: Tensor, lr: Tensor, tok: Tensor, ln_w: Tensor, ln_b: Tensor,
     W0: Tensor, b0: Tensor, sW: Tensor | None, sb: Tensor | None, reset: Tensor | None, save: bool = True,
-    every: int | None = None,
+    config: LinearConfig = DEFAULT_CONFIG,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Run the forward kernel. Inputs must be contiguous; ``reset`` is ``[B, N]`` uint8 or None.
 
     Returns ``(out, W_final, b_final, ckpt_W, ckpt_b)``; the checkpoints are ``[B*H, NC, FP, FP]`` and
-    ``[B*H, NC, FP]`` (padded head dim ``FP``), empty when ``save`` is false; ``every`` (default
-    ``CONFIG["every"]``) is the number of mini-batches between checkpoints."""
-    every = every or CONFIG["every"]
+    ``[B*H, NC, FP]`` (padded head dim ``FP``), empty when ``save`` is false; ``config.every`` is the number of
+    mini-batches between checkpoints."""
+    every = config.every
     bsz, heads, seq, f, k, n_mb, n_ck, bk = _shapes(xq, tok, every)
     fp = padded_dim(f)
     dev = xq.device
@@ -356,13 +374,13 @@ def linear_forward(
     nck = n_ck if save else 0
     ckw = torch.empty(bsz * heads, nck, fp, fp, device=dev, dtype=torch.float32)
     ckb = torch.empty(bsz * heads, nck, fp, device=dev, dtype=torch.float32)
-    dt, prec, emu = dot_config(xq.dtype, CONFIG["lowp"])
+    dt, prec, emu = dot_config(xq.dtype, config.lowp)
     args = (xq, xk, xv, lr, tok, ln_w, ln_b, W0, b0,
             sW if sW is not None else wf, sb if sb is not None else bf, reset if reset is not None else tok,
             out, wf, bf, ckw, ckb, seq, n_mb, n_ck, heads)
     flags = dict(F=f, FP=fp, BK=bk, K=k, C=every, HAS_STATE=sW is not None, HAS_RESET=reset is not None,
-                 DT=dt, PREC=prec, EMU=emu, **_launch_opts("fwd", fp, xq.dtype))
-    if save and _split_forward(bsz * heads, dev):
+                 DT=dt, PREC=prec, EMU=emu, **_launch_opts(config, "fwd", fp, xq.dtype))
+    if save and _split_forward(config, bsz * heads, dev):
         # the state chain writes the checkpoints, then every segment's outputs come out in parallel
         _linear_fwd_kernel[(bsz * heads,)](*args, SAVE=True, OUTPUT=False, SEGMENT=False, **flags)
         _linear_fwd_kernel[(bsz * heads * n_ck,)](*args, SAVE=False, OUTPUT=True, SEGMENT=True, **flags)
@@ -374,9 +392,9 @@ def linear_forward(
 def linear_backward(
     xq: Tensor, xk: Tensor, xv: Tensor, lr: Tensor, tok: Tensor, ln_w: Tensor, ln_b: Tensor,
     W0: Tensor, b0: Tensor, reset: Tensor | None, ckw: Tensor, ckb: Tensor,
-    dout: Tensor, dWf: Tensor, dbf: Tensor, every: int | None = None,
+    dout: Tensor, dWf: Tensor, dbf: Tensor, config: LinearConfig = DEFAULT_CONFIG,
 ) -> dict[str, Tensor]:
-    """Run the backward (contiguous inputs, checkpoints from :func:`linear_forward` with the same ``every``).
+    """Run the backward (contiguous inputs, checkpoints from :func:`linear_forward` with the same ``config``).
 
     Three launches: the checkpoint segments in parallel (each recomputes its states and stores the per-step pieces
     that do not depend on later steps), the short reverse chain through ``dL/dW`` per (batch, head), and the
@@ -384,7 +402,7 @@ def linear_backward(
     reduced over batch (and heads for ``tok``), ``state_W``/``state_b`` (the start state's gradient,
     ``[B,H,...]``) and the reset-point contributions to the initial state ``reset_W``/``reset_b`` (``[H,...]``,
     zero without ``reset``)."""
-    every = every or CONFIG["every"]
+    every = config.every
     bsz, heads, seq, f, k, n_mb, n_ck, bk = _shapes(xq, tok, every)
     fp = padded_dim(f)
     dev = xq.device
@@ -403,15 +421,15 @@ def linear_backward(
     dw0 = torch.zeros(bsz, heads, f, f, **f32) if has_reset else dws
     db0 = torch.zeros(bsz, heads, f, **f32) if has_reset else dbs
     rst = reset if has_reset else tok
-    dt, prec, emu = dot_config(xq.dtype, CONFIG["lowp"])
+    dt, prec, emu = dot_config(xq.dtype, config.lowp)
     dots = dict(DT=dt, PREC=prec, EMU=emu)
-    opts = _launch_opts("bwd", fp, xq.dtype)
+    opts = _launch_opts(config, "bwd", fp, xq.dtype)
     for finish in (False, True):
         if finish:
             _linear_bwd_chain_kernel[(bh,)](
                 xq, xk, lr, tok, ln_w, rst, *tiles[:6], *rows, dWf, dbf, *tiles[6:], dws, dbs, dw0, db0,
                 seq, n_mb, heads, F=f, FP=fp, BK=bk, K=k, HAS_RESET=has_reset, **dots,
-                **_launch_opts("chain", fp, xq.dtype),
+                **_launch_opts(config, "chain", fp, xq.dtype),
             )
         _linear_bwd_segment_kernel[(bh * n_ck,)](
             xq, xk, xv, lr, tok, ln_w, ln_b, W0, b0, rst, ckw, ckb, dout, *tiles[:6], *rows, *tiles[6:],

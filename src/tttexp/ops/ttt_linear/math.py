@@ -24,24 +24,7 @@ import math
 import torch
 from torch import Tensor
 
-from tttexp.ops.reference import LN_EPS
-
-
-def _ln(z: Tensor) -> tuple[Tensor, Tensor]:
-    """Normalised rows and their ``rstd`` (``[..., 1]``)."""
-    mu = z.mean(-1, keepdim=True)
-    xc = z - mu
-    rstd = torch.rsqrt((xc * xc).mean(-1, keepdim=True) + LN_EPS)
-    return xc * rstd, rstd
-
-
-def _ln_bwd(dxh: Tensor, xh: Tensor, rstd: Tensor) -> Tensor:
-    """Gradient wrt ``z`` of a loss through ``xh = (z - mean z) * rstd(z)``, given ``dL/dxh``."""
-    return rstd * (dxh - dxh.mean(-1, keepdim=True) - xh * (dxh * xh).mean(-1, keepdim=True))
-
-
-def _mask(m: int, device: torch.device) -> Tensor:
-    return torch.ones(m, m, dtype=torch.bool, device=device).tril()
+from tttexp.ops.common import causal_mask, ln_rows, ln_rows_bwd, reset_to
 
 
 def linear_step(
@@ -51,13 +34,13 @@ def linear_step(
     ``b [B,H,F]``. Returns ``(out, W', b')``."""
     gw_, gb_ = gw[:, None, :], gb[:, None, :]
     z = xk @ W + b[..., None, :]
-    xh, rstd = _ln(z)
+    xh, rstd = ln_rows(z)
     gx = (xh * gw_ + gb_ - (xv - xk)) * gw_
-    g = _ln_bwd(gx, xh, rstd)
+    g = ln_rows_bwd(gx, xh, rstd)
     lg = lr[..., None] * g
-    mm = torch.where(_mask(xq.shape[-2], xq.device), t[:, None] * (xq @ xk.transpose(-1, -2) + 1.0), 0.0)
+    mm = torch.where(causal_mask(xq.shape[-2], xq.device), t[:, None] * (xq @ xk.transpose(-1, -2) + 1.0), 0.0)
     zbar = xq @ W + b[..., None, :] - mm @ lg
-    xh2, _ = _ln(zbar)
+    xh2, _ = ln_rows(zbar)
     out = xq + xh2 * gw_ + gb_
     t_last = t[-1]
     return out, W - t_last * (xk.transpose(-1, -2) @ lg), b - t_last * lg.sum(-2)
@@ -73,12 +56,12 @@ def linear_step_bwd(
     over B) and ``W, b`` (the start state's gradient, ``[B, H, ...]``)."""
     f = xq.shape[-1]
     gw_, gb_ = gw[:, None, :], gb[:, None, :]
-    mask = _mask(xq.shape[-2], xq.device)
+    mask = causal_mask(xq.shape[-2], xq.device)
     t_last = t[-1]
     tcol = t[:, None]
     # recompute
     z = xk @ W + b[..., None, :]
-    xh1, rstd1 = _ln(z)
+    xh1, rstd1 = ln_rows(z)
     e = xh1 * gw_ + gb_ - (xv - xk)
     gx = e * gw_
     a = gx.mean(-1, keepdim=True)
@@ -89,12 +72,12 @@ def linear_step_bwd(
     s1 = xq @ xk.transpose(-1, -2) + 1.0
     mm = torch.where(mask, tcol * s1, 0.0)
     zbar = xq @ W + b[..., None, :] - mm @ lg
-    xh2, rstd2 = _ln(zbar)
+    xh2, rstd2 = ln_rows(zbar)
     # out = xq + LN(zbar)
     dxq = dout.clone()
     dgw = (dout * xh2).sum((0, 2))
     dgb = dout.sum((0, 2))
-    dzbar = _ln_bwd(dout * gw_, xh2, rstd2)
+    dzbar = ln_rows_bwd(dout * gw_, xh2, rstd2)
     # zbar = xq W + b - M lg
     dxq = dxq + dzbar @ W.transpose(-1, -2)
     dW = dW1 + xq.transpose(-1, -2) @ dzbar
@@ -112,14 +95,14 @@ def linear_step_bwd(
     dlr = (dlg * g).sum(-1)
     dg = eta * dlg
     # g = rstd1 * (gx - mean(gx) - xh1 * mean(gx xh1)), gx = e * gw, e = xh1 gw + gb - target
-    dgx = _ln_bwd(dg, xh1, rstd1)
+    dgx = ln_rows_bwd(dg, xh1, rstd1)
     dxh1 = -rstd1 * c * dg - rstd1 * (dg * xh1).mean(-1, keepdim=True) * gx + dgx * gw_ * gw_
     drstd1 = (dg * (gx - a - xh1 * c)).sum(-1, keepdim=True)
     dgw = dgw + (dgx * (e + gw_ * xh1)).sum((0, 2))
     dgb = dgb + (dgx * gw_).sum((0, 2))
     dxv = -dgx * gw_
     dxk = dxk + dgx * gw_
-    dz = _ln_bwd(dxh1, xh1, rstd1) - drstd1 * rstd1 * rstd1 * xh1 / f
+    dz = ln_rows_bwd(dxh1, xh1, rstd1) - drstd1 * rstd1 * rstd1 * xh1 / f
     # z = xk W + b
     dxk = dxk + dz @ W.transpose(-1, -2)
     dW = dW + xk.transpose(-1, -2) @ dz
@@ -127,10 +110,6 @@ def linear_step_bwd(
     dt = dt.clone()
     dt[-1] = dt[-1] + dt_last
     return {"xq": dxq, "xk": dxk, "xv": dxv, "lr": dlr, "t": dt, "gw": dgw, "gb": dgb, "W": dW, "b": db}
-
-
-def _reset_to(W: Tensor, b: Tensor, W0: Tensor, b0: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
-    return torch.where(r[:, None, None, None], W0.expand_as(W), W), torch.where(r[:, None, None], b0.expand_as(b), b)
 
 
 def ttt_linear_manual(
@@ -163,7 +142,7 @@ def ttt_linear_manual(
     for n in range(n_mb):
         if n % every == 0:
             ckpts[n] = (W, b)
-        W, b = _reset_to(W, b, W0, b0, rst[n])
+        W, b = reset_to(W, b, W0, b0, rst[n])
         o, W, b = linear_step(*step_args(n), W, b)
         outs.append(o)
     out = torch.cat(outs, dim=2)
@@ -180,7 +159,7 @@ def ttt_linear_manual(
         W, b = ckpts[s0]
         used = []
         for n in range(s0, s1):
-            W, b = _reset_to(W, b, W0, b0, rst[n])
+            W, b = reset_to(W, b, W0, b0, rst[n])
             used.append((W, b))
             _, W, b = linear_step(*step_args(n), W, b)
         for n in reversed(range(s0, s1)):

@@ -1,4 +1,5 @@
-"""Pieces shared by the Triton TTT kernels: dots in the input dtype, row LayerNorm forward/backward with padding.
+"""Pieces shared by the Triton TTT kernels: dots in the input dtype, row LayerNorm forward/backward with padding,
+gelu_tanh and its derivatives, and the launch settings' text form that crosses the ``torch.library`` op boundary.
 
 Head dims that are not a power of two (96) run padded to the next one (128); every row statistic divides by the
 true ``F`` and every LayerNorm output is zeroed in the padded columns, so padded columns stay exactly zero.
@@ -6,13 +7,29 @@ true ``F`` and every LayerNorm output is zeroed in the padded columns, so padded
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+from typing import TypeVar
 
 import torch
 import triton
 import triton.language as tl
 
 EPS = tl.constexpr(1e-6)
+
+
+C = TypeVar("C")
+
+
+def config_to_str(config: object, default: object) -> str:
+    """The launch settings as the custom ops take them: ``""`` for the defaults, else JSON of every field."""
+    return "" if config == default else json.dumps(dataclasses.asdict(config), sort_keys=True)
+
+
+def config_from_str(cls: type[C], text: str) -> C:
+    """Inverse of :func:`config_to_str`."""
+    return cls(**json.loads(text)) if text else cls()
 
 
 def interpreted() -> bool:
@@ -67,3 +84,34 @@ def ln_rows_bwd(dxh, xh, rstd, cmask, F: tl.constexpr):
     a = tl.sum(dxh, 1) / F
     c = tl.sum(dxh * xh, 1) / F
     return tl.where(cmask[None, :], rstd[:, None] * (dxh - a[:, None] - xh * c[:, None]), 0.0)
+
+
+@triton.jit
+def tanh(u):
+    """tanh from one exp."""
+    return 2.0 / (1.0 + tl.exp(-2.0 * u)) - 1.0
+
+
+@triton.jit
+def gelu(x):
+    """gelu_tanh."""
+    return 0.5 * x * (1.0 + tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+
+
+@triton.jit
+def gelu_grad(x):
+    """d gelu_tanh / dx."""
+    t = tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
+
+
+@triton.jit
+def gelu_parts(x):
+    """gelu_tanh(x) and its first and second derivatives."""
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
+    ddu = 6.0 * 0.044715 * 0.7978845608028654 * x
+    t = tanh(u)
+    sech2 = 1.0 - t * t
+    return (0.5 * x * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * x * sech2 * du,
+            sech2 * (du + 0.5 * x * (ddu - 2.0 * t * du * du)))

@@ -1,14 +1,14 @@
 """Triton decode step of TTT-Linear: one token per (batch, head) with the mini-batch's accumulators.
 
-Same inputs and results as ``reference.minibatch_linear`` with ``m = 1`` (inference only, no autograd): given the
-mini-batch start state ``(W, b)`` and the accumulators ``(sW, sb)`` of the tokens already seen in this mini-batch,
-the token at position ``i`` of its mini-batch (weight ``tok = tok_all[i:i+1]``) gives::
+Same inputs and results as :func:`tttexp.ops.ttt_linear.reference.minibatch_linear` with ``m = 1`` (inference only,
+no autograd): given the mini-batch start state ``(W, b)`` and the accumulators ``(sW, sb)`` of the tokens already
+seen in this mini-batch, the token at position ``i`` of its mini-batch (weight ``tok = tok_all[i:i+1]``) gives::
 
     Z = xk W + b,  lg = lr * G(Z),  Zbar = xq W + b - tok * (xq sW + sb + (xq . xk + 1) lg)
     out = xq + LN(Zbar),  sW' = sW + xk^T lg,  sb' = sb + lg
 
-The caller applies ``reference.apply_accumulators`` at the mini-batch boundary. One program per (batch, head);
-the products are matrix-vector, done as broadcast-and-reduce in fp32.
+The caller applies ``tttexp.ops.reference.apply_accumulators`` at the mini-batch boundary. One program per
+(batch, head); the products are matrix-vector, done as broadcast-and-reduce in fp32.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from tttexp.ops.triton_common import EPS, padded_dim
+from tttexp.ops.triton_utils import EPS, padded_dim
 
 
 @triton.jit

@@ -11,7 +11,7 @@ One mini-batch (rows i, j; hidden 4F; ``s`` = gelu_tanh), start state ``W1, b1, 
     W1' = W1 - t_last Xk^T Lg1, b1' = b1 - t_last sum Lg1, W2' = W2 - t_last X2^T Lg2, b2' = b2 - t_last sum Lg2
 
 :func:`mlp_step_bwd` takes ``dout`` and the gradients of the four output state tensors back to every input. It is
-ordered as the kernel's passes over the hidden dim are (see ``triton_mlp``).
+ordered as the kernel's passes over the hidden dim are (see ``tttexp.ops.ttt_mlp.triton``).
 """
 
 from __future__ import annotations
@@ -21,27 +21,11 @@ import math
 import torch
 from torch import Tensor
 
-from tttexp.ops.triton_linear_math import _ln, _ln_bwd, _mask, _reset_to
-
-GELU_A = 0.044715
-GELU_C = math.sqrt(2.0 / math.pi)
-
-
-def gelu_parts(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """gelu_tanh and its first and second derivatives."""
-    u = GELU_C * (x + GELU_A * x**3)
-    du = GELU_C * (1.0 + 3.0 * GELU_A * x * x)
-    ddu = 6.0 * GELU_A * GELU_C * x
-    t = torch.tanh(u)
-    sech2 = 1.0 - t * t
-    s = 0.5 * x * (1.0 + t)
-    ds = 0.5 * (1.0 + t) + 0.5 * x * sech2 * du
-    dds = sech2 * (du + 0.5 * x * (ddu - 2.0 * t * du * du))
-    return s, ds, dds
+from tttexp.ops.common import causal_mask, gelu_parts, ln_rows, ln_rows_bwd, reset_to
 
 
 def _lnl2(z: Tensor, target: Tensor, gw_: Tensor, gb_: Tensor):
-    xh, rstd = _ln(z)
+    xh, rstd = ln_rows(z)
     e = xh * gw_ + gb_ - target
     gx = e * gw_
     a = gx.mean(-1, keepdim=True)
@@ -53,16 +37,16 @@ def _lnl2_bwd(dg: Tensor, parts, gw_: Tensor):
     """Back through ``G = LN-L2 gradient(z)``: returns ``dz``, ``dgw``, ``dgb`` (per row) and ``dtarget``."""
     xh, rstd, e, gx, a, c = parts
     f = xh.shape[-1]
-    dgx = _ln_bwd(dg, xh, rstd)
+    dgx = ln_rows_bwd(dg, xh, rstd)
     dxh = -rstd * c * dg - rstd * (dg * xh).mean(-1, keepdim=True) * gx + dgx * gw_ * gw_
     drstd = (dg * (gx - a - xh * c)).sum(-1, keepdim=True)
-    dz = _ln_bwd(dxh, xh, rstd) - drstd * rstd * rstd * xh / f
+    dz = ln_rows_bwd(dxh, xh, rstd) - drstd * rstd * rstd * xh / f
     return dz, dgx * (e + gw_ * xh), dgx * gw_, -dgx * gw_
 
 
 def _forward(xq, xk, xv, lr, t, gw, gb, W1, b1, W2, b2):
     gw_, gb_ = gw[:, None, :], gb[:, None, :]
-    mask = _mask(xq.shape[-2], xq.device)
+    mask = causal_mask(xq.shape[-2], xq.device)
     eta = lr[..., None]
     z1 = xk @ W1 + b1[..., None, :]
     x2, ds1, dds1 = gelu_parts(z1)
@@ -82,9 +66,9 @@ def _forward(xq, xk, xv, lr, t, gw, gb, W1, b1, W2, b2):
 
 
 def mlp_step(xq, xk, xv, lr, t, gw, gb, W1, b1, W2, b2) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """One mini-batch of TTT-MLP (shapes as ``triton_linear_math.linear_step``). Returns ``(out, new state)``."""
+    """One mini-batch of TTT-MLP (shapes as ``ttt_linear.math.linear_step``). Returns ``(out, new state)``."""
     v = _forward(xq, xk, xv, lr, t, gw, gb, W1, b1, W2, b2)
-    xh, _ = _ln(v["z2bar"])
+    xh, _ = ln_rows(v["z2bar"])
     out = xq + xh * gw[:, None, :] + gb[:, None, :]
     tl_ = t[-1]
     lg1, lg2 = v["lg1"], v["lg2"]
@@ -99,16 +83,16 @@ def mlp_step_bwd(xq, xk, xv, lr, t, gw, gb, W1, b1, W2, b2, dout, dW1n, db1n, dW
     ``W1, b1, W2, b2`` (the start state's gradient)."""
     v = _forward(xq, xk, xv, lr, t, gw, gb, W1, b1, W2, b2)
     gw_ = gw[:, None, :]
-    mask = _mask(xq.shape[-2], xq.device)
+    mask = causal_mask(xq.shape[-2], xq.device)
     tcol, t_last, eta = t[:, None], t[-1], lr[..., None]
     x2, x2bar, g1, g2, lg1, lg2 = v["x2"], v["x2bar"], v["g1"], v["g2"], v["lg1"], v["lg2"]
     m1, m2, s1, s2 = v["m1"], v["m2"], v["s1"], v["s2"]
     # out = xq + LN(z2bar)
-    xh, rstd = _ln(v["z2bar"])
+    xh, rstd = ln_rows(v["z2bar"])
     dxq = dout.clone()
     dgw = (dout * xh).sum((0, 2))
     dgb = dout.sum((0, 2))
-    dz2bar = _ln_bwd(dout * gw_, xh, rstd)
+    dz2bar = ln_rows_bwd(dout * gw_, xh, rstd)
     # z2bar = x2bar W2 + b2 - M2 lg2 ; W2', b2' update
     dW2 = dW2n + x2bar.transpose(-1, -2) @ dz2bar
     db2 = db2n + dz2bar.sum(-2)
@@ -180,8 +164,8 @@ def ttt_mlp_manual(
         return xq[:, :, s:e], xk[:, :, s:e], xv[:, :, s:e], lr[:, :, s:e], tok[: e - s], gw, gb
 
     def reset_state(st, r):
-        W1, b1 = _reset_to(st[0], st[1], init[0], init[1], r)
-        W2, b2 = _reset_to(st[2], st[3], init[2], init[3], r)
+        W1, b1 = reset_to(st[0], st[1], init[0], init[1], r)
+        W2, b2 = reset_to(st[2], st[3], init[2], init[3], r)
         return W1, b1, W2, b2
 
     used, outs = [], []

@@ -14,57 +14,43 @@ slots, then walks the segment backwards. Per mini-batch it makes four passes ove
 B: ``Z2bar`` and the second layer's dual-form pieces; C: the first layer's backward and what flows into ``G2``;
 D: the backward through ``Z2 = X2 W2 + b2`` into the first layer). The carried state gradient lives in two
 ping-pong buffers (read one, write the other) so that no chunk is overwritten while another warp may still read it.
-The math is :mod:`tttexp.ops.triton_mlp_math` (checked against autograd of the reference in float64).
+The math is :mod:`tttexp.ops.ttt_mlp.math` (checked against autograd of the reference in float64).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from tttexp.ops.triton_common import dot_config, ln_rows, ln_rows_bwd, mm, padded_dim
+from tttexp.ops.triton_utils import dot_config, gelu, gelu_grad, gelu_parts, ln_rows, ln_rows_bwd, mm, padded_dim
 
-# Hidden-dim chunk, mini-batches per checkpoint segment, warps and stages (None: Triton's default), and the dots
-# used for bf16 inputs. Chunks of 32 keep the sm_90 build's spills small (see benchmarks/NOTES-kernels.md).
-CONFIG = {"hc": 32, "every": 8, "warps": 8, "bwd_warps": 8, "fwd_stages": None, "bwd_stages": None,
-          "lowp": "input"}
+
+@dataclass(frozen=True)
+class MLPConfig:
+    """Launch settings of the TTT-MLP kernels: hidden-dim chunk ``hc``, mini-batches per checkpoint segment
+    ``every``, warps of the forward (``warps``) and backward (``bwd_warps``), stages (None: Triton's default) and the
+    dots used for bf16 inputs (``lowp``, as for TTT-Linear). Chunks of 32 keep the sm_90 build's spills small
+    (see benchmarks/NOTES-kernels.md)."""
+
+    hc: int = 32
+    every: int = 8
+    warps: int = 8
+    bwd_warps: int = 8
+    fwd_stages: int | None = None
+    bwd_stages: int | None = None
+    lowp: str = "input"
+
+
+DEFAULT_CONFIG = MLPConfig()
 
 
 def _opts(warps: int, stages: int | None) -> dict[str, int]:
     return {"num_warps": warps} | ({"num_stages": stages} if stages else {})
-
-
-
-@triton.jit
-def _tanh(u):
-    return 2.0 / (1.0 + tl.exp(-2.0 * u)) - 1.0
-
-
-@triton.jit
-def _gelu(x):
-    return 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
-
-
-@triton.jit
-def _gelu_grad(x):
-    t = _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))
-    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
-
-
-@triton.jit
-def _gelu_parts(x):
-    """gelu_tanh(x) and its first and second derivatives."""
-    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-    du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
-    ddu = 6.0 * 0.044715 * 0.7978845608028654 * x
-    t = _tanh(u)
-    sech2 = 1.0 - t * t
-    return (0.5 * x * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * x * sech2 * du,
-            sech2 * (du + 0.5 * x * (ddu - 2.0 * t * du * du)))
 
 
 @triton.jit
@@ -84,7 +70,7 @@ def _z2(xk, p1, pb1, p2, b2, w1_off, w2_off, hcols, FP: tl.constexpr, HID: tl.co
     """Z2 = gelu(Xk W1 + b1) W2 + b2 over the hidden chunks of the state at (p1, pb1, p2)."""
     z2 = tl.zeros([BK, FP], dtype=tl.float32) + b2[None, :]
     for c0 in range(0, HID, HC):
-        x2c = _gelu(mm(xk, tl.load(p1 + c0 + w1_off), DT, PREC, EMU) + tl.load(pb1 + c0 + hcols)[None, :])
+        x2c = gelu(mm(xk, tl.load(p1 + c0 + w1_off), DT, PREC, EMU) + tl.load(pb1 + c0 + hcols)[None, :])
         z2 += mm(x2c, tl.load(p2 + c0 * FP + w2_off), DT, PREC, EMU)
     return z2
 
@@ -156,9 +142,9 @@ def _mlp_fwd_kernel(
             b1c = tl.load(pb1 + c0 + hcols)
             w2c = tl.load(p2 + c0 * FP + w2_off)
             z1c = mm(xk, w1c, DT, PREC, EMU) + b1c[None, :]
-            x2c = _gelu(z1c)
-            lg1c = eta[:, None] * mm(g2, tl.trans(w2c), DT, PREC, EMU) * _gelu_grad(z1c)
-            x2bar = _gelu(mm(xq, w1c, DT, PREC, EMU) + b1c[None, :] - mm(m1, lg1c, DT, PREC, EMU))
+            x2c = gelu(z1c)
+            lg1c = eta[:, None] * mm(g2, tl.trans(w2c), DT, PREC, EMU) * gelu_grad(z1c)
+            x2bar = gelu(mm(xq, w1c, DT, PREC, EMU) + b1c[None, :] - mm(m1, lg1c, DT, PREC, EMU))
             acc += mm(x2bar, w2c, DT, PREC, EMU)
             s2 += mm(x2bar, tl.trans(x2c), DT, PREC, EMU)
             tl.store(p1 + c0 + w1_off, w1c - t_last * mm(tl.trans(xk), lg1c, DT, PREC, EMU))
@@ -190,10 +176,10 @@ def _mlp_update(xk, xv, eta, t_last, gw, gb, p1, pb1, p2, pb2, q1, qb1, q2, qb2,
         b1c = tl.load(pb1 + c0 + hcols)
         w2c = tl.load(p2 + c0 * FP + w2_off)
         z1c = mm(xk, w1c, DT, PREC, EMU) + b1c[None, :]
-        lg1c = eta[:, None] * mm(g2, tl.trans(w2c), DT, PREC, EMU) * _gelu_grad(z1c)
+        lg1c = eta[:, None] * mm(g2, tl.trans(w2c), DT, PREC, EMU) * gelu_grad(z1c)
         tl.store(q1 + c0 + w1_off, w1c - t_last * mm(tl.trans(xk), lg1c, DT, PREC, EMU))
         tl.store(qb1 + c0 + hcols, b1c - t_last * tl.sum(lg1c, 0))
-        tl.store(q2 + c0 * FP + w2_off, w2c - t_last * mm(tl.trans(_gelu(z1c)), lg2, DT, PREC, EMU))
+        tl.store(q2 + c0 * FP + w2_off, w2c - t_last * mm(tl.trans(gelu(z1c)), lg2, DT, PREC, EMU))
     tl.store(qb2 + cols, b2 - t_last * tl.sum(lg2, 0))
 
 
@@ -306,9 +292,9 @@ def _mlp_bwd_kernel(
                 b1c = tl.load(pb1 + c0 + hcols)
                 w2c = tl.load(p2 + c0 * FP + w2_off)
                 z1c = mm(xk, w1c, DT, PREC, EMU) + b1c[None, :]
-                x2c = _gelu(z1c)
-                lg1c = eta[:, None] * mm(g2, tl.trans(w2c), DT, PREC, EMU) * _gelu_grad(z1c)
-                x2bar = _gelu(mm(xq, w1c, DT, PREC, EMU) + b1c[None, :] - mm(m1, lg1c, DT, PREC, EMU))
+                x2c = gelu(z1c)
+                lg1c = eta[:, None] * mm(g2, tl.trans(w2c), DT, PREC, EMU) * gelu_grad(z1c)
+                x2bar = gelu(mm(xq, w1c, DT, PREC, EMU) + b1c[None, :] - mm(m1, lg1c, DT, PREC, EMU))
                 acc += mm(x2bar, w2c, DT, PREC, EMU)
                 s2 += mm(x2bar, tl.trans(x2c), DT, PREC, EMU)
                 q2 += mm(x2c, tl.load(dn2 + c0 * FP + w2_off), DT, PREC, EMU)
@@ -339,11 +325,11 @@ def _mlp_bwd_kernel(
                 dnb1c = tl.load(dnb1 + c0 + hcols)
                 dn2c = tl.load(dn2 + c0 * FP + w2_off)
                 z1c = mm(xk, w1c, DT, PREC, EMU) + b1c[None, :]
-                x2c, ds1c, dds1c = _gelu_parts(z1c)
+                x2c, ds1c, dds1c = gelu_parts(z1c)
                 pc = mm(g2, tl.trans(w2c), DT, PREC, EMU)
                 g1c = pc * ds1c
                 lg1c = eta[:, None] * g1c
-                x2bar, ds1bar, _ = _gelu_parts(mm(xq, w1c, DT, PREC, EMU) + b1c[None, :] - mm(m1, lg1c, DT, PREC, EMU))
+                x2bar, ds1bar, _ = gelu_parts(mm(xq, w1c, DT, PREC, EMU) + b1c[None, :] - mm(m1, lg1c, DT, PREC, EMU))
                 dz1bar = (mm(dz2bar, tl.trans(w2c), DT, PREC, EMU) + mm(ds2, x2c, DT, PREC, EMU)) * ds1bar
                 dxq += mm(dz1bar, tl.trans(w1c), DT, PREC, EMU)
                 dm1 -= mm(dz1bar, tl.trans(lg1c), DT, PREC, EMU)
@@ -386,7 +372,7 @@ def _mlp_bwd_kernel(
                 b1c = tl.load(pb1 + c0 + hcols)
                 w2c = tl.load(p2 + c0 * FP + w2_off)
                 z1c = mm(xk, w1c, DT, PREC, EMU) + b1c[None, :]
-                x2c, ds1c, _ = _gelu_parts(z1c)
+                x2c, ds1c, _ = gelu_parts(z1c)
                 dz1c = tl.load(dz1_ptr + pid * BK * HID + c0 + z_off) + mm(dz2, tl.trans(w2c), DT, PREC, EMU) * ds1c
                 dxk += mm(dz1c, tl.trans(w1c), DT, PREC, EMU)
                 tl.store(dw2 + c0 * FP + w2_off,
@@ -431,12 +417,13 @@ def _padded(s: Tensor, fp: int, dims: tuple[int, ...]) -> Tensor:
     return out
 
 
-def _dims(xq: Tensor, tok: Tensor, every: int) -> dict[str, int]:
+def _dims(xq: Tensor, tok: Tensor, config: MLPConfig) -> dict[str, int]:
+    every = config.every
     bsz, heads, seq, f = xq.shape
     k = tok.shape[0]
     n_mb = math.ceil(seq / k)
     hid = 4 * f
-    hc = CONFIG["hc"] if hid % CONFIG["hc"] == 0 else math.gcd(hid, CONFIG["hc"])
+    hc = config.hc if hid % config.hc == 0 else math.gcd(hid, config.hc)
     return dict(bsz=bsz, heads=heads, seq=seq, f=f, k=k, n_mb=n_mb, n_ck=math.ceil(n_mb / every), fp=padded_dim(f),
                 hid=hid, hc=hc, bk=max(16, triton.next_power_of_2(k)))
 
@@ -449,14 +436,14 @@ def _padded_init(init_state: tuple[Tensor, ...], fp: int) -> tuple[Tensor, ...]:
 def mlp_forward(
     xq: Tensor, xk: Tensor, xv: Tensor, lr: Tensor, tok: Tensor, ln_w: Tensor, ln_b: Tensor,
     init_state: tuple[Tensor, ...], state: tuple[Tensor, ...] | None, reset: Tensor | None,
-    save: bool = False, every: int | None = None,
+    save: bool = False, config: MLPConfig = DEFAULT_CONFIG,
 ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
     """Run the TTT-MLP forward kernel (contiguous inputs, ``reset`` uint8 ``[B, N]`` or None).
 
     Returns ``(out, final state (W1, b1, W2, b2) in fp32, checkpoints)``; the checkpoints are padded
-    ``[B*H, NC, ...]`` state tensors every ``every`` mini-batches (``NC = 0`` unless ``save``)."""
-    every = every or CONFIG["every"]
-    d = _dims(xq, tok, every)
+    ``[B*H, NC, ...]`` state tensors every ``config.every`` mini-batches (``NC = 0`` unless ``save``)."""
+    every = config.every
+    d = _dims(xq, tok, config)
     fp, hid, bh = d["fp"], d["hid"], d["bsz"] * d["heads"]
     p_init = _padded_init(init_state, fp)
     if state is None:
@@ -470,12 +457,12 @@ def mlp_forward(
     ckpt = (torch.empty(bh, nck, fp, hid, **f32), torch.empty(bh, nck, hid, **f32),
             torch.empty(bh, nck, hid, fp, **f32), torch.empty(bh, nck, fp, **f32))
     out = torch.empty_like(xq)
-    dt, prec, emu = dot_config(xq.dtype, CONFIG["lowp"])
+    dt, prec, emu = dot_config(xq.dtype, config.lowp)
     _mlp_fwd_kernel[(bh,)](
         xq, xk, xv, lr, tok, ln_w, ln_b, *work, *p_init, reset if reset is not None else tok, out, *ckpt,
         d["seq"], d["n_mb"], d["n_ck"], d["heads"],
         F=d["f"], FP=fp, HID=hid, HC=d["hc"], BK=d["bk"], K=d["k"], C=every, HAS_RESET=reset is not None,
-        SAVE=save, DT=dt, PREC=prec, EMU=emu, **_opts(CONFIG["warps"], CONFIG["fwd_stages"]),
+        SAVE=save, DT=dt, PREC=prec, EMU=emu, **_opts(config.warps, config.fwd_stages),
     )
     f = d["f"]
     W1, b1, W2, b2 = work
@@ -485,15 +472,15 @@ def mlp_forward(
 def mlp_backward(
     xq: Tensor, xk: Tensor, xv: Tensor, lr: Tensor, tok: Tensor, ln_w: Tensor, ln_b: Tensor,
     init_state: tuple[Tensor, ...], reset: Tensor | None, ckpt: tuple[Tensor, ...],
-    dout: Tensor, dfinal: tuple[Tensor, ...], every: int | None = None,
+    dout: Tensor, dfinal: tuple[Tensor, ...], config: MLPConfig = DEFAULT_CONFIG,
 ) -> dict[str, Tensor]:
-    """Run the TTT-MLP backward kernel (checkpoints from :func:`mlp_forward` with the same ``every``).
+    """Run the TTT-MLP backward kernel (checkpoints from :func:`mlp_forward` with the same ``config``).
 
     Returns per-token grads, ``tok``/``ln_w``/``ln_b`` grads reduced over batch (and heads for ``tok``),
     ``state`` (the start state's gradient, 4 tensors ``[B,H,...]``) and ``reset`` (reset-point contributions to
     the initial state, 4 tensors ``[H,...]``, zero without ``reset``)."""
-    every = every or CONFIG["every"]
-    d = _dims(xq, tok, every)
+    every = config.every
+    d = _dims(xq, tok, config)
     fp, hid, bh, f = d["fp"], d["hid"], d["bsz"] * d["heads"], d["f"]
     f32 = dict(device=xq.device, dtype=torch.float32)
     p_init = _padded_init(init_state, fp)
@@ -515,13 +502,13 @@ def mlp_backward(
     dtok = torch.empty(bh, d["bk"], **f32)
     dlnw = torch.empty(d["bsz"], d["heads"], f, **f32)
     dlnb = torch.empty(d["bsz"], d["heads"], f, **f32)
-    dt, prec, emu = dot_config(xq.dtype, CONFIG["lowp"])
+    dt, prec, emu = dot_config(xq.dtype, config.lowp)
     _mlp_bwd_kernel[(bh,)](
         xq, xk, xv, lr, tok, ln_w, ln_b, *p_init, reset if has_reset else tok, *ckpt, *scratch,
         g1, gb1, g2, gb2, dz1, *di, dout, dxq, dxk, dxv, dlr, dtok, dlnw, dlnb,
         d["seq"], d["n_mb"], d["n_ck"], d["heads"],
         F=f, FP=fp, HID=hid, HC=d["hc"], BK=d["bk"], K=d["k"], C=every, HAS_RESET=has_reset,
-        DT=dt, PREC=prec, EMU=emu, **_opts(CONFIG["bwd_warps"], CONFIG["bwd_stages"]),
+        DT=dt, PREC=prec, EMU=emu, **_opts(config.bwd_warps, config.bwd_stages),
     )
     cur = d["n_mb"] % 2
     shape = (d["bsz"], d["heads"])
