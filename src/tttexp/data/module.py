@@ -30,12 +30,14 @@ class DataModule:
     def __init__(
         self,
         source: str = "shipped",
-        seq_len: int = 256,
+        seq_len: int = 128,
         batch_size: int = 8,
+        stream: bool = False,
+        prefetch: bool = False,
         tokenizer: str = "bpe",
-        vocab_size: int = 8192,
+        vocab_size: int = 4096,
         val_fraction: float = 0.05,
-        val_windows: int = 64,
+        val_windows: int = 32,
         paths: list[str] | None = None,
         hf_dataset: str | None = None,
         hf_config: str | None = None,
@@ -63,6 +65,7 @@ class DataModule:
         if source == "hf" and not hf_dataset:
             raise ValueError("data.source=hf needs data.hf_dataset (a dataset name or local path)")
         self.source, self.seq_len, self.batch_size = source, seq_len, batch_size
+        self.stream, self.prefetch = bool(stream), bool(prefetch)
         self.tokenizer_kind, self.requested_vocab_size = tokenizer, vocab_size
         self.val_fraction, self.val_windows = val_fraction, val_windows
         self.paths = list(paths) if paths is not None else None
@@ -80,13 +83,12 @@ class DataModule:
         rank: int = 0,
         world_size: int = 1,
         mini_batch_size: int = 16,
-        stream: bool = False,
         tokenizer: Tokenizer | None = None,
     ) -> None:
         """Load and split the documents, build the tokenizer (on the training split, unless one is given,
         e.g. a pretrained model's), tokenize through the cache and build `train_loader` and `val_set`.
 
-        `stream=True` gives a StreamLoader (per-row contiguous documents for state passing), otherwise a
+        `data.stream=true` gives a StreamLoader (per-row contiguous documents for state passing), otherwise a
         WindowLoader of shuffled windows.
         """
         docs = load_documents(
@@ -114,7 +116,7 @@ class DataModule:
         train_tokens = tokenize_documents(train_docs, tokenizer, self.cache_dir)
         val_tokens = tokenize_documents(val_docs, tokenizer, self.cache_dir)
 
-        if stream:
+        if self.stream:
             self._train_loader = StreamLoader(
                 train_tokens,
                 eos_id=tokenizer.eos_id,

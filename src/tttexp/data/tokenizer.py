@@ -252,13 +252,16 @@ def _transformers_tokenizer(name_or_path: str) -> Tokenizer:
         ) from None
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer {name_or_path!r} has no EOS token; pick a tokenizer that defines one")
-    digest = hashlib.sha256(f"{type(tok).__name__}\x00{_transformers_definition(tok)}".encode()).hexdigest()[
-        :16
-    ]
+    return wrap_transformers_tokenizer(tok, name_or_path)
+
+
+def wrap_transformers_tokenizer(tok: Any, source: str) -> Tokenizer:
+    """A loaded transformers tokenizer as a :class:`Tokenizer`, named by a digest of its full definition."""
+    digest = hashlib.sha256(f"{type(tok).__name__}\x00{_transformers_definition(tok)}".encode()).hexdigest()[:16]
     return Tokenizer(
         TransformersBackend(tok),
         name=f"hf-{digest}",
-        source=name_or_path,
+        source=source,
         vocab_size=len(tok),
         eos_id=int(tok.eos_token_id),
     )

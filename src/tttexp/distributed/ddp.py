@@ -20,8 +20,8 @@ from tttexp.errors import StrategyError
 class DistributedDataParallel(Strategy):
     """DDP over the processes of the current world (a world of one when started alone)."""
 
-    def __init__(self, name: str, backend: str = "auto", timeout_s: int = 600, **kwargs: Any) -> None:
-        super().__init__(name, **kwargs)
+    def __init__(self, backend: str = "auto", timeout_s: int = 600, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.backend = backend
         self.timeout_s = timeout_s
         self._owns_group = False

@@ -19,7 +19,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tttexp.distributed.world import free_port, in_existing_world, process_rank
-from tttexp.errors import ConfigError
 
 
 def resolve_nproc(value: Any) -> int:
@@ -27,17 +26,18 @@ def resolve_nproc(value: Any) -> int:
     if value == "auto":
         count = torch.cuda.device_count()
         if count == 0:
-            raise ConfigError(
-                "distributed.nproc_per_node=auto counts GPUs and none is visible; on the CPU give a number, "
-                "e.g. distributed.nproc_per_node=2"
-            )
+            from tttexp.distributed.strategy import warn
+
+            warn("distributed.nproc_per_node=auto counts GPUs and none is visible: running ONE process on the CPU; "
+                 "for several give a number, e.g. distributed.nproc_per_node=2")
+            return 1
         return count
     return int(value)
 
 
 def needs_launch(cfg: DictConfig) -> bool:
     """True for a DDP strategy with more than one local process that is not yet inside a world."""
-    is_ddp = str(cfg.strategy._target_).endswith("DistributedDataParallel")
+    is_ddp = str(cfg.distributed._target_).endswith("DistributedDataParallel")
     return is_ddp and not in_existing_world() and resolve_nproc(cfg.distributed.nproc_per_node) > 1
 
 

@@ -1,4 +1,4 @@
-"""Strategy: where and how a model trains — device, precision, kernels, compile, wrapping and collectives."""
+"""Strategy: the process/device layer — device, numeric flags, model wrapping (compile, DDP) and collectives."""
 
 from __future__ import annotations
 
@@ -11,55 +11,40 @@ from typing import Any
 import torch
 from torch import nn
 
+from tttexp.distributed.world import process_rank
 from tttexp.errors import StrategyError
 
 
 def warn(message: str) -> None:
     """One line on stderr, from rank 0 only."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    if process_rank() == 0:
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 class Strategy:
-    """A training recipe's process-level settings; the app instantiates a subclass from ``conf/strategy``.
+    """The process/device layer: picks the device, sets the numeric flags, wraps the model, runs collectives.
 
-    Fields mirror :class:`tttexp.config.StrategyBase`; recipe-specific extras (``base_model``, ``on_cpu``, ...)
-    stay in ``self.options``.
+    The app instantiates a subclass from ``conf/distributed`` and passes the numerics it owns from ``trainer``
+    (precision, compile, tf32, deterministic, on_cpu). After :meth:`setup`, ``precision`` and ``compile`` hold what
+    actually runs (the CPU fallback switches bf16 and compile off).
     """
 
     def __init__(
         self,
-        name: str,
         precision: str = "fp32",
         compile: bool = False,
         tf32: bool = False,
         deterministic: bool = False,
-        lr_scale: float = 1.0,
-        max_grad_norm: float | None = None,
-        state_passing: bool = False,
-        reset_on_document: bool = True,
-        skip_nonfinite: bool = False,
-        max_bad_steps: int = 5,
-        inference_every: int = 0,
-        prefetch: bool = False,
-        kernel: str | None = None,
-        **options: Any,
+        on_cpu: str = "fallback",
+        label: str = "this run",
+        **_unused: Any,
     ) -> None:
-        self.name = name
         self.precision = precision
         self.compile = compile
         self.tf32 = tf32
         self.deterministic = deterministic
-        self.lr_scale = lr_scale
-        self.max_grad_norm = max_grad_norm
-        self.state_passing = state_passing
-        self.reset_on_document = reset_on_document
-        self.skip_nonfinite = skip_nonfinite
-        self.max_bad_steps = max_bad_steps
-        self.inference_every = inference_every
-        self.prefetch = prefetch
-        self.kernel = kernel
-        self.options = options
+        self.on_cpu = on_cpu
+        self.label = label
         self.device = torch.device("cpu")
         self.rank, self.world_size, self.local_rank = 0, 1, 0
 
@@ -94,17 +79,14 @@ class Strategy:
     def _cpu_fallback(self) -> None:
         """Settings that only make sense on a GPU are switched off on the CPU."""
         if self.precision == "bf16" or self.compile:
-            if self.options.get("on_cpu", "fallback") == "error":
+            if self.on_cpu == "error":
                 raise StrategyError(
-                    f"strategy={self.name} needs a CUDA GPU and none is visible; "
-                    "use strategy=conservative, or strategy.on_cpu=fallback to run fp32/eager on the CPU"
+                    f"{self.label} asks for trainer.precision={self.precision} trainer.compile={self.compile} and no "
+                    "CUDA GPU is visible; use strategy=conservative, or trainer.on_cpu=fallback to run fp32/eager"
                 )
-            warn(f"strategy={self.name}: no CUDA GPU; running the CPU equivalent (fp32, eager, torch kernels)")
-            self.precision, self.compile, self.prefetch = "fp32", False, False
-
-    def kernel_for(self, requested: str) -> str:
-        """The inner-loop kernel this recipe uses: its pinned one (``strategy.kernel``), else ``model.kernel``."""
-        return self.kernel or requested
+            warn(f"{self.label}: no CUDA GPU; running the CPU equivalent (trainer.precision=fp32, "
+                 "trainer.compile=false, torch kernels)")
+            self.precision, self.compile = "fp32", False
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """Move to the device; compile if asked. Returns the module to call in the loop."""

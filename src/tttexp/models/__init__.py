@@ -2,7 +2,7 @@
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from tttexp.models.build import build_model
+from tttexp.models.build import FromScratch, build_model
 from tttexp.models.cache import LayerState, TTTCache
 from tttexp.models.configuration import BACKBONES, SIZE_PRESETS, TTT_LAYERS, TTTConfig
 from tttexp.models.modeling import TTTCausalLMOutput, TTTForCausalLM, TTTModel
@@ -20,5 +20,6 @@ __all__ = [
     "TTTConfig",
     "TTTForCausalLM",
     "TTTModel",
+    "FromScratch",
     "build_model",
 ]

@@ -15,6 +15,7 @@ except ImportError:  # pragma: no cover - older transformers
     from torch.nn import init
 from transformers.utils import ModelOutput
 
+from tttexp import ops
 from tttexp.models.attention import Attention
 from tttexp.models.cache import TTTCache
 from tttexp.models.configuration import TTTConfig
@@ -159,6 +160,22 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
     def ttt_layers(self) -> list[TTTLayer]:
         """The TTT layers (a hybrid model's attention layers are left out)."""
         return [block.ttt for block in self.model.layers if block.mixer == "ttt"]
+
+    def set_inner_lr_scale(self, step: int, warmup_steps: int) -> None:
+        """The model's own schedule: TTT-MLP's inner learning rate ramps from 0.1x to 1x of ``ttt_base_lr`` over
+        the outer warmup (the paper's recipe); TTT-Linear's stays at 1x."""
+        if self.config.ttt_layer != "mlp":
+            return
+        ramp = 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+        for layer in self.ttt_layers():
+            layer.inner_lr_scale = 0.1 + 0.9 * ramp
+
+    def resolved_kernel(self, device_type: str) -> str:
+        """The inner-loop implementation that runs on ``device_type``: ``model.kernel`` with ``auto`` resolved
+        (``none`` when the model has no TTT layer)."""
+        if not self.ttt_layers():
+            return "none"
+        return ops.resolve_kernel(self.config.kernel, device_type)
 
     def forward(
         self,

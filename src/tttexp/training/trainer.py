@@ -11,47 +11,21 @@ import math
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from tttexp.distributed import Strategy
 from tttexp.errors import TrainingStopped
 from tttexp.models import TTTCache, TTTForCausalLM
 from tttexp.training import checkpoint as ckpt
 from tttexp.training import metrics as M
-from tttexp.training.schedule import lr_at
+from tttexp.training.config import OptimConfig, TrainerConfig
 from tttexp.training.inference import time_inference
 from tttexp.training.preemption import Preempted, PreemptionFlag, requeue_slurm_job
+from tttexp.training.schedule import lr_at
 from tttexp.training.validation import loss_by_position, mean_loss
-
-
-@dataclass
-class OptimSettings:
-    lr: float
-    betas: tuple[float, float]
-    weight_decay: float
-    eps: float
-    warmup_steps: int
-    min_lr_ratio: float
-    max_grad_norm: float
-
-
-@dataclass
-class LoopSettings:
-    max_steps: int
-    grad_accum_steps: int = 1
-    log_every: int = 10
-    eval_every: int = 50
-    ckpt_every: int = 0
-    keep_last: int = 2
-    progress: str = "auto"
-    position_eval_len: int = 0
-    position_eval_sequences: int = 8
-    plots: bool = True
 
 
 class Trainer:
@@ -62,8 +36,8 @@ class Trainer:
         data: Any,
         strategy: Strategy,
         logger: Any,
-        optim: OptimSettings,
-        loop: LoopSettings,
+        optim: OptimConfig,
+        loop: TrainerConfig,
         run_dir: Path,
         health: Any | None = None,
         resume_state: dict[str, Any] | None = None,
@@ -80,7 +54,8 @@ class Trainer:
         self.model = strategy.prepare_model(model)
         self.optimizer = self._build_optimizer()
         self.train_loader = data.train_loader
-        if strategy.prefetch:
+        self.stream = bool(getattr(data, "stream", False))  # per-row streams: carry each row's TTT state
+        if getattr(data, "prefetch", False):
             from tttexp.data.prefetch import Prefetcher
 
             self.train_loader = Prefetcher(data.train_loader, self.device)
@@ -131,7 +106,7 @@ class Trainer:
                 if self._every(self.loop.eval_every):
                     self._log(self.evaluate())
                     watch.restart()
-                if self._every(self.strategy.inference_every):
+                if self._every(self.loop.inference_every):
                     self._time_inference()
                     watch.restart()
                 if self._every(self.loop.ckpt_every):
@@ -186,13 +161,13 @@ class Trainer:
             (loss / accum).backward()
             total += loss.detach()
         loss = self.strategy.all_reduce_mean(total / accum)
-        max_norm = self.strategy.max_grad_norm if self.strategy.max_grad_norm is not None else self.optim.max_grad_norm
+        max_norm = self.optim.max_grad_norm
         params = [p for p in self.raw_model.parameters() if p.grad is not None]
         if max_norm and max_norm > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         else:
             grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params]))
-        if self.strategy.skip_nonfinite:
+        if self.loop.skip_nonfinite:
             if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
                 self._skip_bad_step()
                 return loss, grad_norm, False
@@ -202,10 +177,10 @@ class Trainer:
         return loss, grad_norm.detach(), True
 
     def _forward_loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        if not self.strategy.state_passing:
+        if not self.stream:
             return self.model(batch["input_ids"], labels=batch["labels"], use_cache=False).loss
         cache = self.carry if self.carry is not None else TTTCache(self.raw_model.config.num_hidden_layers)
-        starts = batch.get("doc_start") if self.strategy.reset_on_document else None
+        starts = batch.get("doc_start") if self.loop.reset_on_document else None
         if starts is not None:
             self.resets = self.resets + starts.sum()
         out = self.model(batch["input_ids"], labels=batch["labels"], cache=cache, use_cache=True, doc_starts=starts)
@@ -220,25 +195,20 @@ class Trainer:
         if self.strategy.is_main:
             print(f"warning: step {self.step + 1}: non-finite loss or gradients; step skipped "
                   f"({self.bad_steps_in_a_row} in a row)", file=sys.stderr, flush=True)
-        if self.bad_steps_in_a_row >= self.strategy.max_bad_steps:
+        if self.bad_steps_in_a_row >= self.loop.max_bad_steps:
             self.step += 1
             path = self.save()
             raise TrainingStopped(
-                f"{self.bad_steps_in_a_row} non-finite steps in a row (strategy.max_bad_steps="
-                f"{self.strategy.max_bad_steps}); the last good weights are in {path}. Lower optim.lr or check the data"
+                f"{self.bad_steps_in_a_row} non-finite steps in a row (trainer.max_bad_steps="
+                f"{self.loop.max_bad_steps}); the last good weights are in {path}. Lower optim.lr or check the data"
             )
 
     def _set_learning_rate(self, step: int) -> float:
-        peak = self.optim.lr * self.strategy.lr_scale
-        lr = lr_at(step, peak=peak, warmup_steps=self.optim.warmup_steps, max_steps=self.loop.max_steps,
+        lr = lr_at(step, peak=self.optim.lr, warmup_steps=self.optim.warmup_steps, max_steps=self.loop.max_steps,
                      min_ratio=self.optim.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if self.raw_model.config.ttt_layer == "mlp":
-            # The paper ramps TTT-MLP's inner learning rate from 0.1x to 1x of ttt_base_lr over the warmup.
-            ramp = 1.0 if self.optim.warmup_steps == 0 else min(1.0, (step + 1) / self.optim.warmup_steps)
-            for layer in self.raw_model.ttt_layers():
-                layer.inner_lr_scale = 0.1 + 0.9 * ramp
+        self.raw_model.set_inner_lr_scale(step, self.optim.warmup_steps)
         return lr
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
@@ -294,7 +264,6 @@ class Trainer:
                 rows = loss_by_position(self.raw_model, sequences, autocast=self.strategy.autocast())
                 self.logger.log_table("val/ppl_by_position", ["start", "end", "loss", "ppl"],
                                       [[r["start"], r["end"], r["loss"], r["ppl"]] for r in rows], step=self.step)
-                self.position_rows = rows
         if self.loop.plots:
             from tttexp.training import plots
 
@@ -325,7 +294,7 @@ class Trainer:
         if utilisation is not None:
             record["system/mfu"] = utilisation
         record.update(M.gpu_memory(self.device))
-        if self.strategy.state_passing and self.carry is not None:
+        if self.stream and self.carry is not None:
             record.update(self._state_record())
         record.update(self.counters)
         if self.health is not None:
@@ -479,7 +448,3 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
 
-
-def set_kernel(model: nn.Module, kernel: str) -> None:
-    """Switch the inner-loop implementation of every TTT layer (the config is shared by all of them)."""
-    model.config.kernel = kernel
