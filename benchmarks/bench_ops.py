@@ -48,11 +48,28 @@ def time_once_ms(fn, n: int = 2) -> float:
     return float(sorted(times)[len(times) // 2])
 
 
+def graph_ms(fn, leaves) -> float:
+    """GPU time of ``fn`` (forward and backward) replayed from a CUDA graph: no host launch cost."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    for x in leaves:
+        x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return float(do_bench(graph.replay, warmup=25, rep=200, return_mode="median"))
+
+
 def bench_case(layer: str, b: int, t: int, h: int, f: int, dtype: torch.dtype, ref: str) -> dict:
     inputs = op_inputs(layer, b, t, h, f, dtype)
     tf, tfb, leaves = op_fns(ttt_triton, layer, inputs)
     row = {"layer": layer, "B": b, "T": t, "H": h, "F": f, "dtype": str(dtype).removeprefix("torch."),
-           "triton_fwd_ms": time_ms(tf, leaves), "triton_fwd_bwd_ms": time_ms(tfb, leaves)}
+           "triton_fwd_ms": time_ms(tf, leaves), "triton_fwd_bwd_ms": time_ms(tfb, leaves),
+           "triton_fwd_bwd_graph_ms": graph_ms(tfb, leaves)}
     if ref != "skip":
         rf, rfb, _ = op_fns(reference.ttt_dual, layer, inputs)
         timer = (lambda fn: time_ms(fn, leaves, rep=500)) if ref == "bench" else time_once_ms
@@ -127,11 +144,12 @@ def main() -> None:
     out = Path(args.out) / f"ops-{result['date']}-{dev}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    head = ["layer", "B", "T", "H", "F", "fwd ms", "fwd+bwd ms", "ref fwd+bwd", "x"]
-    print("\n" + " ".join(f"{c:>{w}}" for c, w in zip(head, [7, 2, 6, 3, 3, 8, 10, 11, 6], strict=True)))
+    head = ["layer", "B", "T", "H", "F", "fwd ms", "fwd+bwd ms", "graph", "ref fwd+bwd", "x"]
+    print("\n" + " ".join(f"{c:>{w}}" for c, w in zip(head, [7, 2, 6, 3, 3, 8, 10, 7, 11, 6], strict=True)))
     for r in rows:
         print(f"{r['layer']:7} {r['B']:>2} {r['T']:>6} {r['H']:>3} {r['F']:>3} {r['triton_fwd_ms']:8.3f} "
-              f"{r['triton_fwd_bwd_ms']:10.3f} {r.get('ref_fwd_bwd_ms', float('nan')):11.2f} "
+              f"{r['triton_fwd_bwd_ms']:10.3f} {r['triton_fwd_bwd_graph_ms']:7.3f} "
+              f"{r.get('ref_fwd_bwd_ms', float('nan')):11.2f} "
               f"{r.get('speedup_fwd_bwd', float('nan')):6.1f}")
     for r in result["decode"]:
         print(f"decode B={r['B']} H={r['H']} F={r['F']}: {r['decode_step_us']:.1f} us/token step")

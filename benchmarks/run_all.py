@@ -26,7 +26,7 @@ RUNS = [
     ["benchmarks/bench_train.py", "--sizes", "1.3b", "--contexts", "2048,8192,32768", "--tokens", "16384",
      "--ttt-modes", "blocks", "--checkpointing", "--compile-llama",
      "--compile-llama-max-context", "8192", "--out", "benchmarks/results/train-1.3b.json"],
-    ["benchmarks/bench_decode.py", "--size", "125m", "--batch", "64", "--prompt", "2048"],
+    ["benchmarks/bench_decode.py", "--size", "125m", "--batch", "64", "--prompt", "2048", "--compile-prefill"],
     ["benchmarks/bench_default.py"],
 ]
 
@@ -70,7 +70,27 @@ def table() -> str:
             lines.append(f"| {name} | {r['size']} | {r['context']} | {r['batch']} | {r['tokens_per_sec']:,.0f} | "
                          f"{ratio:.2f} | {mfu} | {r['peak_memory_gib']:.1f} |")
     decode = newest("decode-")
-    if decode:
+    if decode and decode["rows"] and "what" in decode["rows"][0]:
+        rows, r0 = decode["rows"], decode["rows"][0]
+        pre = [r for r in rows if r["what"] == "prefill" and "prefill_s" in r]
+        llama_pre = min((r["prefill_s"] for r in pre if r["model"] == "llama"), default=0)
+        dec = [r for r in rows if r["what"] == "decode"]
+        llama_dec = next((r["decode_tokens_per_sec"] for r in dec if r["model"] == "llama"), 0)
+        lines += ["", f"Prefill and decoding, {decode['device']}, {decode['date']}, commit {decode['commit'][:8]} "
+                      f"({r0['size']}, batch {r0['batch']}, {r0['prompt']}-token prompt, bf16, greedy; "
+                      "`benchmarks/bench_decode.py`):", "",
+                  "| model | prefill ms | × Llama prefill (faster) | decode tokens/s | × Llama generate() |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
+        for r in pre:
+            name = (f"TTT-{r['ttt_layer']}" if r["ttt_layer"] else "Llama") + (" compiled" if r["compiled"] else "")
+            ratio = r["prefill_s"] / llama_pre if llama_pre else 0
+            lines.append(f"| {name} | {r['prefill_s'] * 1000:.0f} | {ratio:.2f} | | |")
+        for r in dec:
+            name = (f"TTT-{r['ttt_layer']}" if r["ttt_layer"] else "Llama generate() (dynamic KV cache)") + (
+                " (CUDA graphs)" if r.get("graphs") else "")
+            ratio = r["decode_tokens_per_sec"] / llama_dec if llama_dec else 0
+            lines.append(f"| {name} | | | {r['decode_tokens_per_sec']:,.0f} | {ratio:.2f} |")
+    elif decode:
         base = next((r["decode_tokens_per_sec"] for r in decode["rows"] if r["model"] == "llama"), None)
         lines += ["", f"Decoding, {decode['device']}, {decode['date']} (batch {decode['rows'][0]['batch']}, "
                       f"{decode['rows'][0]['prompt']}-token prompt, greedy):", "",

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -24,6 +25,7 @@ def triton_available() -> bool:
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@functools.cache
 def _kernels_importable() -> bool:
     try:
         import tttexp.ops.ttt_linear.op  # noqa: F401

@@ -408,8 +408,11 @@ def linear_backward(
     dev = xq.device
     f32 = dict(device=dev, dtype=torch.float32)
     bh = bsz * heads
-    tiles = [torch.empty(bh, n_mb, bk, fp, **f32) for _ in range(8)]  # xh, gx, g, lg, dlg, dzbar, p, q
-    rows = [torch.empty(bh, n_mb, bk, **f32) for _ in range(2)]  # rstd, c
+    # one allocation for the per-step scratch: 8 tiles (xh, gx, g, lg, dlg, dzbar, p, q) and 2 rows (rstd, c)
+    tile, row = bh * n_mb * bk * fp, bh * n_mb * bk
+    scratch = torch.empty(8 * tile + 2 * row, **f32)
+    tiles = [scratch[i * tile:(i + 1) * tile].view(bh, n_mb, bk, fp) for i in range(8)]
+    rows = [scratch[8 * tile + i * row:8 * tile + (i + 1) * row].view(bh, n_mb, bk) for i in range(2)]
     dxq, dxk, dxv = torch.empty_like(xq), torch.empty_like(xk), torch.empty_like(xv)
     dlr = torch.empty_like(lr)
     dtok = torch.empty(bh * n_ck, bk, **f32)
