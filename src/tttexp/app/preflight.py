@@ -11,12 +11,11 @@ import difflib
 import re
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ValueType
 from hydra.errors import HydraException, MissingConfigException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from tttexp.app.schemas import register_configs, validate
@@ -25,20 +24,32 @@ from tttexp.errors import ConfigError
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
-def split_argv(argv: list[str]) -> tuple[list[str], bool]:
-    """The overrides of a command line, parsed by Hydra's own argument parser (so that every Hydra flag keeps
-    its meaning), without ``hydra.*`` overrides; and whether preflight should stand aside: another config
-    directory or name, a rerun, help, or shell completion, where Hydra itself decides what the words mean."""
-    from hydra._internal.utils import get_args_parser
+class CommandLine:
+    """What preflight needs from a command line, read by Hydra's own argument parser (so that every Hydra flag
+    keeps its meaning): the overrides (``hydra.*`` included: callbacks, launcher and sweeper are checked too),
+    the primary config (``--config-path``/``--config-name``) and an extra config directory (``--config-dir``)."""
 
-    try:
-        args = get_args_parser().parse_args(argv)
-    except SystemExit:  # argparse's own usage error: let Hydra print it
-        return [], True
-    stand_aside = bool(args.config_dir or args.config_path or args.config_name or args.experimental_rerun
-                       or args.help or args.hydra_help or args.shell_completion)
-    overrides = [o for o in args.overrides if not o.lstrip("+~").startswith("hydra")]
-    return overrides, stand_aside
+    def __init__(self, argv: list[str]) -> None:
+        from hydra._internal.utils import get_args_parser
+
+        try:
+            args = get_args_parser().parse_args(argv)
+        except SystemExit:  # argparse's own usage error: let Hydra print it
+            args = None
+        self.parsed = args is not None
+        self.overrides: list[str] = list(args.overrides) if args else []
+        self.config_name: str = (args.config_name if args else None) or "train"
+        self.config_path: str | None = args.config_path if args else None
+        self.config_dir: str | None = args.config_dir if args else None
+        self.rerun: bool = bool(args and args.experimental_rerun)
+        # help and shell completion compose nothing that runs: Hydra decides what the words mean
+        self.stand_aside = not self.parsed or bool(args.help or args.hydra_help or args.shell_completion)
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], bool]:
+    """The job's overrides (without ``hydra.*``) and whether preflight stands aside (kept for callers)."""
+    line = CommandLine(argv)
+    return [o for o in line.overrides if not o.lstrip("+~").startswith("hydra")], line.stand_aside
 
 
 def expand_sweeps(overrides: list[str]) -> list[list[str]]:
@@ -64,25 +75,64 @@ def expand_sweeps(overrides: list[str]) -> list[list[str]]:
     return lists
 
 
-def compose_config(overrides: list[str]) -> DictConfig:
+def compose_config(overrides: list[str], *, config_name: str = "train", config_path: str | None = None,
+                   config_dir: str | None = None, with_hydra: bool = False) -> DictConfig:
+    """Compose as the app does: the primary config directory (``--config-path``, default conf/), an extra
+    directory after it (``--config-dir``), the primary config (``--config-name``); ``with_hydra`` keeps the
+    ``hydra`` node (callbacks, launcher, sweeper, logging)."""
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
+    from hydra.types import RunMode
+
     register_configs()
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+    search_path = create_config_search_path(_primary_dir(config_path))
+    if config_dir is not None:
+        extra = Path(config_dir).expanduser().resolve()
+        if not extra.is_dir():
+            raise ConfigError(f"--config-dir {config_dir}: no such directory")
+        search_path.prepend(provider="command-line", path=f"file://{extra}", anchor=SearchPathQuery(provider="schema"))
+    try:
+        hydra = Hydra.create_main_hydra2(task_name="train", config_search_path=search_path)
+        cfg = hydra.compose_config(config_name=config_name, overrides=list(overrides), run_mode=RunMode.RUN,
+                                   from_shell=False, with_log_configuration=False)
+    finally:
+        GlobalHydra.instance().clear()
+    if not with_hydra and "hydra" in cfg:
+        with open_dict(cfg):
+            del cfg["hydra"]
+    return cfg
+
+
+def _primary_dir(config_path: str | None) -> str:
+    if config_path is None:
+        return f"file://{CONF_DIR}"
+    if "://" in config_path:
+        return config_path
+    where = Path(config_path).expanduser()
+    return f"file://{where if where.is_absolute() else (Path(__file__).resolve().parent / where).resolve()}"
 
 
 def check(argv: list[str]) -> str | None:
-    """None when the command line composes and validates; otherwise the one-line reason."""
-    overrides, custom = split_argv(argv)
-    if custom:
+    """None when the command line composes and validates; otherwise the one-line reason.
+
+    Every run is composed here, a custom ``--config-dir``/``--config-path``/``--config-name`` included, with
+    its ``hydra`` node: Hydra builds ``hydra.callbacks``, the launcher and the sweeper before the job starts,
+    so what a config may run (app/security.py) is checked now or never."""
+    line = CommandLine(argv)
+    if line.stand_aside:
         return None
+    if line.rerun:
+        return "--experimental-rerun unpickles a saved config (code could run); rerun with the same command line"
     try:
-        variants = expand_sweeps(overrides)
+        variants = expand_sweeps(line.overrides)
     except HydraException as err:
         return f"cannot parse the overrides: {_first_line(err)}"
     for variant in variants:
         try:
-            cfg = compose_config(variant)
+            cfg = compose_config(variant, config_name=line.config_name, config_path=line.config_path,
+                                 config_dir=line.config_dir, with_hydra=True)
             validate(cfg)
         except ConfigError as err:
             return str(err)
