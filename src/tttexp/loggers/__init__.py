@@ -7,7 +7,7 @@ Importing this package never imports ``wandb``; only ``WandbLogger.start`` and t
 from tttexp.loggers.group import LoggerGroup
 from tttexp.loggers.health import HealthMonitor, HealthWarning
 from tttexp.loggers.jsonl import JsonlLogger, read_jsonl, read_metrics
-from tttexp.loggers.protocol import Logger, NullLogger
+from tttexp.loggers.protocol import Logger, NullLogger, Resume
 from tttexp.loggers.wandb_logger import WandbLogger
 from tttexp.loggers.wandb_records import RunRecord, find_run_files, read_records, read_run
 
@@ -18,6 +18,7 @@ __all__ = [
     "Logger",
     "LoggerGroup",
     "NullLogger",
+    "Resume",
     "RunRecord",
     "WandbLogger",
     "find_run_files",

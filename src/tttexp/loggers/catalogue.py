@@ -46,6 +46,8 @@ MODEL_STATE_PASSING = _metric("model/state_passing", "whether the TTT state is c
 SYSTEM_GPU_MEMORY_ALLOCATED = _metric("system/gpu_memory_allocated", "GPU memory held by tensors now, GiB")
 SYSTEM_GPU_MEMORY_RESERVED = _metric("system/gpu_memory_reserved", "GPU memory reserved by the caching allocator, GiB")
 SYSTEM_GPU_MEMORY_PEAK = _metric("system/gpu_memory_peak", "peak GPU memory held by tensors since the start, GiB")
+SYSTEM_HOST_MEMORY_RSS = _metric("system/host_memory_rss", "resident host memory of the main process now, GiB")
+SYSTEM_HOST_MEMORY_PEAK = _metric("system/host_memory_peak", "peak resident host memory of the main process, GiB")
 SYSTEM_NUM_PROCESSES = _metric("system/num_processes", "number of training processes (world size)")
 SYSTEM_MFU = _metric("system/mfu", "model FLOPs utilisation, fraction of the peak of the accelerator (0 to 1)")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from tttexp.loggers._runtime import notice, one_line
-from tttexp.loggers.protocol import Logger, Scalar
+from tttexp.loggers.protocol import Logger, Resume, Scalar
 
 
 class LoggerGroup:
@@ -29,8 +29,12 @@ class LoggerGroup:
         """The members still active."""
         return [logger for _, logger in self._members]
 
-    def start(self, run_dir: Path, config: Mapping[str, Any], facts: Mapping[str, Any]) -> None:
-        self._each("start", lambda lg: lg.start(run_dir, config, facts))
+    def start(self, run_dir: Path, config: Mapping[str, Any], facts: Mapping[str, Any],
+              resume: Resume | None = None) -> None:
+        if resume is None:  # members written before resume existed keep working
+            self._each("start", lambda lg: lg.start(run_dir, config, facts))
+        else:
+            self._each("start", lambda lg: lg.start(run_dir, config, facts, resume=resume))
 
     def log(self, metrics: Mapping[str, Scalar], step: int) -> None:
         self._each("log", lambda lg: lg.log(metrics, step))

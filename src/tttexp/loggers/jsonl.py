@@ -9,21 +9,28 @@ Every line is one JSON object. Metric records are ``{"step": <int>, "<name>": <v
 * ``{"_type": "finish", "time", "failed"}``.
 
 Each line is flushed as it is written, so a crash loses at most the line being written; a restarted run
-appends. Non-finite floats are written as Python's ``json`` does (``NaN``, ``Infinity``): a NaN loss is
-a fact worth keeping, and ``json.loads`` reads it back.
+appends. A run resumed from a checkpoint first drops the records after the checkpoint's step (the steps it
+is about to replay), so every step appears once. A write that fails (the disk is full) is reported in one
+line, metrics stop, and training goes on; ``summary.json`` is written atomically or not at all.
+
+Non-finite floats are written as Python's ``json`` does (``NaN``, ``Infinity``): a NaN loss is a fact worth
+keeping, and ``json.loads`` reads it back.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 from tttexp.distributed.world import process_rank
+from tttexp.loggers._runtime import notice
 from tttexp.loggers.catalogue import model_facts
-from tttexp.loggers.protocol import Scalar
+from tttexp.loggers.protocol import Resume, Scalar
 from tttexp.loggers.values import plain_dict, to_plain
 
 METRICS_FILE = "metrics.jsonl"
@@ -41,14 +48,19 @@ class JsonlLogger:
         self._path_arg = Path(path) if path is not None else None
         self.path: Path | None = None
         self._file: IO[str] | None = None
+        self._broken = False  # a write failed: metrics stopped (reported once)
 
-    def start(self, run_dir: Path, config: Mapping[str, Any], facts: Mapping[str, Any]) -> None:
+    def start(self, run_dir: Path, config: Mapping[str, Any], facts: Mapping[str, Any],
+              resume: Resume | None = None) -> None:
         if process_rank() != 0:
             return
         path = self._path_arg if self._path_arg is not None else Path(METRICS_FILE)
         self.path = path if path.is_absolute() else Path(run_dir) / path
         self.path.parent.mkdir(parents=True, exist_ok=True)
         resumed = self.path.exists() and self.path.stat().st_size > 0
+        if resumed and resume is not None:
+            truncate_after(self.path, resume.step)
+        self._last_step, self._broken = 0, False
         self._file = self.path.open("a", encoding="utf-8")
         if resumed and not _ends_with_newline(self.path):
             self._file.write("\n")  # the previous process died mid-line: keep its fragment on its own line
@@ -84,7 +96,13 @@ class JsonlLogger:
         try:
             self._write({"_type": "finish", "time": time.time(), "failed": bool(failed)})
             summary_path = self.path.parent / SUMMARY_FILE
-            summary_path.write_text(json.dumps(plain_dict(summary), indent=2) + "\n", encoding="utf-8")
+            tmp = summary_path.with_name(f".{SUMMARY_FILE}.tmp")
+            try:
+                tmp.write_text(json.dumps(plain_dict(summary), indent=2) + "\n", encoding="utf-8")
+                os.replace(tmp, summary_path)
+            except OSError as err:
+                tmp.unlink(missing_ok=True)
+                notice(f"{summary_path} could not be written: {_reason(err)}")
         finally:
             self._file.close()
             self._file = None
@@ -97,9 +115,48 @@ class JsonlLogger:
         return False
 
     def _write(self, record: Mapping[str, Any]) -> None:
+        if self._broken:
+            return
         assert self._file is not None
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as err:
+            self._broken = True
+            step = record.get("step", getattr(self, "_last_step", 0))
+            notice(f"error: {self.path} could not be written ({_reason(err)}); metrics stopped at step {step}, "
+                   "training goes on (checkpoints are separate)")
+            return
+        if "step" in record:
+            self._last_step = record["step"]
+
+
+def truncate_after(path: Path, step: int) -> int:
+    """Drop the records of steps after ``step`` (replayed after a resume); keeps everything else, rewrites the
+    file atomically. Returns how many records were dropped."""
+    kept, dropped = [], 0
+    with Path(path).open(encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                dropped += 1  # a fragment left by a crash mid-line
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step:
+                dropped += 1
+                continue
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return dropped
+
+
+def _reason(err: OSError) -> str:
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"the disk is full: {err.strerror}"
+    return err.strerror or str(err)
 
 
 def _ends_with_newline(path: Path) -> bool:

@@ -10,8 +10,9 @@ monotonic ``_step`` but accepts for a step metric.
 Calls reach wandb from one background thread, in order, so a training step never waits for wandb's
 serialisation and IPC; ``finish`` drains that queue first.
 
-Resume: the run id is kept in ``<run_dir>/wandb_run_id``; a job started again in the same run directory
-passes that id with ``resume="allow"`` and continues the same wandb run.
+Resume: the run id is kept in ``<run_dir>/wandb_run_id`` and in every checkpoint; a run resumed from a
+checkpoint (``start(..., resume=Resume(step, wandb_run_id))``) passes that id with ``resume="allow"`` and
+continues the same wandb run, in any directory.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 from tttexp.distributed.world import process_rank
 from tttexp.loggers._runtime import notice, one_line
 from tttexp.loggers.catalogue import STEP, STEP_PREFIXES, model_facts
-from tttexp.loggers.protocol import Scalar
+from tttexp.loggers.protocol import Resume, Scalar
 from tttexp.loggers.values import plain_dict, to_plain
 from tttexp.loggers.wandb_mode import check_mode, resolve_mode
 
@@ -86,7 +87,8 @@ class WandbLogger:
         """True while records reach a wandb run."""
         return self._run is not None and not self._broken
 
-    def start(self, run_dir: Path, config: Mapping[str, Any], facts: Mapping[str, Any]) -> None:
+    def start(self, run_dir: Path, config: Mapping[str, Any], facts: Mapping[str, Any],
+              resume: Resume | None = None) -> None:
         self._broken, self._alert_failed, self._text_rows = False, False, {}
         if process_rank() != 0:
             return
@@ -111,7 +113,7 @@ class WandbLogger:
                 name=self.run_name,
                 job_type=self.job_type,
                 config={**plain_dict(config), **plain_dict(facts)},
-                id=read_or_new_run_id(run_dir),
+                id=(resume.wandb_run_id if resume and resume.wandb_run_id else None) or read_or_new_run_id(run_dir),
                 resume="allow",
                 mode=mode,
                 settings=wandb.Settings(init_timeout=self.init_timeout),
