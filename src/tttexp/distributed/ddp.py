@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from tttexp.distributed.strategy import Strategy
+from tttexp.distributed.strategy import Strategy, compile_blocks
 from tttexp.distributed.world import free_port, slurm_rendezvous, world_from_env
 from tttexp.errors import StrategyError
 
@@ -47,8 +47,11 @@ class DistributedDataParallel(Strategy):
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         model.to(self.device)
+        mode = self.compile_mode(model)
+        if mode == "blocks":
+            compile_blocks(model)
         wrapped: nn.Module = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if self.compile:
+        if mode == "model":
             wrapped = torch.compile(wrapped)
         return wrapped
 

@@ -7,12 +7,16 @@ each one runs the job directly and the strategy joins that world.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
@@ -36,14 +40,16 @@ def resolve_nproc(value: Any) -> int:
 
 
 def needs_launch(cfg: DictConfig) -> bool:
-    """True for a DDP strategy with more than one local process that is not yet inside a world."""
-    is_ddp = str(cfg.distributed._target_).endswith("DistributedDataParallel")
-    return is_ddp and not in_existing_world() and resolve_nproc(cfg.distributed.nproc_per_node) > 1
+    """True for a multi-process layer (DDP, FSDP) with more than one local process, not yet inside a world."""
+    multi = str(cfg.distributed._target_).endswith(("DistributedDataParallel", "FullyShardedDataParallel"))
+    return multi and not in_existing_world() and resolve_nproc(cfg.distributed.nproc_per_node) > 1
 
 
-def launch(cfg: DictConfig, run_dir: Path, job: Callable[[DictConfig, Path], Any]) -> Any:
+def launch(cfg: DictConfig, run_dir: Path, job: Callable[[DictConfig, Path], Any],
+           forwarder: SignalForwarder | None = None) -> Any:
     """Run ``job(cfg, run_dir)`` in ``nproc_per_node`` local workers; returns rank 0's result. A worker that dies
-    ends all. ``job`` must be a module-level function (workers are spawned and receive it by reference)."""
+    ends all. ``job`` must be a module-level function (workers are spawned and receive it by reference).
+    Preemption signals reach the workers through ``forwarder`` (its ``signal`` tells the caller afterwards)."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -61,13 +67,70 @@ def launch(cfg: DictConfig, run_dir: Path, job: Callable[[DictConfig, Path], Any
         logs_specs=DefaultLogsSpecs(log_dir=str(run_dir / "elastic")),
     )
     container = OmegaConf.to_container(cfg, resolve=True)
-    results = elastic_launch(config, worker)(job, container, str(run_dir))
+    for stale in run_dir.glob("rank*.pid"):
+        stale.unlink(missing_ok=True)
+    with forwarder or SignalForwarder(run_dir):
+        results = elastic_launch(config, worker)(job, container, str(run_dir))
     return results.get(0) if isinstance(results, dict) else results
+
+
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class SignalForwarder:
+    """While the workers run, SIGTERM, SIGUSR1 and SIGUSR2 sent to this (launcher) process go to every worker,
+    which checkpoints and returns; the launcher itself neither dies (SIGUSR1's default) nor tears the workers
+    down (torch elastic's own SIGTERM handling, switched off for these signals meanwhile).
+
+    ``signal`` is the last signal received; ``previous`` the handlers replaced (submitit's requeue on USR2)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.signal: int | None = None
+        self.previous: dict[int, Any] = {}
+        self._env: str | None = None
+
+    def __enter__(self) -> SignalForwarder:
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        self._env = os.environ.get(_ELASTIC_SIGNALS)
+        os.environ[_ELASTIC_SIGNALS] = "SIGINT,SIGHUP,SIGQUIT"  # not SIGTERM: that one is forwarded
+        for sig in FORWARDED_SIGNALS:
+            self.previous[sig] = signal.signal(sig, self._forward)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        if self.previous:
+            if self._env is None:
+                os.environ.pop(_ELASTIC_SIGNALS, None)
+            else:
+                os.environ[_ELASTIC_SIGNALS] = self._env
+
+    def _forward(self, signum: int, frame: FrameType | None) -> None:
+        self.signal = signum
+        for pid_file in self.run_dir.glob("rank*.pid"):
+            with contextlib.suppress(OSError, ValueError):  # a worker that is gone, or a file being written
+                os.kill(int(pid_file.read_text().strip()), signum)
+
+    def hand_over(self) -> bool:
+        """After the workers' checkpoint: let a handler this replaced (submitit's requeue) act on the signal."""
+        previous = self.previous.get(self.signal) if self.signal is not None else None
+        if callable(previous) and self.signal == signal.SIGUSR2:
+            previous(self.signal, None)
+            return True
+        return False
+
+
+_ELASTIC_SIGNALS = "TORCHELASTIC_SIGNALS_TO_HANDLE"
+LAUNCHED_WORKER = "TTTEXP_LAUNCHED_WORKER"  # set in launched workers: the launcher, not they, requeues the job
 
 
 def worker(job: Callable[[DictConfig, Path], Any], config: dict, run_dir: str) -> Any:
     """One process of a launched job: its own log file, then the same ``job`` as a single-process run."""
     rank = process_rank()
+    os.environ[LAUNCHED_WORKER] = "1"
     path = Path(run_dir)
     path.mkdir(parents=True, exist_ok=True)
     (path / f"rank{rank}.pid").write_text(str(os.getpid()))

@@ -37,10 +37,16 @@ class Strategy:
         deterministic: bool = False,
         on_cpu: str = "fallback",
         label: str = "this run",
+        checkpoint: str = "auto",
+        async_checkpoint: bool = False,
         **_unused: Any,
     ) -> None:
         self.precision = precision
         self.compile = compile
+        # checkpoint format: "pt" (one file, written by rank 0) | "dcp" (sharded directory); auto: the layer's own
+        self.checkpoint_format = self.default_checkpoint_format if checkpoint == "auto" else checkpoint
+        self.async_checkpoint = bool(async_checkpoint)
+        self.seed = 0
         self.tf32 = tf32
         self.deterministic = deterministic
         self.on_cpu = on_cpu
@@ -49,6 +55,9 @@ class Strategy:
         self.rank, self.world_size, self.local_rank = 0, 1, 0
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
+
+    default_checkpoint_format = "pt"
+    shards_parameters = False  # True when every process must take part in each forward pass (FSDP)
 
     @property
     def is_main(self) -> bool:
@@ -66,6 +75,7 @@ class Strategy:
         if self.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
+        self.seed = seed
         seed_everything(seed + self.rank)
         return self.device
 
@@ -81,8 +91,9 @@ class Strategy:
         if self.precision == "bf16" or self.compile:
             if self.on_cpu == "error":
                 raise StrategyError(
-                    f"{self.label} asks for trainer.precision={self.precision} trainer.compile={self.compile} and no "
-                    "CUDA GPU is visible; use strategy=conservative, or trainer.on_cpu=fallback to run fp32/eager"
+                    f"{self.label} needs a CUDA GPU (trainer.precision={self.precision}, trainer.compile="
+                    f"{str(self.compile).lower()}) and none is visible; use strategy=conservative, or "
+                    "trainer.on_cpu=fallback to run fp32/eager on the CPU"
                 )
             warn(f"{self.label}: no CUDA GPU; running the CPU equivalent (trainer.precision=fp32, "
                  "trainer.compile=false, torch kernels)")
@@ -91,9 +102,43 @@ class Strategy:
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """Move to the device; compile if asked. Returns the module to call in the loop."""
         model.to(self.device)
-        if self.compile:
+        if self.compile_mode(model) == "blocks":
+            compile_blocks(model)
+        elif self.compile:
             return torch.compile(model)
         return model
+
+    def compile_mode(self, model: nn.Module) -> str | None:
+        """``trainer.compile`` resolved for this model and records it in ``self.compile``: None | "model" |
+        "blocks". ``auto`` compiles each block on its own for models of at least ``BLOCKS_FROM`` parameters (one
+        graph shared by every block: minutes less compile time at 350m and up) and the whole model below that."""
+        mode = self.compile
+        if mode == "auto":
+            mode = "blocks" if sum(p.numel() for p in model.parameters()) >= BLOCKS_FROM else True
+        self.compile = mode
+        return None if not mode else "blocks" if mode == "blocks" else "model"
+
+    def grad_norm(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+        """The global gradient norm (a plain tensor on this device), clipping to ``max_norm`` when it is > 0."""
+        if max_norm and max_norm > 0:
+            return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params]))
+
+    def local_tensors(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The part of each tensor this process holds (all of it here; its shard under FSDP)."""
+        return tensors
+
+    # --- checkpoint state (the whole model on every process, except where a subclass shards it) ----------------
+
+    def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+        """The model's and the optimizer's state as one process holds them (torch's own formats)."""
+        return model.state_dict(), optimizer.state_dict()
+
+    def load_full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
+                        optimizer_state: dict) -> None:
+        """Load what :meth:`full_state` returned (from a ``.pt`` checkpoint)."""
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "bf16":
@@ -121,6 +166,15 @@ class Strategy:
 
     def teardown(self) -> None:
         pass
+
+
+BLOCKS_FROM = 300_000_000  # trainer.compile=auto: per-block compile from this many parameters (the 350m preset up)
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """Compile each block in place (``nn.Module.compile``): the blocks share one graph; the head stays eager."""
+    for block in model.blocks():
+        block.compile()
 
 
 def seed_everything(seed: int) -> None:

@@ -7,6 +7,7 @@ the same objects (``OmegaConf.to_object``), so each default is written once, her
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -34,7 +35,9 @@ class TrainerConfig:
     keep_last: int = 2  # checkpoints kept in the run directory
     progress: str = "auto"  # auto (a bar on a terminal, plain lines otherwise) | bar | lines | none
     precision: str = "fp32"  # fp32 | bf16 (autocast; the TTT state and LayerNorm statistics stay fp32)
-    compile: bool = False  # torch.compile the model
+    # torch.compile: false | true (the whole model; per block under FSDP) | blocks (each block, one shared graph) |
+    # auto (blocks for models of 300M parameters and up, the whole model below); off on the CPU
+    compile: Any = False
     tf32: bool = False  # allow TF32 matmuls on CUDA
     deterministic: bool = False  # torch deterministic algorithms where they exist
     on_cpu: str = "fallback"  # without a GPU, bf16/compile: fallback (fp32, eager, one warning) | error
