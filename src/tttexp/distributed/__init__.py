@@ -1,8 +1,9 @@
-"""The process/device layer: one device, DDP over a world of processes; the world read from the environment;
+"""The process/device layer: one device, DDP or FSDP over a world of processes; the world read from the environment;
 the elastic self-launch."""
 
 from tttexp.distributed.ddp import DistributedDataParallel
+from tttexp.distributed.fsdp import FullyShardedDataParallel
 from tttexp.distributed.single import SingleDevice
 from tttexp.distributed.strategy import Strategy
 
-__all__ = ["DistributedDataParallel", "SingleDevice", "Strategy"]
+__all__ = ["DistributedDataParallel", "FullyShardedDataParallel", "SingleDevice", "Strategy"]

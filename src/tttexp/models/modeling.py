@@ -157,6 +157,10 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
+    def blocks(self) -> nn.ModuleList:
+        """The residual blocks, in order: the unit of per-block compile and of FSDP sharding."""
+        return self.model.layers
+
     def ttt_layers(self) -> list[TTTLayer]:
         """The TTT layers (a hybrid model's attention layers are left out)."""
         return [block.ttt for block in self.model.layers if block.mixer == "ttt"]
