@@ -134,6 +134,15 @@ def llama_decode_s(model, prompt: torch.Tensor, new: int) -> float:
         return _sync_time(gen(new)) - _sync_time(gen(1))
 
 
+def prefill_row(model, prompt: torch.Tensor, kind: str, layer: str | None, compiled: bool, common: dict) -> dict:
+    row = {"model": kind, "ttt_layer": layer, **common, "what": "prefill", "compiled": compiled}
+    try:
+        row["prefill_s"] = prefill_s(model, prompt, kind, compiled)
+    except Exception as exc:  # noqa: BLE001 (a failed compile is a row, not the end of the run)
+        row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", default="125m")
@@ -152,15 +161,9 @@ def main() -> None:
     for kind, layer in [("ttt", layer) for layer in args.layers.split(",")] + [("llama", None)]:
         torch.manual_seed(0)
         model = (ttt(args.size, layer, False, "auto") if kind == "ttt" else llama(args.size)).to(device).eval()
-        for compiled in modes:
-            try:
-                rows.append({"model": kind, "ttt_layer": layer, **common, "what": "prefill", "compiled": compiled,
-                             "prefill_s": prefill_s(model, prompt, kind, compiled)})
-            except Exception as exc:  # noqa: BLE001 (a failed compile is a row, not the end of the run)
-                rows.append({"model": kind, "ttt_layer": layer, **common, "what": "prefill", "compiled": compiled,
-                             "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+        for compiled in modes[:1]:
+            rows.append(prefill_row(model, prompt, kind, layer, compiled, common))
             print(json.dumps(rows[-1]), flush=True)
-        torch._dynamo.reset()
         torch.cuda.reset_peak_memory_stats()
         if kind == "ttt":
             for graphs in (False, True):
@@ -175,6 +178,10 @@ def main() -> None:
                          "new_tokens": args.new - 1, "decode_tokens_per_sec": args.batch * (args.new - 1) / seconds,
                          "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30})
             print(json.dumps(rows[-1]), flush=True)
+        for compiled in modes[1:]:  # last: eager decoding is timed before anything is compiled
+            rows.append(prefill_row(model, prompt, kind, layer, compiled, common))
+            print(json.dumps(rows[-1]), flush=True)
+        torch._dynamo.reset()
         del model
         torch.cuda.empty_cache()
     result = {"benchmark": "decode", "device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),

@@ -38,16 +38,19 @@ def newest(prefix: str) -> dict | None:
 
 def table() -> str:
     lines = []
-    train = [r for p in sorted(RESULTS.glob("train-*.json")) for r in json.loads(p.read_text())["rows"]]
     order = {"125m": 0, "350m": 1, "760m": 2, "1.3b": 3}
-    train.sort(key=lambda r: (order.get(r["size"], 9), r["context"], r["model"] != "ttt"))
-    meta = newest("train-")
-    if meta:
-        lines += [f"Training, {meta['device']}, {meta['date']}, commit {meta['commit'][:8]} (bf16, fused AdamW; "
-                  "ratio against the faster of the eager and compiled Llama of the same width, measured on the same "
-                  "GPU and day):", "",
+    runs: dict[tuple, list[dict]] = {}  # one table per (device, date, commit): rows of different runs don't mix
+    for p in sorted(RESULTS.glob("train-*.json")):
+        data = json.loads(p.read_text())
+        runs.setdefault((data["device"], data["date"], data["commit"][:8]), []).extend(data["rows"])
+    for (device, date, commit), train in sorted(runs.items(), key=lambda kv: (kv[0][1], kv[0][2]), reverse=True):
+        train.sort(key=lambda r: (order.get(r["size"], 9), r["context"], r["model"] != "ttt"))
+        lines += ["" if lines else None, f"Training, {device}, {date}, commit {commit} (bf16, fused AdamW; ratio "
+                  "against the faster of the eager and compiled Llama of the same width, measured on the same "
+                  "GPU in the same run):", "",
                   "| model | size | context | batch | tokens/s | × Llama | MFU | peak GiB |",
                   "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines = [x for x in lines if x is not None]
         best: dict[tuple, float] = {}
         for r in train:
             if r["model"] == "llama" and "tokens_per_sec" in r:
@@ -105,8 +108,17 @@ def table() -> str:
                       f"{default['cpu_count']} cores, {default['date']}: {default['wall_s']:.0f} s wall from start to "
                       f"exit, final validation loss {default['final_val_loss']:.2f}."]
     ops = newest("ops-")
-    if ops and "rows" in ops:
-        lines += ["", f"Inner-loop op, {ops.get('device')}, {ops.get('date')}: see `{RESULTS.name}/` for the rows."]
+    if ops and ops.get("cases"):
+        lines += ["", f"Inner-loop op (`benchmarks/bench_ops.py`), {ops['device']}, {ops['date']}, commit "
+                      f"{ops['commit'][:8]} (bf16, forward and backward of one layer's op; \"graph\": the same call "
+                      "replayed from a CUDA graph, the GPU time without the host's launches):", "",
+                  "| layer | B | T | H | F | fwd ms | fwd+bwd ms | fwd+bwd from a graph, ms | × PyTorch reference |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in ops["cases"]:
+            graph = f"{r['triton_fwd_bwd_graph_ms']:.3f}" if "triton_fwd_bwd_graph_ms" in r else "-"
+            speed = f"{r['speedup_fwd_bwd']:.0f}" if "speedup_fwd_bwd" in r else "-"
+            lines.append(f"| {r['layer']} | {r['B']} | {r['T']} | {r['H']} | {r['F']} | {r['triton_fwd_ms']:.3f} | "
+                         f"{r['triton_fwd_bwd_ms']:.3f} | {graph} | {speed} |")
     return "\n".join(lines) if lines else "No results yet: run `make bench` on a GPU."
 
 

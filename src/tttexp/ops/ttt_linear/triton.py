@@ -8,7 +8,7 @@ outputs of every checkpoint segment in parallel, which keeps the GPU busy when b
 Backward, in three launches. Only ``dL/dW``, ``dL/db`` must travel backwards through every step; everything else
 about a step depends on its own start state and the upstream gradient of its outputs. So (1) one program per
 checkpoint segment recomputes the segment's states from its checkpoint and stores each step's pieces (the
-normalised inner prediction, the inner gradient, the output-path gradient ``dZbar``...) in fp32 tiles; (2) one
+normalised inner prediction, ``Lg``, the output-path gradient ``dZbar``...) in fp32 tiles; (2) one
 program per (batch, head) runs the reverse chain over all steps, which is now only a few ``BK x F`` by ``F x F`` dots
 per step, and stores per step what the later steps send back (``Xk dW' + db'`` and ``Lg dW'^T``); (3) the segments
 run in parallel again and turn those into every gradient. The chain is the only sequential part and it is short, so
@@ -166,7 +166,7 @@ def _linear_fwd_kernel(
 @triton.jit
 def _linear_bwd_segment_kernel(
     xq_ptr, xk_ptr, xv_ptr, lr_ptr, tok_ptr, lnw_ptr, lnb_ptr, w0_ptr, b0_ptr, reset_ptr, ckw_ptr, ckb_ptr, dout_ptr,
-    xh_ptr, gx_ptr, g_ptr, lg_ptr, dlg_ptr, dzb_ptr, rstd_ptr, c_ptr, p_ptr, q_ptr,
+    xh_ptr, lg_ptr, dlg_ptr, dzb_ptr, rstd_ptr, c_ptr, p_ptr, q_ptr,
     dxq_ptr, dxk_ptr, dxv_ptr, dlr_ptr, dtok_ptr, dlnw_ptr, dlnb_ptr,
     T, N, NC, H,
     F: tl.constexpr, FP: tl.constexpr, BK: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
@@ -259,8 +259,6 @@ def _linear_bwd_segment_kernel(
             tl.store(dxv_ptr + x_off, dxv.to(dxv_ptr.dtype.element_ty), mask=xmsk)
         else:
             tl.store(xh_ptr + st * FP + tile_off, xh1)
-            tl.store(gx_ptr + st * FP + tile_off, gx)
-            tl.store(g_ptr + st * FP + tile_off, g)
             tl.store(lg_ptr + st * FP + tile_off, lg)
             tl.store(dlg_ptr + st * FP + tile_off, dlg)
             tl.store(dzb_ptr + st * FP + tile_off, dzbar)
@@ -276,8 +274,8 @@ def _linear_bwd_segment_kernel(
 
 @triton.jit
 def _linear_bwd_chain_kernel(
-    xq_ptr, xk_ptr, lr_ptr, tok_ptr, lnw_ptr, reset_ptr,
-    xh_ptr, gx_ptr, g_ptr, lg_ptr, dlg_ptr, dzb_ptr, rstd_ptr, c_ptr, dwf_ptr, dbf_ptr,
+    xq_ptr, xk_ptr, xv_ptr, lr_ptr, tok_ptr, lnw_ptr, lnb_ptr, reset_ptr,
+    xh_ptr, lg_ptr, dlg_ptr, dzb_ptr, rstd_ptr, c_ptr, dwf_ptr, dbf_ptr,
     p_ptr, q_ptr, dws_ptr, dbs_ptr, dw0_ptr, db0_ptr,
     T, N, H,
     F: tl.constexpr, FP: tl.constexpr, BK: tl.constexpr, K: tl.constexpr,
@@ -298,6 +296,7 @@ def _linear_bwd_chain_kernel(
     w_msk = cmask[:, None] & cmask[None, :]
     tile_off = rows[:, None] * FP + cols[None, :]
     gw = tl.load(lnw_ptr + h * F + cols, mask=cmask, other=0.0).to(tl.float32)
+    gb = tl.load(lnb_ptr + h * F + cols, mask=cmask, other=0.0).to(tl.float32)
     gw2 = (gw * gw)[None, :]
     dW = tl.load(dwf_ptr + bh * F * F + w_off, mask=w_msk, other=0.0).to(tl.float32)
     db = tl.load(dbf_ptr + bh * F + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -311,20 +310,24 @@ def _linear_bwd_chain_kernel(
         tile = st * FP + tile_off
         xq = _load_rows(xq_ptr, x_base, start, rows, cols, rmask, cmask, F)
         xk = _load_rows(xk_ptr, x_base, start, rows, cols, rmask, cmask, F)
+        xv = _load_rows(xv_ptr, x_base, start, rows, cols, rmask, cmask, F)
         eta = tl.load(lr_ptr + bh * T + start + rows, mask=rmask, other=0.0).to(tl.float32)
         t_last = tl.load(tok_ptr + m - 1).to(tl.float32)
-        xh1, gx, g = tl.load(xh_ptr + tile), tl.load(gx_ptr + tile), tl.load(g_ptr + tile)
-        lg, dlg, dzbar = tl.load(lg_ptr + tile), tl.load(dlg_ptr + tile), tl.load(dzb_ptr + tile)
+        xh1, lg = tl.load(xh_ptr + tile), tl.load(lg_ptr + tile)
+        dlg, dzbar = tl.load(dlg_ptr + tile), tl.load(dzb_ptr + tile)
         rstd1, c = tl.load(rstd_ptr + st + rows), tl.load(c_ptr + st + rows)
         p = mm(xk, dW, DT, PREC, EMU) + db[None, :]
         q = mm(lg, tl.trans(dW), DT, PREC, EMU)
         tl.store(p_ptr + st * FP + tile_off, p)
         tl.store(q_ptr + st * FP + tile_off, q)
-        dg = eta[:, None] * (dlg - t_last * p)
+        # gx as the segment pass computed it (cheaper to recompute from xh1, xv, xk than to store)
+        gx = (xh1 * gw[None, :] + gb[None, :] - (xv.to(tl.float32) - xk.to(tl.float32))) * gw[None, :]
+        u = dlg - t_last * p
+        dg = eta[:, None] * u
         dgx = ln_rows_bwd(dg, xh1, rstd1, cmask, F)
         dxh1 = -rstd1[:, None] * (c[:, None] * dg + (tl.sum(dg * xh1, 1) / F)[:, None] * gx) + dgx * gw2
-        # d rstd1 = sum(dg * g) / rstd1, entering dz as -(d rstd1) rstd1^2 xh1 / F
-        dz = ln_rows_bwd(dxh1, xh1, rstd1, cmask, F) - (tl.sum(dg * g, 1) * rstd1 / F)[:, None] * xh1
+        # d rstd1 = sum(dg * g) / rstd1 (and dg * g = u * lg), entering dz as -(d rstd1) rstd1^2 xh1 / F
+        dz = ln_rows_bwd(dxh1, xh1, rstd1, cmask, F) - (tl.sum(u * lg, 1) * rstd1 / F)[:, None] * xh1
         dW += mm(tl.trans(xq), dzbar, DT, PREC, EMU) + mm(tl.trans(xk), dz, DT, PREC, EMU)
         db += tl.sum(dzbar, 0) + tl.sum(dz, 0)
         if HAS_RESET:  # noqa: SIM102 (constexpr guard first)
@@ -408,11 +411,11 @@ def linear_backward(
     dev = xq.device
     f32 = dict(device=dev, dtype=torch.float32)
     bh = bsz * heads
-    # one allocation for the per-step scratch: 8 tiles (xh, gx, g, lg, dlg, dzbar, p, q) and 2 rows (rstd, c)
+    # one allocation for the per-step scratch: 6 tiles (xh, lg, dlg, dzbar, p, q) and 2 rows (rstd, c)
     tile, row = bh * n_mb * bk * fp, bh * n_mb * bk
-    scratch = torch.empty(8 * tile + 2 * row, **f32)
-    tiles = [scratch[i * tile:(i + 1) * tile].view(bh, n_mb, bk, fp) for i in range(8)]
-    rows = [scratch[8 * tile + i * row:8 * tile + (i + 1) * row].view(bh, n_mb, bk) for i in range(2)]
+    scratch = torch.empty(6 * tile + 2 * row, **f32)
+    tiles = [scratch[i * tile:(i + 1) * tile].view(bh, n_mb, bk, fp) for i in range(6)]
+    rows = [scratch[6 * tile + i * row:6 * tile + (i + 1) * row].view(bh, n_mb, bk) for i in range(2)]
     dxq, dxk, dxv = torch.empty_like(xq), torch.empty_like(xk), torch.empty_like(xv)
     dlr = torch.empty_like(lr)
     dtok = torch.empty(bh * n_ck, bk, **f32)
@@ -430,12 +433,12 @@ def linear_backward(
     for finish in (False, True):
         if finish:
             _linear_bwd_chain_kernel[(bh,)](
-                xq, xk, lr, tok, ln_w, rst, *tiles[:6], *rows, dWf, dbf, *tiles[6:], dws, dbs, dw0, db0,
+                xq, xk, xv, lr, tok, ln_w, ln_b, rst, *tiles[:4], *rows, dWf, dbf, *tiles[4:], dws, dbs, dw0, db0,
                 seq, n_mb, heads, F=f, FP=fp, BK=bk, K=k, HAS_RESET=has_reset, **dots,
                 **_launch_opts(config, "chain", fp, xq.dtype),
             )
         _linear_bwd_segment_kernel[(bh * n_ck,)](
-            xq, xk, xv, lr, tok, ln_w, ln_b, W0, b0, rst, ckw, ckb, dout, *tiles[:6], *rows, *tiles[6:],
+            xq, xk, xv, lr, tok, ln_w, ln_b, W0, b0, rst, ckw, ckb, dout, *tiles[:4], *rows, *tiles[4:],
             dxq, dxk, dxv, dlr, dtok, dlnw, dlnb,
             seq, n_mb, n_ck, heads,
             F=f, FP=fp, BK=bk, K=k, C=every, HAS_RESET=has_reset, FINISH=finish, **dots, **opts,
