@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import importlib.util
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from tttexp.errors import ConfigError
+
+log = logging.getLogger(__name__)
 SOURCES = ("shipped", "text_files", "hf")
 
 
@@ -40,7 +45,7 @@ def load_documents(
         raise ValueError(f"unknown data source {source!r}: use one of {', '.join(SOURCES)}")
     docs = [d for d in docs if d.text.strip()]
     if not docs:
-        raise ValueError(f"data source {source!r} gave no non-empty documents; point it at some text")
+        raise ConfigError(f"data.source={source} gave no non-empty documents; point it at some text")
     return docs[:max_documents] if max_documents is not None else docs
 
 
@@ -67,17 +72,28 @@ def _text_file_documents(paths: list[str] | None) -> list[Document]:
         raise ValueError("source='text_files' needs paths=[...] (files, directories or globs)")
     docs: list[Document] = []
     seen: set[Path] = set()
+    replaced: dict[Path, int] = {}
     for spec in paths:
-        for doc_id, file in _expand_path(spec):
+        for doc_id, file in expand_path(spec):
             resolved = file.resolve()
             if resolved not in seen:
                 seen.add(resolved)
-                docs.append(Document(doc_id, _read_text(file)))
+                text, bad = _decode(file)
+                if bad:
+                    replaced[file] = bad
+                docs.append(Document(doc_id, text))
+    if replaced:
+        first = next(iter(replaced))
+        log.warning("%d byte(s) in %d file(s) are not UTF-8 and were replaced by U+FFFD (first: %s); convert the "
+                    "files to UTF-8 to keep them", sum(replaced.values()), len(replaced), first)
     return docs
 
 
-def _expand_path(spec: str) -> list[tuple[str, Path]]:
-    """(document id, file) pairs for one entry of `paths`; the id is the path as reached from the entry."""
+def expand_path(spec: str) -> list[tuple[str, Path]]:
+    """(document id, file) pairs for one entry of `paths`; the id is the path as reached from the entry.
+
+    A listed file that holds binary data (a NUL byte in its first 8 KiB) is refused; a directory is searched
+    for ``*.txt`` files."""
     expanded = str(Path(spec).expanduser())
     if any(c in expanded for c in "*?["):
         matches = [Path(m) for m in sorted(glob.glob(expanded, recursive=True))]
@@ -88,10 +104,18 @@ def _expand_path(spec: str) -> list[tuple[str, Path]]:
         if match.is_dir():
             found += [(f.as_posix(), f) for f in sorted(match.rglob("*.txt")) if f.is_file()]
         elif match.is_file():
+            if _is_binary(match):
+                raise ConfigError(f"data.paths: {match} is a binary file, not text; list text files only")
             found.append((match.as_posix(), match))
     if not found:
-        raise ValueError(f"path {spec!r} matches no text file; fix it in data.paths")
+        what = "a directory with no *.txt file" if len(matches) == 1 and matches[0].is_dir() else "no text file"
+        raise ConfigError(f"data.paths: {spec!r} matches {what}; fix it in data.paths")
     return found
+
+
+def _is_binary(path: Path) -> bool:
+    with path.open("rb") as handle:
+        return b"\0" in handle.read(8192)
 
 
 def _hf_documents(
@@ -120,7 +144,24 @@ def _hf_documents(
 
 
 def _read_text(path: Path) -> str:
-    return path.read_text(encoding="utf-8", errors="replace")
+    return _decode(path)[0]
+
+
+def _decode(path: Path) -> tuple[str, int]:
+    """The file's text and how many bytes were not UTF-8 (each run of them replaced by U+FFFD)."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8"), 0
+    except UnicodeDecodeError:
+        pass
+    counted = [0]
+
+    def replace(err: UnicodeDecodeError) -> tuple[str, int]:
+        counted[0] += err.end - err.start
+        return "\ufffd", err.end
+
+    codecs.register_error("tttexp.count_replace", replace)  # registered per call: the counter is this call's
+    return raw.decode("utf-8", errors="tttexp.count_replace"), counted[0]
 
 
 def split_documents(

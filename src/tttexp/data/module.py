@@ -11,6 +11,7 @@ from tttexp.data.cache import tokenize_documents
 from tttexp.data.corpus import SOURCES, load_documents, split_documents
 from tttexp.data.loaders import StreamLoader, ValidationSet, WindowLoader
 from tttexp.data.tokenizer import Tokenizer, build_tokenizer
+from tttexp.errors import ConfigError
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -89,8 +90,18 @@ class DataModule:
         e.g. a pretrained model's), tokenize through the cache and build `train_loader` and `val_set`.
 
         `data.stream=true` gives a StreamLoader (per-row contiguous documents for state passing), otherwise a
-        WindowLoader of shuffled windows.
+        WindowLoader of shuffled windows. Data that cannot make a run (no text, too little text for one sequence,
+        a missing tokenizer) raises :class:`ConfigError`: one line, reported by the app without a traceback.
         """
+        try:
+            self._setup(rank, world_size, mini_batch_size, tokenizer)
+        except ConfigError:
+            raise
+        except (ValueError, OSError) as err:
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            raise ConfigError(f"data: {lines[0] if lines else type(err).__name__}") from err
+
+    def _setup(self, rank: int, world_size: int, mini_batch_size: int, tokenizer: Tokenizer | None) -> None:
         docs = load_documents(
             self.source,
             paths=self.paths,

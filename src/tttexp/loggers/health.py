@@ -5,9 +5,11 @@ raises; ``counts`` gives ``warnings/<kind>`` for every kind so the trainer can l
 trainer prints each kind's message once and forwards it to ``Logger.alert``.
 
 Spikes and drops are measured against the running median of the last ``window`` finite values (a median,
-not a mean, so one bad step does not move the reference), and only after ``warmup`` values have been
-seen (compilation, learning-rate warm-up and the steep start of the loss curve would otherwise trip
-them). The defaults stay silent on an ordinary noisy curve.
+not a mean, so one bad step does not move the reference), and only after ``warmup`` training steps, with at
+least ``min_reference`` values in the median (compilation, learning-rate warm-up and the steep start of the
+loss curve would otherwise trip them). The warm-up counts steps, not records, so the checks start at the
+same step whatever ``trainer.log_every`` is. State growth compares the newest state norm with the one logged
+``state_window`` steps earlier. The defaults stay silent on an ordinary noisy curve.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class HealthMonitor:
         self,
         warmup: int = 20,
         window: int = 100,
+        min_reference: int = 3,
         loss_spike_factor: float = 1.5,
         loss_spike_min_delta: float = 0.1,
         grad_spike_factor: float = 5.0,
@@ -73,7 +76,9 @@ class HealthMonitor:
         state_growth_factor: float = 4.0,
         state_window: int = 50,
     ) -> None:
-        self.warmup = warmup
+        self.warmup = warmup  # training steps before any spike or drop is reported
+        self.min_reference = max(1, min_reference)
+        self.state_window = state_window  # steps over which the state norm may grow by state_growth_factor
         self.loss_spike_factor = loss_spike_factor
         self.loss_spike_min_delta = loss_spike_min_delta
         self.grad_spike_factor = grad_spike_factor
@@ -82,8 +87,7 @@ class HealthMonitor:
         self._loss: deque[float] = deque(maxlen=window)
         self._grad: deque[float] = deque(maxlen=window)
         self._throughput: deque[float] = deque(maxlen=window)
-        self._state: deque[float] = deque(maxlen=state_window + 1)
-        self._seen = {key: 0 for key in ("loss", "grad", "throughput")}
+        self._state: deque[tuple[int, float]] = deque()
         self._counts = dict.fromkeys(KINDS, 0)
 
     def update(self, step: int, metrics: Mapping[str, Any]) -> list[HealthWarning]:
@@ -113,33 +117,34 @@ class HealthMonitor:
         if not math.isfinite(loss):
             return [_warning(NONFINITE_LOSS, step, loss, f"training loss is {loss} at step {step}")]
         found = []
-        if self._seen["loss"] >= self.warmup:
+        if self._ready(step, self._loss):
             median = statistics.median(self._loss)
             if loss > self.loss_spike_factor * median and loss - median > self.loss_spike_min_delta:
                 text = f"loss spike at step {step}: {loss:.4g} against a running median of {median:.4g}"
                 found.append(_warning(LOSS_SPIKE, step, loss, text))
         self._loss.append(loss)
-        self._seen["loss"] += 1
         return found
+
+    def _ready(self, step: int, reference: deque[float]) -> bool:
+        return step > self.warmup and len(reference) >= self.min_reference
 
     def _check_grad(self, step: int, grad: float) -> list[HealthWarning]:
         if not math.isfinite(grad):
             return [_warning(NONFINITE_GRAD, step, grad, f"gradient norm is {grad} at step {step}")]
         found = []
-        if self._seen["grad"] >= self.warmup:
+        if self._ready(step, self._grad):
             median = statistics.median(self._grad)
             if grad > self.grad_spike_factor * median:
                 text = f"gradient-norm spike at step {step}: {grad:.4g} against a running median of {median:.4g}"
                 found.append(_warning(GRAD_SPIKE, step, grad, text))
         self._grad.append(grad)
-        self._seen["grad"] += 1
         return found
 
     def _check_throughput(self, step: int, tokens_per_sec: float) -> list[HealthWarning]:
         if not math.isfinite(tokens_per_sec):
             return []
         found = []
-        if self._seen["throughput"] >= self.warmup:
+        if self._ready(step, self._throughput):
             median = statistics.median(self._throughput)
             if tokens_per_sec < self.throughput_drop_fraction * median:
                 text = (
@@ -148,21 +153,19 @@ class HealthMonitor:
                 )
                 found.append(_warning(THROUGHPUT_DROP, step, tokens_per_sec, text))
         self._throughput.append(tokens_per_sec)
-        self._seen["throughput"] += 1
         return found
 
     def _check_state(self, step: int, w_norm: float) -> list[HealthWarning]:
         if not math.isfinite(w_norm):
             return [_warning(STATE_GROWTH, step, w_norm, f"state/w_norm is {w_norm} at step {step}")]
-        self._state.append(w_norm)
-        if len(self._state) < (self._state.maxlen or 0):
+        self._state.append((step, w_norm))
+        while len(self._state) > 1 and self._state[1][0] <= step - self.state_window:
+            self._state.popleft()  # keep the newest value at least state_window steps old as the reference
+        then, oldest = self._state[0]
+        if step <= self.warmup or step - then < self.state_window:
             return []
-        oldest = self._state[0]
         if w_norm > self.state_growth_factor * max(oldest, 1e-12):
-            text = (
-                f"state/w_norm grew from {oldest:.4g} to {w_norm:.4g} over the last "
-                f"{len(self._state) - 1} records (step {step})"
-            )
+            text = f"state/w_norm grew from {oldest:.4g} to {w_norm:.4g} over {step - then} steps (step {step})"
             return [_warning(STATE_GROWTH, step, w_norm, text)]
         return []
 

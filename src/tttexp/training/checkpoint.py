@@ -6,9 +6,11 @@ values, loaded with ``torch.load(weights_only=True)`` so that loading one never 
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,9 +18,11 @@ from typing import Any
 import torch
 
 from tttexp.errors import CheckpointError
+from tttexp.training.dcp import MARKER, load_trainer_state
 
 CKPT_DIR = "checkpoints"
-_NAME = re.compile(r"^step-(\d{8})\.pt$")
+_NAME = re.compile(r"^step-(\d{8})\.(pt|dcp)$")  # .dcp: a sharded checkpoint directory (training/dcp.py)
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -38,30 +42,85 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name, reverse=True)
 
 
-def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep_last: int = 2) -> Path:
-    """Write atomically (temporary file, flush, fsync, rename), then keep only the newest ``keep_last``.
+def step_of(path: Path) -> int:
+    """The step in a checkpoint's file name."""
+    match = _NAME.match(Path(path).name)
+    return int(match.group(1)) if match else -1
 
-    On any failure (disk full, unwritable directory) the temporary file is removed, earlier checkpoints are
-    untouched, and a :class:`CheckpointError` says what happened.
+
+def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep_last: int = 2) -> Path:
+    """Write atomically (temporary file, flush, fsync, rename), then prune.
+
+    Pruning keeps the ``keep_last`` newest checkpoints up to this one and removes only older ones: a checkpoint
+    with a higher step (another branch of the run) is never deleted. On any failure (disk full, unwritable
+    directory) the temporary file is removed, earlier checkpoints are untouched, and a :class:`CheckpointError`
+    says what happened in one line.
     """
     path = checkpoint_path(run_dir, step)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    sink: _Sink | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as fh:
-            torch.save(state, fh)
+            sink = _Sink(fh)
+            torch.save(state, sink)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except (OSError, RuntimeError) as err:
         tmp.unlink(missing_ok=True)
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
-        raise CheckpointError(f"could not write checkpoint {path}: {reason}") from err
-    if keep_last > 0:
-        for old in list_checkpoints(run_dir)[keep_last:]:
-            old.unlink(missing_ok=True)
+        cause = sink.error if sink is not None and sink.error is not None else err
+        raise CheckpointError(f"could not write checkpoint {path}: {_write_reason(cause, path.parent)}") from err
+    prune_checkpoints(run_dir, step, keep_last)
     return path
+
+
+def prune_checkpoints(run_dir: Path, step: int, keep_last: int) -> None:
+    """Keep the ``keep_last`` newest complete checkpoints up to ``step`` (the one just written included); remove
+    older ones, and older sharded directories whose save never completed."""
+    if keep_last <= 0:
+        return
+    older = [p for p in list_checkpoints(run_dir) if step_of(p) < step]
+    complete = [p for p in older if p.is_file() or (p / MARKER).is_file()]
+    for old in complete[keep_last - 1:] + [p for p in older if p not in complete]:
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+
+
+class _Sink:
+    """The file torch.save writes to, keeping the OSError of a failed write (torch reports only its own
+    ``enforce fail`` line)."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh = fh
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def _write_reason(err: BaseException, folder: Path) -> str:
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"the disk is full ({err.strerror}); free space on {folder} or point hydra.run.dir elsewhere"
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    try:
+        if shutil.disk_usage(folder).free < 1 << 20:
+            return f"the disk is full; free space on {folder} or point hydra.run.dir elsewhere"
+    except OSError:
+        pass
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -80,17 +139,27 @@ def _fsync_dir(folder: Path) -> None:
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load tensors and plain values only; anything else, or a damaged file, is a one-line CheckpointError."""
     path = Path(path)
+    if path.suffix == ".dcp" or (path / ".metadata").exists():
+        return load_trainer_state(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != _ZIP_MAGIC:
+        raise CheckpointError(f"{path} is not a checkpoint (not a torch.save archive)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - every failure to read becomes one line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
+        text = str(err)
+        if "Unsupported global" in text or "Unsupported operand" in text or "GLOBAL" in text:
             raise CheckpointError(f"checkpoint {path} holds more than tensors and plain values; refusing it") from err
-        raise CheckpointError(f"checkpoint {path} is damaged or truncated ({first[:120]})") from err
+        size = path.stat().st_size
+        raise CheckpointError(
+            f"checkpoint {path} is damaged or truncated ({size} bytes; the archive cannot be read); "
+            "resume from an earlier one"
+        ) from err
     if not isinstance(state, dict) or "step" not in state or "model" not in state:
-        raise CheckpointError(f"checkpoint {path} is not a tttexp checkpoint (no step/model entries)")
+        raise CheckpointError(f"{path} is not a tttexp checkpoint (no step/model entries)")
     return state
 
 
@@ -123,3 +192,15 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 def _python_rng_state() -> list:
     version, internal, gauss = random.getstate()
     return [version, list(internal), gauss]
+
+
+def shape_mismatches(err: RuntimeError) -> str:
+    """The mismatched parameters of a failed ``load_state_dict``, in one line."""
+    found = re.findall(r"size mismatch for ([\w.]+): copying a param with shape torch.Size\(\[([^\]]*)\]\) "
+                       r"from checkpoint, the shape in current model is torch.Size\(\[([^\]]*)\]\)", str(err))
+    if found:
+        shown = "; ".join(f"{name} [{a}] vs [{b}]" for name, a, b in found[:3])
+        more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+        return f"{len(found)} shape(s) differ ({shown}{more})"
+    missing = re.search(r"Missing key\(s\) in state_dict: ([^.]*)", str(err))
+    return f"missing parameters ({missing.group(1)[:120]})" if missing else str(err).splitlines()[0][:160]

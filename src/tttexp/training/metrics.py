@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import resource
 import time
+from pathlib import Path
 
 import torch
 
@@ -63,15 +66,36 @@ def mfu(tokens_per_sec: float, flops_per_token: float, peak: float | None) -> fl
 
 
 def gpu_memory(device: torch.device) -> dict[str, float]:
-    """Allocated and reserved GPU memory in GiB (empty off CUDA)."""
+    """Allocated, reserved and peak GPU memory in GiB; allocated is 0 where there is no GPU, so the series
+    exists in every run."""
     if device.type != "cuda":
-        return {}
+        return {"system/gpu_memory_allocated": 0.0}
     gib = 1024**3
     return {
         "system/gpu_memory_allocated": torch.cuda.memory_allocated(device) / gib,
         "system/gpu_memory_reserved": torch.cuda.memory_reserved(device) / gib,
         "system/gpu_memory_peak": torch.cuda.max_memory_allocated(device) / gib,
     }
+
+
+def host_memory() -> dict[str, float]:
+    """This process's resident host memory in GiB (now, from /proc; the peak from getrusage)."""
+    gib = 1024**3
+    out: dict[str, float] = {}
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        out["system/host_memory_rss"] = pages * os.sysconf("SC_PAGE_SIZE") / gib
+    except (OSError, ValueError, IndexError):
+        pass
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    out["system/host_memory_peak"] = peak_kib * 1024 / gib
+    out.setdefault("system/host_memory_rss", out["system/host_memory_peak"])
+    return out
+
+
+def memory(device: torch.device) -> dict[str, float]:
+    """GPU and host memory of this process, logged on every device."""
+    return {**gpu_memory(device), **host_memory()}
 
 
 class Stopwatch:
@@ -93,3 +117,39 @@ class Stopwatch:
         now = time.perf_counter()
         elapsed, self.start = now - self.start, now
         return elapsed
+
+
+class Window:
+    """Sums over the steps between two log records, kept on the device so that steps never sync the host.
+
+    A step whose loss or gradient norm is not finite is counted (``nonfinite``) and left out of the means, by
+    device-side selection: no host sync per step, on every recipe."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), device=device, dtype=torch.float64)
+        self.grad_norm = torch.zeros((), device=device, dtype=torch.float64)
+        self.good = torch.zeros((), device=device, dtype=torch.float64)
+        self.bad = torch.zeros((), device=device, dtype=torch.float64)
+        self.steps = 0
+        self.tokens = 0
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, ok: bool, tokens: int) -> None:
+        """``ok=False``: a step already skipped (and counted) by the host-side check."""
+        self.steps += 1
+        self.tokens += tokens
+        if ok:
+            loss, grad_norm = loss.detach().double(), grad_norm.detach().double()
+            finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+            self.loss += torch.where(finite, loss, 0.0)
+            self.grad_norm += torch.where(finite, grad_norm, 0.0)
+            self.good += finite
+            self.bad += ~finite
+
+    def nonfinite(self) -> int:
+        return int(self.bad)
+
+    def means(self) -> tuple[float, float]:
+        good = float(self.good)
+        if not good:
+            return float("nan"), float("nan")
+        return float(self.loss) / good, float(self.grad_norm) / good

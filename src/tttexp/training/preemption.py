@@ -1,4 +1,9 @@
-"""Preemption: SIGTERM or SIGUSR1 asks the loop to finish its step, checkpoint and exit for a requeue."""
+"""Preemption: SIGTERM or SIGUSR1 asks the loop to finish its step, checkpoint and exit for a requeue.
+
+In a self-launched DDP job the launcher process receives the signal and forwards it to its workers
+(``distributed.launch.SignalForwarder``); the workers checkpoint and return, and the launcher exits with
+:data:`EXIT_PREEMPTED` and requeues the job.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ import signal
 import subprocess
 import threading
 from types import FrameType
+
+from tttexp.distributed.launch import LAUNCHED_WORKER
 
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # submitit asks for USR2 before a SLURM time limit and requeues from its own USR2 handler.
@@ -56,6 +63,6 @@ class PreemptionFlag:
 def requeue_slurm_job() -> bool:
     """Under SLURM, put this job back in the queue (its next start resumes with ``resume=auto``)."""
     job = os.environ.get("SLURM_JOB_ID")
-    if not job or shutil.which("scontrol") is None:
+    if os.environ.get(LAUNCHED_WORKER) or not job or shutil.which("scontrol") is None:  # the launcher requeues
         return False
     return subprocess.run(["scontrol", "requeue", job], capture_output=True).returncode == 0
