@@ -19,16 +19,19 @@ entries (none are ever written), so nothing from a checkpoint directory can exec
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 
 from tttexp.errors import CheckpointError
 
@@ -220,9 +223,10 @@ class ShardedCheckpointer:
                 future = dcp.async_save(tensors, storage_writer=writer, process_group=self._group)
                 self._pending = (future, path, keep_last, prune)
                 return path
-            dcp.save(tensors, storage_writer=writer)
-        except (OSError, RuntimeError) as err:
-            raise CheckpointError(f"could not write checkpoint {path}: {str(err).splitlines()[0][:160]}") from err
+            with _one_process_is_fine():
+                dcp.save(tensors, storage_writer=writer, no_dist=not dist.is_initialized())
+        except (OSError, RuntimeError, CheckpointException) as err:
+            raise CheckpointError(f"could not write checkpoint {path}: {_reason(err)}") from err
         self._complete(path, keep_last, prune)
         return path
 
@@ -278,13 +282,13 @@ def load_into(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | N
         model_state, optim_state = get_state_dict(model, optimizer)
         tensors = {"model": model_state, "optim": optim_state["state"]}
     try:
-        dcp.load(tensors, storage_reader=_safe_reader(path), planner=_safe_planner(),
-                 no_dist=not dist.is_initialized())
+        with _one_process_is_fine():
+            dcp.load(tensors, storage_reader=_safe_reader(path), planner=_safe_planner(),
+                     no_dist=not dist.is_initialized())
     except CheckpointError:
         raise
-    except Exception as err:  # noqa: BLE001 - DCP wraps reader errors in its own types
-        raise CheckpointError(f"checkpoint {path} could not be read ({str(err).strip().splitlines()[0][:160]})") \
-            from err
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 - DCP wraps errors (ours too) in its own type
+        raise CheckpointError(f"checkpoint {path} could not be read ({_reason(err)})") from err
     if optimizer is None:
         set_model_state_dict(model, tensors["model"], options=options)
         return
@@ -295,6 +299,23 @@ def load_into(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | N
 def full_model_state(path: Path, model: nn.Module) -> None:
     """Load only the model of a checkpoint directory into a plain (unsharded) ``model``; for export and eval."""
     load_into(path, model, None)
+
+
+def _reason(err: BaseException) -> str:
+    """One line for a failed DCP call: the first failure of the first failing rank (DCP gathers them)."""
+    failures = getattr(err, "failures", None)
+    if failures:
+        err = next(iter(failures.values()))[0]
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0][:200] if lines else type(err).__name__
+
+
+@contextlib.contextmanager
+def _one_process_is_fine():
+    """DCP warns on every call without a process group; one process reading or writing everything is meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _atomic_torch_save(state: dict[str, Any], path: Path) -> None:
