@@ -147,9 +147,10 @@ class FullyShardedDataParallel(DistributedDataParallel):
 def check_mesh(replicate: int, world_size: int) -> None:
     """``distributed.replicate`` must divide the world size (HSDP: replicas x shards)."""
     if replicate < 1 or world_size % replicate:
+        fits = ", ".join(str(r) for r in range(1, world_size + 1) if world_size % r == 0)
         raise StrategyError(
-            f"distributed.replicate={replicate} does not divide the world size {world_size}: the mesh would be "
-            f"{replicate} x {world_size / replicate:g}; use a replicate factor that divides {world_size}"
+            f"distributed.replicate={replicate} does not divide the world size {world_size} (the mesh is replicate x "
+            f"shard = {world_size} processes); use one of {fits}"
         )
 
 

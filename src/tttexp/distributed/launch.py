@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tttexp.distributed.world import free_port, in_existing_world, process_rank
+from tttexp.errors import TTTExpError
 
 
 def resolve_nproc(value: Any) -> int:
@@ -67,7 +68,7 @@ def launch(cfg: DictConfig, run_dir: Path, job: Callable[[DictConfig, Path], Any
         logs_specs=DefaultLogsSpecs(log_dir=str(run_dir / "elastic")),
     )
     container = OmegaConf.to_container(cfg, resolve=True)
-    for stale in run_dir.glob("rank*.pid"):
+    for stale in [*run_dir.glob("rank*.pid"), run_dir / WORKER_ERROR]:
         stale.unlink(missing_ok=True)
     with forwarder or SignalForwarder(run_dir):
         results = elastic_launch(config, worker)(job, container, str(run_dir))
@@ -140,4 +141,12 @@ def worker(job: Callable[[DictConfig, Path], Any], config: dict, run_dir: str) -
     if rank != 0:
         log = open(path / f"train_rank{rank}.log", "a", buffering=1)  # noqa: SIM115 - lives as long as the worker
         sys.stdout = sys.stderr = log
-    return job(OmegaConf.create(config), path)
+    try:
+        return job(OmegaConf.create(config), path)
+    except TTTExpError as err:  # a one-line problem (a config, a checkpoint): the launcher prints it as it is
+        with contextlib.suppress(OSError):
+            (path / WORKER_ERROR).write_text(f"{err}\n")
+        raise
+
+
+WORKER_ERROR = "worker_error.txt"  # a launched worker's one-line error, for the launcher to print
