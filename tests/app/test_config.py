@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 
 from tttexp.app.preflight import CONF_DIR, check, compose_config
 from tttexp.app.schemas import validate
+from tttexp.app.train import build_strategy
 from tttexp.distributed import Strategy
 from tttexp.errors import ConfigError
 
@@ -33,24 +34,52 @@ def test_model_options_instantiate(name):
     cfg = compose_config([f"model={name}"])
     validate(cfg)
     with torch.device("meta"):
-        model = instantiate(cfg.model, vocab_size=32000)
+        model, facts = instantiate(cfg.model).build(vocab_size=32000, eos_token_id=0, device="meta")
     assert model.config.hidden_size == cfg.model.hidden_size
     assert model.config.num_hidden_layers == cfg.model.num_hidden_layers
+    assert facts == {}
+
+
+def test_model_yamls_agree_with_the_size_table():
+    from tttexp.models import SIZE_PRESETS
+
+    for name in options("model"):
+        cfg = compose_config([f"model={name}"]).model
+        assert {key: cfg[key] for key in SIZE_PRESETS[name]} == SIZE_PRESETS[name], name
 
 
 @pytest.mark.parametrize("name", options("strategy"))
-def test_strategy_options_instantiate(name):
+def test_recipes_compose_into_a_process_layer(name):
     cfg = compose_config([f"strategy={name}"])
     validate(cfg)
-    strategy = instantiate(cfg.strategy)
+    assert cfg.recipe == name
+    strategy = build_strategy(cfg)
     assert isinstance(strategy, Strategy)
-    assert strategy.name == name
+    assert strategy.precision == cfg.trainer.precision and strategy.compile == cfg.trainer.compile
+
+
+def test_recipes_show_the_values_that_run():
+    """A recipe writes plain values into the groups that own them: nothing rescales them later."""
+    conservative = compose_config(["strategy=conservative"])
+    assert conservative.optim.lr == 1.5e-3 and conservative.optim.max_grad_norm == 0.5
+    assert conservative.model.kernel == "torch" and conservative.trainer.precision == "fp32"
+    fast = compose_config(["strategy=gpu_optimized"])
+    assert fast.trainer.precision == "bf16" and fast.trainer.compile and fast.model.kernel == "auto"
+    assert fast.optim.lr == 3e-3 and fast.data.prefetch
+    passing = compose_config(["strategy=multi_gpu_state_passing"])
+    assert passing.data.stream and passing.distributed._target_.endswith("DistributedDataParallel")
+    pretrained = compose_config(["strategy=from_pretrained"])
+    assert pretrained.model._target_ == "tttexp.models.pretrained.FromBase"
+    assert pretrained.model.base_model == "smollm2"
+    assert compose_config(["strategy=conservative", "optim.lr=1e-2"]).optim.lr == 1e-2  # the command line wins
 
 
 @pytest.mark.parametrize("name", options("logging"))
 def test_logging_options_instantiate(name):
-    cfg = compose_config([f"logging={name}"])
-    logger = instantiate(cfg.logging)
+    from tttexp.app.train import _build_logger
+
+    cfg = compose_config([f"logging={name}", "logging.mode=disabled"])
+    logger = _build_logger(cfg, Path("."), is_main=True)
     assert hasattr(logger, "log") and hasattr(logger, "finish")
 
 
@@ -82,7 +111,7 @@ def test_contract_keys_exist():
         section, _, leaf = key.rpartition(".")
         node = cfg[section] if section else cfg
         assert leaf in node, key
-    assert "base_model" in compose_config(["strategy=from_pretrained"]).strategy
+    assert compose_config(["strategy=from_pretrained"]).model.base_model == "smollm2"
 
 
 @pytest.mark.parametrize(("argv", "expected"), [
@@ -90,7 +119,8 @@ def test_contract_keys_exist():
     (["optim.lr=abc"], "optim.lr=abc: expected a float"),
     (["data.seq_len=-1"], "data.seq_len=-1 must be > 0"),
     (["trainer.max_stepz=3"], "trainer.max_stepz: no such config key (did you mean trainer.max_steps?)"),
-    (["strategy.compile=maybe"], "strategy.compile=maybe: expected a boolean (true or false)"),
+    (["trainer.compile=maybe"], "trainer.compile=maybe: expected a boolean (true or false)"),
+    (["strategy.compile=true"], "strategy.compile: no such config key"),
     (["model.ttt_layer=cnn"], "model.ttt_layer='cnn' is not allowed; choose one of: linear, mlp"),
     (["model.hidden_size=100", "model.num_attention_heads=3"], "must be divisible by model.num_attention_heads"),
     (["-m", "model.ttt_layer=linear,rnn"], "model.ttt_layer='rnn' is not allowed"),

@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 
 from tttexp.app.preflight import CONF_DIR, check, compose_config
 from tttexp.app.schemas import validate
+from tttexp.app.train import build_strategy
 from tttexp.distributed import Strategy
 
 RECIPES = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml") if re.match(r"[\d.]+[mb]_ttt_", p.stem))
@@ -39,7 +40,6 @@ def test_recipe_carries_the_paper_numbers(name):
     validate(cfg)
     assert cfg.experiment_name == name
     assert (cfg.model.name, cfg.model.ttt_layer) == (size, layer)
-    assert cfg.model.ttt_base_lr == {"linear": 1.0, "mlp": 0.1}[layer]
     assert cfg.data.seq_len == {"2k": 2048, "8k": 8192}[ctx]
     assert GPUS * cfg.data.batch_size * cfg.trainer.grad_accum_steps * cfg.data.seq_len == TOKENS_PER_STEP
     assert cfg.optim.lr == peak_lr and cfg.trainer.max_steps == steps
@@ -50,8 +50,8 @@ def test_recipe_carries_the_paper_numbers(name):
     assert (cfg.optim.weight_decay, cfg.optim.max_grad_norm) == (0.1, 1.0)
     assert (cfg.data.source, cfg.data.tokenizer) == ("hf", "sentencepiece") and cfg.data.hf_dataset
     assert cfg.data.max_documents * 1000 >= budget  # enough documents for one pass at >= 1k tokens each
-    assert cfg.strategy._target_.endswith("DistributedDataParallel") and not cfg.strategy.state_passing
-    assert cfg.strategy.precision == "bf16" and cfg.distributed.nproc_per_node == "auto"
+    assert cfg.distributed._target_.endswith("DistributedDataParallel") and not cfg.data.stream
+    assert cfg.trainer.precision == "bf16" and cfg.distributed.nproc_per_node == "auto"
     assert 0 < cfg.trainer.ckpt_every < steps and 0 < cfg.trainer.eval_every < steps
 
 
@@ -61,11 +61,12 @@ def test_recipe_builds_its_model_strategy_and_data(name):
 
     cfg = compose_config([f"experiment={name}"])
     with torch.device("meta"):
-        model = instantiate(cfg.model, vocab_size=32000)
+        model, _ = instantiate(cfg.model).build(vocab_size=32000, eos_token_id=0, device="meta")
     assert model.config.hidden_size == cfg.model.hidden_size
     assert model.config.ttt_layer == cfg.model.ttt_layer
-    strategy = instantiate(cfg.strategy, backend=cfg.distributed.backend, timeout_s=cfg.distributed.timeout_s)
-    assert isinstance(strategy, Strategy) and not strategy.state_passing
+    assert model.config.ttt_base_lr == {"linear": 1.0, "mlp": 0.1}[cfg.model.ttt_layer]
+    strategy = build_strategy(cfg)
+    assert isinstance(strategy, Strategy) and strategy.precision == "bf16"
     data = instantiate(cfg.data)  # the constructor only checks its arguments: nothing is fetched
     assert (data.seq_len, data.batch_size, data.hf_dataset) == (cfg.data.seq_len, cfg.data.batch_size,
                                                                 cfg.data.hf_dataset)

@@ -6,9 +6,8 @@ import math
 
 import pytest
 
+from support import records
 from tttexp.loggers import find_run_files, read_records, read_run
-
-from .helpers import records
 
 SMOKE = ["experiment=smoke", "logging=wandb", "logging.mode=offline"]
 PROMISED = ["train/loss", "train/learning_rate", "train/tokens_per_sec", "train/grad_norm", "train/tokens_seen",
@@ -25,7 +24,7 @@ def run_group(path) -> str:
 
 def test_what_wandb_recorded_equals_metrics_jsonl(run_app, tmp_path):
     run = tmp_path / "run"
-    out = run_app(*SMOKE, "strategy=gpu_optimized", "strategy.inference_every=3", f"hydra.run.dir={run}")
+    out = run_app(*SMOKE, "strategy=gpu_optimized", "trainer.inference_every=3", f"hydra.run.dir={run}")
     assert out.returncode == 0, out.stderr[-3000:]
     files = find_run_files(run)
     assert len(files) == 1
@@ -52,14 +51,14 @@ def test_what_wandb_recorded_equals_metrics_jsonl(run_app, tmp_path):
                 assert logged[key] == value, key
 
     assert recorded.config["model"]["hidden_size"] == 64
-    assert recorded.config["strategy"]["name"] == "gpu_optimized"
+    assert recorded.config["recipe"] == "gpu_optimized"
     assert recorded.config["optim"]["lr"] == pytest.approx(3e-3)
     assert recorded.config["model/total_parameters"] > 0
     for key in ("summary/total_time", "summary/avg_tokens_per_sec", "summary/final_loss"):
         assert key in recorded.summary
     assert recorded.summary["model/ttt_layer"] == "linear"
 
-    again = run_app(*SMOKE, "trainer.max_steps=8", "resume=auto", f"hydra.run.dir={run}")
+    again = run_app(*SMOKE, "strategy=gpu_optimized", "trainer.max_steps=8", "resume=auto", f"hydra.run.dir={run}")
     assert again.returncode == 0, again.stderr[-3000:]
     ids = {read_run(f).run_id for f in find_run_files(run)}
     assert len(find_run_files(run)) == 2 and len(ids) == 1

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from tttexp.app.schemas import register_configs, validate
-from tttexp.app.train import build_model_and_data, build_strategy
+from tttexp.app.train import build, build_model_and_data, build_strategy
 from tttexp.errors import CheckpointError, ConfigError
 from tttexp.training.checkpoint import load_checkpoint
 from tttexp.training.validation import loss_by_position, mean_loss
@@ -51,7 +50,7 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     validate(cfg)
     strategy = build_strategy(cfg)
     device = strategy.setup(cfg.device, cfg.seed)
-    data = instantiate(cfg.data)
+    data = build(cfg.data)
     model = load_model(cfg, strategy, data).to(device)
     total, count = mean_loss(model, data.val_set.batches(cfg.data.batch_size), autocast=strategy.autocast())
     loss = total / max(count, 1)

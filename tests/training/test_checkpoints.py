@@ -14,10 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
+from support import last_by_step
 from tttexp.errors import CheckpointError
 from tttexp.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-
-from .helpers import last_by_step
 
 FAST = ["experiment=smoke", "logging=none", "trainer.log_every=1", "trainer.eval_every=0",
         "trainer.position_eval_sequences=0", "trainer.plots=false"]

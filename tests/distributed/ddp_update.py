@@ -33,7 +33,7 @@ def run_rank(rank: int, world: int, port: int, out: str) -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from tttexp.distributed import DistributedDataParallel
 
-    strategy = DistributedDataParallel("multi_gpu_state_passing", backend="gloo", timeout_s=60)
+    strategy = DistributedDataParallel(backend="gloo", timeout_s=60)
     strategy.setup("cpu", seed=0)
     model = small_model()
     wrapped = strategy.prepare_model(model)

@@ -1,4 +1,5 @@
-"""Shared test helpers: build the app's pieces in-process from a composed config."""
+"""Shared test helpers (importable from every test folder): build the app's pieces in-process from a composed
+config, read a run's metrics."""
 
 from __future__ import annotations
 
@@ -6,11 +7,9 @@ import json
 import os
 from pathlib import Path
 
-from hydra.utils import instantiate
-
 from tttexp.app.preflight import compose_config
-from tttexp.app.train import build_model_and_data
-from tttexp.training.trainer import LoopSettings, OptimSettings, Trainer
+from tttexp.app.train import build, build_model_and_data, build_strategy
+from tttexp.training.trainer import Trainer
 
 
 def build_trainer(overrides: list[str], run_dir: Path, cache_dir: Path, logger=None) -> Trainer:
@@ -21,15 +20,13 @@ def build_trainer(overrides: list[str], run_dir: Path, cache_dir: Path, logger=N
 
     os.environ["TTTEXP_CACHE_DIR"] = str(cache_dir)
     cfg = compose_config(["experiment=smoke", "logging=none", *overrides])
-    strategy = instantiate(cfg.strategy, backend="gloo", timeout_s=60)
+    strategy = build_strategy(cfg)
     strategy.setup(cfg.device, cfg.seed)
-    data = instantiate(cfg.data)
+    data = build(cfg.data)
     model, _ = build_model_and_data(cfg, strategy, data)
-    model.config.kernel = strategy.kernel_for(cfg.model.kernel)
     return Trainer(
         model=model, data=data, strategy=strategy, logger=logger or NullLogger(),
-        optim=OptimSettings(**OmegaConf.to_container(cfg.optim, resolve=True)),
-        loop=LoopSettings(**OmegaConf.to_container(cfg.trainer, resolve=True)),
+        optim=OmegaConf.to_object(cfg.optim), loop=OmegaConf.to_object(cfg.trainer),
         run_dir=run_dir,
     )
 
