@@ -36,6 +36,10 @@ def test_logging_none_runs_with_wandb_unimportable(run_app, tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["summary/steps"] == 6
     assert not (run / "wandb").exists()
+    log = (run / "train.log").read_text()  # the console's step lines and summary table are in the log too
+    assert [line for line in out.stdout.splitlines() if line.startswith("step ")] == \
+        [line for line in log.splitlines() if line.startswith("step ")] != []
+    assert "final_val_loss" in log and f"run directory: {run}" in log
 
 
 def test_multirun_gives_one_directory_per_job(run_app, tmp_path):

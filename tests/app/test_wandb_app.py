@@ -26,6 +26,7 @@ def test_what_wandb_recorded_equals_metrics_jsonl(run_app, tmp_path):
     run = tmp_path / "run"
     out = run_app(*SMOKE, "strategy=gpu_optimized", "trainer.inference_every=3", f"hydra.run.dir={run}")
     assert out.returncode == 0, out.stderr[-3000:]
+    assert (out.stdout + out.stderr).count("wandb sync") == 1  # one hint; wandb's own banner and summary silenced
     files = find_run_files(run)
     assert len(files) == 1
     recorded = read_run(files[0])

@@ -96,6 +96,8 @@ def test_self_launched_two_process_job_on_cpu(run_app, tmp_path):
     assert rows and all(r["system/num_processes"] == 2 for r in rows)
     assert all("state/w_norm" in r and "state/resets" in r for r in rows)
     assert (run / "train_rank0.log").exists() and (run / "train_rank1.log").exists()
+    log = (run / "train.log").read_text()  # the job's log holds rank 0's console: step lines and the summary
+    assert "step      2/6" in log and "final_val_loss" in log
 
 
 def test_killing_one_worker_ends_the_job(app_cache, tmp_path):

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tttexp.app.schemas import register_configs, validate
 from tttexp.app.security import check_config
+from tttexp.console import copy_console_to
 from tttexp.errors import ConfigError, TTTExpError
 from tttexp.loggers.protocol import Resume
 from tttexp.training import rundir
@@ -48,6 +49,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
     from tttexp.distributed import launch
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    copy_console_to(run_dir / f"{HydraConfig.get().job.name}.log")  # step lines, warnings, summary: in the log too
     try:
         check_config(HydraConfig.get(), "hydra")  # preflight checked it before Hydra built anything; again here
         validate(cfg)
@@ -58,13 +60,11 @@ def hydra_main(cfg: DictConfig) -> float | None:
             return run(cfg, run_dir)
     except TTTExpError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
-        _log_to_file(f"error: {err}")
         if _is_multirun():
             raise  # Hydra records the failed job; the other jobs (and an Optuna search) go on
         sys.exit(1)
     except Preempted as err:
         print(f"preempted: {err}", file=sys.stderr, flush=True)
-        _log_to_file(f"preempted: {err}")
         sys.exit(EXIT_PREEMPTED)
     except Exception as err:
         if type(err).__name__ == "ChildFailedError":
@@ -73,7 +73,6 @@ def hydra_main(cfg: DictConfig) -> float | None:
                 f"a worker failed, the job was stopped; see {run_dir}/train_rank*.log "
                 f"({str(err).strip().splitlines()[0][:200]})")
             print(f"error: {message}", file=sys.stderr, flush=True)
-            _log_to_file(f"error: {message}")
             if _is_multirun():
                 raise RuntimeError(message) from None
             sys.exit(1)
@@ -110,16 +109,6 @@ def _own(run_dir: Path):
     from tttexp.distributed.world import process_rank
 
     return rundir.RunLock(run_dir) if process_rank() == 0 else nullcontext()
-
-
-def _log_to_file(line: str) -> None:
-    """The reason a job ended, also in its log file, so a run directory says why it stopped."""
-    import logging
-
-    record = logging.LogRecord("tttexp.train", logging.ERROR, __file__, 0, line, None, None)
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.handle(record)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> float | None:

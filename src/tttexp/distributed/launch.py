@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from tttexp.console import copy_console_to
 from tttexp.distributed.world import free_port, in_existing_world, process_rank
 from tttexp.errors import TTTExpError
 
@@ -141,6 +142,8 @@ def worker(job: Callable[[DictConfig, Path], Any], config: dict, run_dir: str) -
     if rank != 0:
         log = open(path / f"train_rank{rank}.log", "a", buffering=1)  # noqa: SIM115 - lives as long as the worker
         sys.stdout = sys.stderr = log
+    else:  # rank 0 speaks for the job: its console also goes to the job's train.log
+        copy_console_to(path / "train.log")
     try:
         return job(OmegaConf.create(config), path)
     except TTTExpError as err:  # a one-line problem (a config, a checkpoint): the launcher prints it as it is

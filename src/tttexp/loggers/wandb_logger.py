@@ -116,7 +116,8 @@ class WandbLogger:
                 id=(resume.wandb_run_id if resume and resume.wandb_run_id else None) or read_or_new_run_id(run_dir),
                 resume="allow",
                 mode=mode,
-                settings=wandb.Settings(init_timeout=self.init_timeout),
+                # silent: no banner, no run summary, no sync hints of its own; the one hint below is enough
+                settings=wandb.Settings(init_timeout=self.init_timeout, silent=True),
             )
         except Exception as exc:
             notice(f"wandb logging is off: wandb.init ({mode}) failed: {one_line(exc)}")

@@ -20,12 +20,15 @@ from tttexp.distributed import Strategy
 from tttexp.errors import TrainingStopped
 from tttexp.models import TTTCache, TTTForCausalLM
 from tttexp.training import checkpoint as ckpt
+from tttexp.training import dcp, reshard
 from tttexp.training import metrics as M
 from tttexp.training.config import OptimConfig, TrainerConfig
+from tttexp.training.fairness import TokenHash
 from tttexp.training.inference import time_inference
+from tttexp.training.metrics import Window
 from tttexp.training.preemption import Preempted, PreemptionFlag, requeue_slurm_job
 from tttexp.training.schedule import lr_at
-from tttexp.training.validation import loss_by_position, mean_loss
+from tttexp.training.validation import mean_loss
 
 
 class Trainer:
@@ -41,6 +44,8 @@ class Trainer:
         run_dir: Path,
         health: Any | None = None,
         resume_state: dict[str, Any] | None = None,
+        fingerprint: dict[str, Any] | None = None,
+        passkey: Any | None = None,
     ) -> None:
         self.raw_model = model
         self.data = data
@@ -50,9 +55,14 @@ class Trainer:
         self.loop = loop
         self.run_dir = Path(run_dir)
         self.health = health
+        self.fingerprint = fingerprint  # the config values a resume must match (training/rundir.py)
+        self.passkey = passkey  # PasskeyConfig: passkey retrieval at the end (training/passkey.py)
+        self.token_hash = TokenHash()  # the training tokens consumed, in order (the study's fairness record)
+        self.final_extras: dict[str, float] = {}
         self.device = strategy.device
         self.model = strategy.prepare_model(model)
         self.optimizer = self._build_optimizer()
+        self.checkpointer = dcp.ShardedCheckpointer(strategy, async_save=strategy.async_checkpoint)
         self.train_loader = data.train_loader
         self.stream = bool(getattr(data, "stream", False))  # per-row streams: carry each row's TTT state
         if getattr(data, "prefetch", False):
@@ -68,6 +78,9 @@ class Trainer:
         self.resets = 0
         self.history: list[dict[str, float]] = []
         self.last_val: dict[str, float] = {}
+        self.window = Window(self.device)  # steps since the last record, summed on the device
+        self._window_nonfinite = 0
+        self._diverged = False  # the weights went non-finite: the run's last loss is not a number
         self.flops_per_token = M.train_flops_per_token(
             sum(p.numel() for p in model.parameters()),
             M.ttt_flops_per_token(model.config.hidden_size, model.config.num_attention_heads,
@@ -86,7 +99,7 @@ class Trainer:
         start_time = time.perf_counter()
         progress = Progress(self.loop.progress, self.loop.max_steps, self.step, enabled=self.strategy.is_main)
         watch = M.Stopwatch(self.device)
-        window = Window(self.device)
+        self.window = Window(self.device)
         tokens_per_step = self._tokens_per_step()
         self.preemption.install()
         self.model.train()
@@ -96,13 +109,15 @@ class Trainer:
                 loss, grad_norm, ok = self._train_step()
                 self.step += 1
                 self.tokens_seen += tokens_per_step
-                window.add(loss, grad_norm, ok, tokens_per_step)
+                self.window.add(loss, grad_norm, ok, tokens_per_step)
 
                 if self.step % self.loop.log_every == 0 or self.step == self.loop.max_steps:
-                    record = self._train_record(window, lr, watch.lap())
+                    record = self._train_record(self.window, lr, watch.lap())
                     self._log(record)
                     progress.update(self.step, record)
-                    window = Window(self.device)
+                    self.window = Window(self.device)
+                    if self._window_nonfinite and not self._weights_finite():
+                        self._stop_nonfinite()
                 if self._every(self.loop.eval_every):
                     self._log(self.evaluate())
                     watch.restart()
@@ -155,18 +170,16 @@ class Trainer:
         accum = self.loop.grad_accum_steps
         total = torch.zeros((), device=self.device)
         for micro in range(accum):
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in next(self.train_loader).items()}
+            raw = next(self.train_loader)
+            self.token_hash.update(raw["input_ids"])
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in raw.items()}
             with self.strategy.no_sync(self.model, last_micro_batch=micro == accum - 1), self.strategy.autocast():
                 loss = self._forward_loss(batch)
             (loss / accum).backward()
             total += loss.detach()
         loss = self.strategy.all_reduce_mean(total / accum)
-        max_norm = self.optim.max_grad_norm
         params = [p for p in self.raw_model.parameters() if p.grad is not None]
-        if max_norm and max_norm > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        else:
-            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params]))
+        grad_norm = self.strategy.grad_norm(params, self.optim.max_grad_norm)  # clips when max_grad_norm > 0
         if self.loop.skip_nonfinite:
             if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
                 self._skip_bad_step()
@@ -238,7 +251,7 @@ class Trainer:
 
     def _time_inference(self) -> None:
         """Prefill and cached decode on a fixed validation prompt; logs ``inference/*`` and a short sample."""
-        if not self.strategy.is_main:
+        if not self.strategy.is_main and not self.strategy.shards_parameters:  # sharded: every rank runs it
             return
         prompt = next(self.data.val_set.batches(1))["input_ids"][:, :64].to(self.device)
         record, generated = time_inference(self.raw_model, prompt, new_tokens=32, autocast=self.strategy.autocast())
@@ -249,30 +262,25 @@ class Trainer:
             self.logger.log_text("inference/sample", text, step=self.step)
 
     def _final_reports(self) -> None:
-        """Loss by position over long validation sequences (table + plot) and the loss-curve plot."""
-        if not self.strategy.is_main:
+        """Perplexity by position up to 4x the training length and, when enabled, passkey retrieval (tables, CSVs,
+        plots: training/long_context.py), and the loss-curve plot."""
+        if not self.strategy.is_main and not self.strategy.shards_parameters:  # sharded: every rank runs the model
             return
-        seq_len = getattr(self.data, "seq_len", None)
-        length = self.loop.position_eval_len or 4 * (seq_len or 256)
-        rows: list[dict[str, float]] = []
-        if self.loop.position_eval_sequences > 0:
-            try:
-                sequences = self.data.val_set.long_sequences(length, self.loop.position_eval_sequences)
-            except ValueError:
-                sequences = None
-            if sequences is not None and len(sequences):
-                rows = loss_by_position(self.raw_model, sequences, autocast=self.strategy.autocast())
-                self.logger.log_table("val/ppl_by_position", ["start", "end", "loss", "ppl"],
-                                      [[r["start"], r["end"], r["loss"], r["ppl"]] for r in rows], step=self.step)
-        if self.loop.plots:
+        from tttexp.training.long_context import context_reports
+
+        main = self.strategy.is_main
+        _rows, self.final_extras = context_reports(
+            self.raw_model, self.data, self.run_dir, self.logger, self.step, length=self.loop.position_eval_len,
+            sequences=self.loop.position_eval_sequences, passkey=self.passkey, autocast=self.strategy.autocast(),
+            plots=self.loop.plots and main, write=main, batch_size=self.data.train_loader.batch_size,
+        )
+        if self.loop.plots and main:
             from tttexp.training import plots
 
             loss_png = plots.plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png") \
                 if (self.run_dir / "metrics.jsonl").exists() else None
-            pos_png = plots.plot_by_position(rows, self.run_dir / "ppl_by_position.png")
-            for key, path in (("plots/loss", loss_png), ("plots/ppl_by_position", pos_png)):
-                if path is not None:
-                    self.logger.log_image(key, path, step=self.step)
+            if loss_png is not None:
+                self.logger.log_image("plots/loss", loss_png, step=self.step)
 
     # ------------------------------------------------------------------------------------------------------------
     # Records
@@ -280,6 +288,8 @@ class Trainer:
 
     def _train_record(self, window: Window, lr: float, seconds: float) -> dict[str, float]:
         loss, grad_norm = window.means()
+        self._window_nonfinite = window.nonfinite()
+        self.counters["warnings/nonfinite_steps"] += self._window_nonfinite
         tps = M.tokens_per_second(window.tokens, seconds)
         record: dict[str, float] = {
             "train/loss": loss,
@@ -293,7 +303,7 @@ class Trainer:
         utilisation = M.mfu(tps, self.flops_per_token, self.peak * self.strategy.world_size if self.peak else None)
         if utilisation is not None:
             record["system/mfu"] = utilisation
-        record.update(M.gpu_memory(self.device))
+        record.update(M.memory(self.device))
         if self.stream and self.carry is not None:
             record.update(self._state_record())
         record.update(self.counters)
@@ -324,19 +334,53 @@ class Trainer:
             self.logger.log(dict(record), step=self.step)
 
     def _summary(self, seconds: float) -> dict[str, Any]:
-        losses = [h["train/loss"] for h in self.history if math.isfinite(h.get("train/loss", float("nan")))]
+        losses = [h["train/loss"] for h in self.history if "train/loss" in h]  # the last one, finite or not
         summary = {
             "summary/total_time": seconds,
             "summary/avg_tokens_per_sec": self.tokens_seen / seconds if seconds > 0 else 0.0,
-            "summary/final_loss": losses[-1] if losses else float("nan"),
+            "summary/final_loss": losses[-1] if losses and not self._diverged else float("nan"),
             "summary/steps": self.step,
             "summary/tokens_seen": self.tokens_seen,
         }
         if self.last_val:
             summary["summary/final_val_loss"] = self.last_val["val/loss"]
             summary["summary/final_val_ppl"] = self.last_val["val/ppl"]
-        summary.update({k.replace("warnings/", "summary/warnings_"): v for k, v in self.counters.items()})
+        summary.update({k.replace("warnings/", "summary/warnings_"): v for k, v in self._counters_now().items()})
+        summary.update(self.final_extras)
+        if self.token_hash.batches:
+            summary["summary/data_hash"] = self.token_hash.digest
         return summary
+
+    def _counters_now(self) -> dict[str, int]:
+        """The counters with the steps not yet logged (one host sync; for checkpoints and the summary)."""
+        counters = dict(self.counters)
+        counters["warnings/nonfinite_steps"] += self.window.nonfinite()
+        return counters
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Non-finite weights: never saved, never reported as success
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _weights_finite(self) -> bool:
+        """Are all weights and optimizer moments finite, on every process? One host sync."""
+        tensors = [p.detach() for p in self.raw_model.parameters()]
+        tensors += [v for state in self.optimizer.state.values() for v in state.values()
+                    if torch.is_tensor(v) and v.is_floating_point()]
+        tensors = self.strategy.local_tensors(tensors)  # this process's shards under FSDP
+        bad = (~torch.stack([torch.isfinite(t).all() for t in tensors]).all()).float()
+        if self.strategy.world_size > 1:
+            bad = self.strategy.all_reduce_max(bad)
+        return not bool(bad > 0)
+
+    def _stop_nonfinite(self) -> None:
+        self._diverged = True
+        last = ckpt.list_checkpoints(self.run_dir)
+        where = f"the last good checkpoint is {last[0]}" if last else "no checkpoint was written"
+        raise TrainingStopped(
+            f"the weights are not finite at step {self.step} ({self._counters_now()['warnings/nonfinite_steps']} "
+            f"non-finite steps); nothing was saved and {where}. Lower optim.lr, or set trainer.skip_nonfinite=true "
+            "to skip bad steps"
+        )
 
     # ------------------------------------------------------------------------------------------------------------
     # Checkpoints
@@ -350,23 +394,34 @@ class Trainer:
             "carry": self.carry.state_dict() if self.carry is not None else None,
         }
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, weights: bool = True) -> dict[str, Any]:
+        """The whole checkpoint (``weights=False``: all but the model and optimizer, which a sharded checkpoint
+        writes itself)."""
         ranks = self.strategy.gather_object(self._rank_state())
         run_id_file = self.run_dir / "wandb_run_id"
+        model, optimizer = self.strategy.full_state(self.raw_model, self.optimizer) if weights else (None, None)
         return {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "world_size": self.strategy.world_size,
-            "model": self.raw_model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "global_rows": self.data.train_loader.batch_size * self.strategy.world_size,  # for resharding
+            "model_config": self.raw_model.config.to_dict(),  # export rebuilds the model from it
+            **({"model": model, "optimizer": optimizer} if weights else {}),
             "ranks": ranks,
-            "counters": dict(self.counters),
+            "counters": self._counters_now(),
+            "token_hash": self.token_hash.state_dict(),
+            "fingerprint": self.fingerprint,
             "history": list(self.history),
             "wandb_run_id": run_id_file.read_text().strip() if run_id_file.exists() else None,
         }
 
     def save(self) -> Path | None:
-        """Every rank takes part (its state is gathered); rank 0 writes; all wait for the file."""
+        """Every rank takes part (its state is gathered); rank 0 writes; all wait for the file. Weights that are not
+        finite are never written: the run stops instead (the last good checkpoint stays)."""
+        if not self._weights_finite():
+            self._stop_nonfinite()
+        if self.strategy.checkpoint_format == "dcp":
+            return self._save_sharded()
         state = self.state_dict()
         path = None
         if self.strategy.is_main:
@@ -374,48 +429,45 @@ class Trainer:
         self.strategy.barrier()
         return path
 
+    def _save_sharded(self) -> Path:
+        """A DCP checkpoint directory: every rank writes its shards, rank 0 the rest (training/dcp.py)."""
+        path = ckpt.checkpoint_path(self.run_dir, self.step).with_suffix(dcp.SUFFIX)
+        path = self.checkpointer.save(path, self.raw_model, self.optimizer, self.state_dict(weights=False),
+                                      self.loop.keep_last,
+                                      prune=lambda keep: ckpt.prune_checkpoints(self.run_dir, self.step, keep))
+        if self.step >= self.loop.max_steps or self.preemption.requested():
+            self.checkpointer.wait()
+        return path
+
     def _restore(self, state: dict[str, Any]) -> None:
-        if state.get("world_size", 1) != self.strategy.world_size:
-            raise ckpt.CheckpointError(
-                f"the checkpoint was written by {state.get('world_size', 1)} processes and this run has "
-                f"{self.strategy.world_size}; resume with the same distributed.nproc_per_node"
-            )
-        self.raw_model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        mine = state["ranks"][self.strategy.rank]
+        """Load a checkpoint of any format written at any world size (training/reshard.py has the rule)."""
+        if state.get("format") == "dcp":
+            dcp.load_into(Path(state["path"]), self.raw_model, self.optimizer, state)
+        else:
+            if self.strategy.shards_parameters:
+                dcp.check_fits("the checkpoint", {k: tuple(v.shape) for k, v in state["model"].items()},
+                               self.raw_model, state.get("model_config"))
+            try:
+                self.strategy.load_full_state(self.raw_model, self.optimizer, state["model"], state["optimizer"])
+            except RuntimeError as err:
+                raise ckpt.CheckpointError(f"the checkpoint's model does not fit this one: "
+                                           f"{ckpt.shape_mismatches(err)}; resume with the model settings it was "
+                                           "written with") from None
+        loader = self.data.train_loader
+        mine = reshard.rank_state(state, self.strategy.rank, self.strategy.world_size, rows_per_rank=loader.batch_size,
+                                  stream=self.stream, batches_per_epoch=getattr(loader, "batches_per_epoch", None))
         self.train_loader.load_state_dict(mine["data"])
-        ckpt.restore_rng_state(mine["rng"])
+        if mine["rng"] is not None:
+            ckpt.restore_rng_state(mine["rng"])
+        else:
+            reshard.reseed(self.strategy.seed, int(state["step"]), self.strategy.rank)
         if mine.get("carry") is not None:
             self.carry = TTTCache.from_state_dict(mine["carry"], self.device)
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
-        self.counters.update(state.get("counters", {}))
+        self.counters.update({k: int(v) for k, v in state.get("counters", {}).items()})
         self.history = list(state.get("history", []))
-
-
-class Window:
-    """Sums over the steps between two log records, kept on the device so that steps never sync the host."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.loss = torch.zeros((), device=device, dtype=torch.float64)
-        self.grad_norm = torch.zeros((), device=device, dtype=torch.float64)
-        self.good = torch.zeros((), device=device, dtype=torch.float64)
-        self.steps = 0
-        self.tokens = 0
-
-    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, ok: bool, tokens: int) -> None:
-        self.steps += 1
-        self.tokens += tokens
-        if ok:
-            self.loss += loss.double()
-            self.grad_norm += grad_norm.double()
-            self.good += 1
-
-    def means(self) -> tuple[float, float]:
-        good = float(self.good)
-        if not good:
-            return float("nan"), float("nan")
-        return float(self.loss) / good, float(self.grad_norm) / good
+        self.token_hash.load_state_dict(state.get("token_hash"))
 
 
 class Progress:
@@ -435,13 +487,14 @@ class Progress:
 
     def update(self, step: int, record: Mapping[str, float]) -> None:
         text = f"loss {record['train/loss']:.4f}  tok/s {record['train/tokens_per_sec']:,.0f}"
+        lr = record["train/learning_rate"]
+        line = f"step {step:>6}/{self.total}  {text}  lr {lr:.2e}  grad {record['train/grad_norm']:.3f}"
         if self.bar is not None:
             self.bar.update(step - self.last)
             self.bar.set_postfix_str(text)
+            self.bar.write(line)  # above the bar, and so in the run's log too
         elif self.mode == "lines":
-            lr = record["train/learning_rate"]
-            print(f"step {step:>6}/{self.total}  {text}  lr {lr:.2e}  grad {record['train/grad_norm']:.3f}",
-                  flush=True)
+            print(line, flush=True)
         self.last = step
 
     def close(self) -> None:
