@@ -20,7 +20,7 @@ from tttexp.app.schemas import register_configs, validate
 from tttexp.app.train import build, build_model_and_data, build_strategy
 from tttexp.errors import CheckpointError, ConfigError
 from tttexp.training.checkpoint import load_checkpoint
-from tttexp.training.validation import loss_by_position, mean_loss
+from tttexp.training.validation import mean_loss
 
 register_configs()
 
@@ -56,21 +56,27 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     loss = total / max(count, 1)
     result = {"checkpoint": str(cfg.checkpoint), "val/loss": loss, "val/ppl": math.exp(min(loss, 50.0)),
               "val/tokens": count}
-    length = cfg.trainer.position_eval_len or 4 * cfg.data.seq_len
-    try:
-        sequences = data.val_set.long_sequences(length, cfg.trainer.position_eval_sequences or 8)
-    except ValueError:
-        sequences = None
-    if sequences is not None and len(sequences):
-        rows = loss_by_position(model, sequences, autocast=strategy.autocast())
-        result["val/ppl_by_position"] = rows
-        from tttexp.training.plots import plot_by_position
+    from omegaconf import OmegaConf
 
-        plot_by_position(rows, out_dir / "ppl_by_position.png")
+    from tttexp.loggers import NullLogger
+    from tttexp.training.long_context import context_reports
+    from tttexp.training.passkey import PasskeyConfig
+
+    passkey = PasskeyConfig(**OmegaConf.to_container(cfg.passkey, resolve=True))
+    rows, extras = context_reports(
+        model, data, out_dir, NullLogger(), 0, length=cfg.trainer.position_eval_len,
+        sequences=cfg.trainer.position_eval_sequences or 8, passkey=passkey, autocast=strategy.autocast(),
+        batch_size=cfg.data.batch_size,
+    )
+    if rows:
+        result["val/ppl_by_position"] = rows
+    result.update({k.replace("summary/", "val/"): v for k, v in extras.items()})
     (out_dir / "eval.json").write_text(json.dumps(result, indent=2))
     print(f"val/loss {loss:.4f}  val/ppl {result['val/ppl']:.2f}  ({count:,} tokens)")
     for row in result.get("val/ppl_by_position", []):
         print(f"  positions {row['start']:>6}-{row['end']:<6} ppl {row['ppl']:10.2f}")
+    if "val/passkey_accuracy" in result:
+        print(f"  passkey accuracy {result['val/passkey_accuracy']:.1%} (passkey.csv, passkey.png)")
     print(f"written: {out_dir / 'eval.json'}", flush=True)
     return result
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -18,6 +19,7 @@ from tttexp.app.security import check_config
 from tttexp.errors import ConfigError
 from tttexp.models.configuration import BACKBONES, KERNELS, MIXERS, TTT_LAYERS
 from tttexp.training.config import OptimConfig, TrainerConfig
+from tttexp.training.passkey import PasskeyConfig, check_settings
 
 # --------------------------------------------------------------------------------------------------------------
 # One schema per group. A recipe (conf/strategy/*.yaml) only sets values in these groups; what runs is what
@@ -121,6 +123,15 @@ class LoggingConfig:
 
 
 @dataclass
+class StudyConfig:
+    """The comparison study (``experiment=compare``): each job is one arm (``arm=<name>``: conf/arm/*.yaml, a named
+    set of model overrides) at one learning rate of the grid; the sweep's end writes compare.csv and the figures."""
+
+    arm: str | None = None  # this job's arm, set by conf/arm/*.yaml; None outside a study
+    select_by: str = "val_loss"  # how the best LR of an arm is chosen: val_loss (final validation loss)
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -128,6 +139,8 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    passkey: PasskeyConfig = field(default_factory=PasskeyConfig)  # passkey retrieval (training/passkey.py)
+    study: StudyConfig = field(default_factory=StudyConfig)  # the comparison study's labels
     recipe: str = "custom"  # the recipe's name (strategy=...), set by conf/strategy/*.yaml; a label for logs
     seed: int = 0  # seeds every generator (offset by rank) and the data split
     device: str = "auto"  # auto | cpu | cuda
@@ -159,7 +172,8 @@ def _positive(path: str, value: Any, allow_zero: bool = False) -> None:
 FLOAT32_MAX = 3.4028234663852886e38  # optimizer values live in float32 tensors
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "trainer": TrainerConfig,
-             "distributed": DistributedConfig, "logging": LoggingConfig}
+             "distributed": DistributedConfig, "logging": LoggingConfig,
+             "passkey": PasskeyConfig, "study": StudyConfig}
 PROCESS_LAYERS = ("tttexp.distributed.SingleDevice", "tttexp.distributed.DistributedDataParallel",
                   "tttexp.distributed.FullyShardedDataParallel")
 MODEL_SOURCES = ("tttexp.models.FromScratch", "tttexp.models.pretrained.FromBase")
@@ -183,6 +197,7 @@ def validate(cfg: DictConfig) -> None:
     check_config(cfg)  # exact _target_ names only, no code-loading switch (app/security.py)
     _no_unknown_keys(cfg)
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.trainer
+    _long_context_checks(cfg)
     _choice("model.ttt_layer", m.ttt_layer, TTT_LAYERS)
     _choice("model.backbone", m.backbone, BACKBONES)
     _choice("model.kernel", m.kernel, KERNELS)
@@ -263,3 +278,33 @@ def validate(cfg: DictConfig) -> None:
                 raise ConfigError(str(err)) from None
     if cfg.resume not in (None, "auto") and not str(cfg.resume).strip():
         raise ConfigError("resume must be null, auto or a checkpoint path")
+    if cfg.resume not in (None, "auto") and not Path(str(cfg.resume)).expanduser().exists():
+        raise ConfigError(f"resume={cfg.resume}: no such checkpoint; give an existing step-*.pt file, or resume=auto")
+    if d.source == "text_files":
+        from tttexp.data.corpus import expand_path
+
+        for spec in d.paths:
+            expand_path(str(spec))  # a missing path or a binary file: one line now, not after loading
+
+
+def _long_context_checks(cfg: DictConfig) -> None:
+    """Passkey settings, and whether the long evaluations fit in memory at the configured batch."""
+    from tttexp.training.long_context import check_fits
+
+    problem = check_settings(cfg.passkey)
+    if problem:
+        raise ConfigError(problem)
+    m, d, t = cfg.model, cfg.data, cfg.trainer
+    if cfg.study.select_by != "val_loss":
+        raise ConfigError(f"study.select_by={cfg.study.select_by!r} is not allowed; choose val_loss")
+    common = {"hidden": m.hidden_size, "vocab": m.vocab_size or d.vocab_size, "heads": m.num_attention_heads,
+              "device": cfg.device}
+    checks = []
+    if t.position_eval_sequences > 0:
+        checks.append(("trainer.position_eval_len", d.batch_size, t.position_eval_len or 4 * d.seq_len))
+    if cfg.passkey.enabled:
+        checks.append(("passkey.lengths", cfg.passkey.trials, max(cfg.passkey.lengths)))
+    for what, batch, length in checks:
+        problem = check_fits(what=what, batch=batch, length=length, **common)
+        if problem:
+            raise ConfigError(problem)

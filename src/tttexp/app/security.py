@@ -33,6 +33,7 @@ ALLOWED_TARGETS = frozenset({
     "tttexp.loggers.WandbLogger",
     "tttexp.loggers.NullLogger",
     "tttexp.app.sweep_summary.SweepSummary",
+    "tttexp.app.study.StudyReport",
     # Hydra's own launcher and sweeper, and the plugins the shipped configs select
     "hydra._internal.core_plugins.basic_launcher.BasicLauncher",
     "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",

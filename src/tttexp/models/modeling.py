@@ -31,13 +31,18 @@ class TTTCausalLMOutput(ModelOutput):
 
 
 class TTTBlock(nn.Module):
-    """Pre-norm residual block: [pre-conv] -> TTT (or softmax attention, ``mixer="attention"``) -> SwiGLU."""
+    """Pre-norm residual block: [pre-conv] -> TTT (or softmax attention, ``mixer="attention"``) -> SwiGLU.
+
+    The pre-conv residual block belongs to the Mamba-backbone *TTT* block only: an attention block is always the
+    plain Llama block (RMSNorm, attention, RMSNorm, SwiGLU) whatever the backbone, so ``mixer=attention`` is the
+    paper's Transformer++ and a hybrid's attention layers carry no TTT-only pieces.
+    """
 
     def __init__(self, config: TTTConfig, mixer: str = "ttt") -> None:
         super().__init__()
         self.mixer = mixer
         eps = config.rms_norm_eps
-        self.pre_conv = config.pre_conv
+        self.pre_conv = config.pre_conv and mixer == "ttt"
         if self.pre_conv:
             self.conv_norm = RMSNorm(config.hidden_size, eps)
             self.conv = CausalConv(config.hidden_size, config.conv_kernel)
