@@ -42,6 +42,46 @@ def local_bytes(trainer) -> dict[str, int]:
     return {"params": params, "optim": optim}
 
 
+def tiny_mlp_model():
+    from tttexp.models import build_model
+
+    torch.manual_seed(0)
+    return build_model(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=48, kernel="torch", ttt_layer="mlp")
+
+
+def bf16_batch() -> torch.Tensor:
+    return torch.randint(0, 97, (2, 33), generator=torch.Generator().manual_seed(1))
+
+
+def bf16_step(rank: int, world: int) -> dict:
+    """One bf16 step under FSDP's mixed precision (forced on: the CPU fallback would switch bf16 off): the dtypes
+    each part computes with, the gradients' dtype, and the loss on this rank's row."""
+    from tttexp.distributed import FullyShardedDataParallel
+
+    strategy = FullyShardedDataParallel(backend="gloo")
+    strategy.setup("cpu", seed=0)
+    strategy.precision = "bf16"
+    model = tiny_mlp_model()
+    block = model.blocks()[0]
+    seen: dict[str, str] = {}
+    inner = block.ttt._inner
+
+    def spy(*args, **kwargs):
+        seen.update(ttt_state=str(block.ttt.W1.dtype), ttt_proj=str(block.ttt.q_proj.weight.dtype),
+                    mlp=str(block.mlp.up_proj.weight.dtype))
+        return inner(*args, **kwargs)
+
+    block.ttt._inner = spy
+    wrapped = strategy.prepare_model(model)
+    ids = bf16_batch()[rank:rank + 1]
+    with strategy.autocast():
+        loss = wrapped(ids[:, :-1], labels=ids[:, 1:], use_cache=False).loss
+    loss.backward()
+    grads = sorted({str(p.grad.dtype) for p in model.parameters() if p.grad is not None})
+    return {**seen, "grads": grads, "loss": float(strategy.all_reduce_mean(loss.detach()))}
+
+
 def run_rank(rank: int, world: int, port: int, root: str, cache: str) -> None:
     """Each rank of a 2-process gloo world: FSDP from scratch (TTT-Linear and TTT-MLP), FSDP resuming a one-process
     checkpoint, and DDP whose checkpoint FSDP resumes. Rank 0 writes the losses, every rank its bytes."""
@@ -60,5 +100,6 @@ def run_rank(rank: int, world: int, port: int, root: str, cache: str) -> None:
                           cache_path)
     _, out["fsdp_from_ddp"] = train(overrides("linear", world, "fsdp"), root_path / "fsdp_from_ddp", cache_path,
                                     resume=root_path / "ddp/checkpoints/step-00000010.pt")
+    out["bf16"] = bf16_step(rank, world)
     (root_path / f"rank{rank}.json").write_text(json.dumps(out))
     fsdp_linear.strategy.teardown()

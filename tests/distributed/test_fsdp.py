@@ -61,6 +61,15 @@ def test_two_process_fsdp_matches_one_process_shards_and_reshards(tmp_path, app_
                            resume=tmp_path / "fsdp_linear/checkpoints/step-00000010.dcp")
     assert_same_losses(from_fsdp, single_linear, after)
 
+    # bf16: blocks compute with bf16 parameters, the TTT layers keep fp32 ones; gradients are fp32 shards
+    bf16 = ranks[0]["bf16"]
+    assert (bf16["mlp"], bf16["ttt_state"], bf16["ttt_proj"], bf16["grads"]) == \
+        ("torch.bfloat16", "torch.float32", "torch.float32", ["torch.float32"])
+    ids = W.bf16_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        autocast_loss = float(W.tiny_mlp_model()(ids[:, :-1], labels=ids[:, 1:], use_cache=False).loss)
+    assert abs(bf16["loss"] - autocast_loss) < 2e-2 * autocast_loss  # bf16 rounding, not a different model
+
     # parameters and optimizer state: each of 2 ranks holds about half of what one process holds
     for r in ranks:
         for kind in ("params", "optim"):
