@@ -124,7 +124,8 @@ def check(argv: list[str]) -> str | None:
     if line.stand_aside:
         return None
     if line.rerun:
-        return "--experimental-rerun unpickles a saved config (code could run); rerun with the same command line"
+        # main() has already turned the flag into the saved YAML's command line; Hydra's own rerun would unpickle
+        return "--experimental-rerun unpickles a saved config (code could run); use tttexp.train, which reruns from the YAML"
     try:
         variants = expand_sweeps(line.overrides)
     except HydraException as err:

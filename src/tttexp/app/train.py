@@ -6,6 +6,7 @@ and hand them to the :class:`tttexp.trainer.Trainer`. No training logic lives he
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import time
@@ -31,12 +32,18 @@ from tttexp.training.preemption import EXIT_PREEMPTED, Preempted, requeue_slurm_
 from tttexp.training.trainer import Trainer
 
 register_configs()
+log = logging.getLogger(__name__)
 
 
 def main() -> None:
     """Entry point: a one-line error for a bad command line, then Hydra."""
-    from tttexp.app import preflight
+    from tttexp.app import preflight, rerun
 
+    try:
+        sys.argv[1:] = rerun.expand(sys.argv[1:])  # a rerun becomes its saved command line (no pickle is read)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     problem = preflight.check(sys.argv[1:])
     if problem:
         print(f"error: {problem}", file=sys.stderr)
@@ -114,6 +121,7 @@ def _own(run_dir: Path):
 def run(cfg: DictConfig, run_dir: Path) -> float | None:
     """Train one job into ``run_dir``; returns the final validation loss (the sweepers' objective)."""
     validate(cfg)
+    log.debug("the config that runs:\n%s", OmegaConf.to_yaml(cfg, resolve=True))  # hydra.verbose=tttexp
     strategy = build_strategy(cfg)
     device = strategy.setup(cfg.device, cfg.seed)
     fingerprint = rundir.fingerprint(cfg, world_size=strategy.world_size)
