@@ -22,7 +22,8 @@ def test_every_group_has_its_options():
     assert options("model") == ["1.3b", "125m", "350m", "760m", "tiny"]
     assert options("strategy") == ["conservative", "from_pretrained", "gpu_optimized", "multi_gpu_state_passing"]
     assert options("logging") == ["none", "wandb"]
-    assert options("distributed") == ["ddp", "single"]
+    assert options("distributed") == ["ddp", "fsdp", "single"]
+    assert options("arm") == ["transformer", "ttt_linear", "ttt_mlp"]
     assert {"hf", "shipped", "text_files"} <= set(options("data"))
     assert options("experiment")
 
@@ -85,6 +86,7 @@ def test_logging_options_instantiate(name):
 
 @pytest.mark.parametrize("name", options("data"))
 def test_data_options_instantiate(name, tmp_path):
+    (tmp_path / "notes.txt").write_text("a real line of text\n", encoding="utf-8")
     extra = {"text_files": [f"data.paths=[{tmp_path}]"], "hf": ["data.hf_dataset=some/dataset"]}.get(name, [])
     cfg = compose_config([f"data={name}", *extra])
     validate(cfg)
@@ -143,5 +145,5 @@ def test_good_command_lines_pass():
 def test_only_project_targets_are_built():
     cfg = compose_config([])
     cfg.model._target_ = "os.system"
-    with pytest.raises(ConfigError, match="only targets inside tttexp, torch and transformers"):
+    with pytest.raises(ConfigError, match="not a callable this app builds"):
         validate(cfg)

@@ -63,7 +63,7 @@ def make_job(sweep: Path, name: str, overrides: list[str], summary: dict | None 
 
 
 def finished(failed: bool = False) -> list[dict]:
-    return [{"_type": "start", "time": 1.0, "resumed": False}, {"step": 1, "train/loss": 3.0},
+    return [{"_type": "start", "time": 1.0, "appended": False}, {"step": 1, "train/loss": 3.0},
             {"_type": "finish", "time": 2.0, "failed": failed}]
 
 
@@ -83,7 +83,7 @@ def test_summary_rows_statuses_and_order(tmp_path):
     make_job(sweep, "3", [*common, "model.ttt_layer=linear", "optim.lr=0.003"], summary_of(9.0, 9.1, 8000.0, 50.0),
              finished(failed=True))  # the run raised; the logger still wrote its summary so far
     make_job(sweep, "4", [*common, "model.ttt_layer=linear", "optim.lr=0.01"], summary_of(4.0, 4.1, 60.0, 10.0),
-             [*finished(), {"_type": "start", "time": 3.0, "resumed": True}])  # restarted, never finished
+             [*finished(), {"_type": "start", "time": 3.0, "appended": True}])  # restarted, never finished
     (sweep / ".submitit" / "123").mkdir(parents=True)  # launcher files are not jobs
     (sweep / "0" / "checkpoints").mkdir()
 
@@ -286,7 +286,7 @@ def test_a_failing_trial_is_reported_and_the_search_goes_on(run_app, tmp_path):
                   "data.val_windows=choice(0,4)", f"hydra.sweep.dir={tmp_path}/sweep")
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout + out.stderr
-    failures = [line for line in text.splitlines() if "failed: ValueError: data.val_windows must be positive" in line]
+    failures = [line for line in text.splitlines() if "failed: ConfigError: data.val_windows must be positive" in line]
     assert len(failures) == 1, text[-3000:]
     assert "data.val_windows=0" in failures[0] and "optim.lr=" in failures[0]
     sweep = tmp_path / "sweep"
@@ -359,6 +359,6 @@ def test_local_launcher_requeues_a_signalled_job_which_resumes_from_its_checkpoi
     resumed = [line for line in logs.splitlines() if line.startswith(f"resuming from {job}/checkpoints/step-")]
     assert len(resumed) == 1, logs[-3000:]
     records = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    assert [r["resumed"] for r in records if r.get("_type") == "start"] == [False, True]
+    assert [r["appended"] for r in records if r.get("_type") == "start"] == [False, True]
     assert json.loads((job / "summary.json").read_text())["summary/steps"] == steps
     assert [(r["job"], r["status"]) for r in read_csv(sweep / SUMMARY_CSV)] == [("0", "ok")]

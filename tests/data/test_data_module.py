@@ -30,8 +30,8 @@ def test_setup_builds_tokenizer_on_train_split_and_loaders(tmp_path: Path) -> No
 
 
 def test_stream_setup_with_a_given_tokenizer(tmp_path: Path, bpe: Tokenizer) -> None:
-    dm = _module(tmp_path, seq_len=32)
-    dm.setup(rank=1, world_size=2, mini_batch_size=8, stream=True, tokenizer=bpe)
+    dm = _module(tmp_path, seq_len=32, stream=True)
+    dm.setup(rank=1, world_size=2, mini_batch_size=8, tokenizer=bpe)
     assert dm.tokenizer is bpe and not (tmp_path / "tokenizers").exists()
     assert isinstance(dm.train_loader, StreamLoader)
     batch = next(dm.train_loader)

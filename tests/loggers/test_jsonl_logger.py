@@ -37,7 +37,7 @@ def test_records_are_on_disk_before_finish(tmp_path: Path) -> None:
     logger.log({"train/loss": float("nan")}, step=4)
 
     records = list(read_jsonl(tmp_path / "metrics.jsonl"))  # the file is still open
-    assert records[0]["_type"] == "start" and records[0]["resumed"] is False
+    assert records[0]["_type"] == "start" and records[0]["appended"] is False
     assert records[0]["facts"]["device"] == "/dev/x"
     assert records[1] == {"step": 0, "model/hidden_size": 32, "model/ttt_layer": "linear"}
     assert records[2] == {"step": 1, "train/loss": 1.0, "train/tokens_seen": 100}
@@ -72,7 +72,7 @@ def test_resume_appends_and_survives_a_torn_line(tmp_path: Path) -> None:
     second.finish({"summary/final_loss": 1.5}, failed=True)
 
     records = list(read_jsonl(path))
-    assert [r.get("resumed") for r in records if r.get("_type") == "start"] == [False, True]
+    assert [r.get("appended") for r in records if r.get("_type") == "start"] == [False, True]
     assert read_metrics(path) == [{"step": 1, "train/loss": 2.0}, {"step": 2, "train/loss": 1.5}]
     assert records[-1]["failed"] is True
     assert (tmp_path / "logs" / "summary.json").is_file()
@@ -80,6 +80,7 @@ def test_resume_appends_and_survives_a_torn_line(tmp_path: Path) -> None:
 
 def test_other_ranks_write_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
     logger = JsonlLogger()
     logger.start(tmp_path, {}, FACTS)
     logger.log({"train/loss": 1.0}, step=1)

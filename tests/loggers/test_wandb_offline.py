@@ -167,6 +167,7 @@ def test_an_error_after_start_turns_wandb_off_with_one_line(wandb_env: Path, cap
 def test_other_ranks_and_disabled_mode_leave_no_trace(wandb_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for rank, mode in (("1", "offline"), ("0", "disabled")):
         monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", "2")
         run_dir = wandb_env / f"run-{rank}-{mode}"
         logger = WandbLogger(mode=mode)
         logger.start(run_dir, CONFIG, FACTS)

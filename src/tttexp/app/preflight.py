@@ -125,7 +125,7 @@ def check(argv: list[str]) -> str | None:
         return None
     if line.rerun:
         # main() has already turned the flag into the saved YAML's command line; Hydra's own rerun would unpickle
-        return "--experimental-rerun unpickles a saved config (code could run); use tttexp.train, which reruns from the YAML"
+        return "--experimental-rerun unpickles a saved config (code could run); tttexp.train reruns from the YAML"
     try:
         variants = expand_sweeps(line.overrides)
     except HydraException as err:

@@ -3,7 +3,8 @@
 Every line is one JSON object. Metric records are ``{"step": <int>, "<name>": <value>, ...}``, one per
 ``log`` call. Everything else carries a ``"_type"`` so readers can skip it:
 
-* ``{"_type": "start", "time": <unix s>, "resumed": <bool>, "facts": {...}}`` at every (re)start,
+* ``{"_type": "start", "time": <unix s>, "appended": <bool>, "facts": {...}}`` at every (re)start; ``appended``
+  says the file already held records (a restarted or resumed job), not whether a checkpoint was loaded,
 * ``{"_type": "text", "step", "key", "text"}``, ``{"_type": "table", "step", "key", "columns", "rows"}``,
   ``{"_type": "image", "step", "key", "path"}``, ``{"_type": "alert", "time", "title", "text"}``,
 * ``{"_type": "finish", "time", "failed"}``.
@@ -57,14 +58,14 @@ class JsonlLogger:
         path = self._path_arg if self._path_arg is not None else Path(METRICS_FILE)
         self.path = path if path.is_absolute() else Path(run_dir) / path
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        resumed = self.path.exists() and self.path.stat().st_size > 0
-        if resumed and resume is not None:
+        appended = self.path.exists() and self.path.stat().st_size > 0
+        if appended and resume is not None:
             truncate_after(self.path, resume.step)
         self._last_step, self._broken = 0, False
         self._file = self.path.open("a", encoding="utf-8")
-        if resumed and not _ends_with_newline(self.path):
+        if appended and not _ends_with_newline(self.path):
             self._file.write("\n")  # the previous process died mid-line: keep its fragment on its own line
-        self._write({"_type": "start", "time": time.time(), "resumed": resumed, "facts": plain_dict(facts)})
+        self._write({"_type": "start", "time": time.time(), "appended": appended, "facts": plain_dict(facts)})
         model = model_facts(facts)
         if model:
             self.log(model, step=0)
