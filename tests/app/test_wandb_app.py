@@ -55,6 +55,9 @@ def test_what_wandb_recorded_equals_metrics_jsonl(run_app, tmp_path):
     assert recorded.config["recipe"] == "gpu_optimized"
     assert recorded.config["optim"]["lr"] == pytest.approx(3e-3)
     assert recorded.config["model/total_parameters"] > 0
+    # what is logged is what ran: gpu_optimized fell back to the CPU equivalent, and the facts say so
+    assert recorded.config["model/kernel"] == "torch" and recorded.config["trainer/compile"] == "off"
+    assert recorded.config["trainer/precision"] == "fp32"
     for key in ("summary/total_time", "summary/avg_tokens_per_sec", "summary/final_loss"):
         assert key in recorded.summary
     assert recorded.summary["model/ttt_layer"] == "linear"

@@ -251,7 +251,7 @@ def _facts(cfg: DictConfig, model, strategy, device) -> dict[str, Any]:
         "model/preset": cfg.model.name,
         "recipe": cfg.recipe,
         "trainer/precision": strategy.precision,
-        "trainer/compile": bool(strategy.compile),
+        "trainer/compile": strategy.compile_label(model),  # auto resolved; "off" after a CPU fallback
         "world_size": strategy.world_size,
         "device": str(device),
         "git_commit": _git_commit(),

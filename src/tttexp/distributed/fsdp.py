@@ -56,6 +56,9 @@ class FullyShardedDataParallel(DistributedDataParallel):
 
     # --- wrapping -------------------------------------------------------------------------------------------------
 
+    def compile_label(self, model: nn.Module) -> str:
+        return "blocks" if self.compile_mode(model) else "off"  # FSDP compiles per block whatever was asked
+
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """Broadcast rank 0's values, compile blocks if asked, then shard each block and the root (in place)."""
         from torch.distributed.fsdp import fully_shard

@@ -118,6 +118,10 @@ class Strategy:
         self.compile = mode
         return None if not mode else "blocks" if mode == "blocks" else "model"
 
+    def compile_label(self, model: nn.Module) -> str:
+        """What ``prepare_model`` will compile, as logged: "off" | "model" | "blocks" (``auto`` resolved)."""
+        return self.compile_mode(model) or "off"
+
     def grad_norm(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
         """The global gradient norm (a plain tensor on this device), clipping to ``max_norm`` when it is > 0."""
         if max_norm and max_norm > 0:
