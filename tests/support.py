@@ -4,7 +4,9 @@ config, read a run's metrics."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 from pathlib import Path
 
 from tttexp.app.preflight import compose_config
@@ -42,3 +44,24 @@ def last_by_step(run_dir: Path, key: str) -> dict[int, float]:
         if key in row:
             out[row["step"]] = row[key]
     return out
+
+
+def exit_code_of_the_app(argv: list[str]) -> int | str | None:
+    """Run ``python -m tttexp.train ARGV`` in this process (preflight, Hydra, the job) and return its exit code;
+    the logging handlers Hydra installs are removed afterwards."""
+    from tttexp.app import train
+
+    root = logging.getLogger()
+    handlers, level, saved_argv = list(root.handlers), root.level, sys.argv
+    sys.argv = ["tttexp.train", *argv]
+    try:
+        train.main()
+    except SystemExit as stopped:
+        return stopped.code
+    finally:
+        sys.argv = saved_argv
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+            handler.close()
+        root.setLevel(level)
+    return 0

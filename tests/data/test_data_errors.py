@@ -6,6 +6,7 @@ import logging
 
 import pytest
 
+from support import exit_code_of_the_app
 from tttexp.app.preflight import check
 from tttexp.data import DataModule
 from tttexp.data.corpus import load_documents
@@ -55,26 +56,14 @@ def test_non_utf8_bytes_are_counted_in_one_warning(tmp_path, caplog):
 
 
 def test_a_run_that_fails_after_preflight_says_why_in_its_directory(tmp_path, monkeypatch, capsys, app_cache):
-    from tttexp.app import train
-
     (tmp_path / "a.txt").write_text("short text here")
     (tmp_path / "b.txt").write_text("another short one")
     run = tmp_path / "run"
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
     monkeypatch.setenv("TTTEXP_CACHE_DIR", str(app_cache))
-    monkeypatch.setattr("sys.argv", ["tttexp.train", "experiment=smoke", "logging=none", "data=text_files",
-                                     f"data.paths=[{tmp_path}/a.txt,{tmp_path}/b.txt]", "data.vocab_size=300",
-                                     f"hydra.run.dir={run}"])
-    try:
-        with pytest.raises(SystemExit) as stopped:
-            train.main()
-    finally:
-        for handler in [h for h in root.handlers if h not in handlers]:
-            root.removeHandler(handler)
-            handler.close()
-        root.setLevel(level)
-    assert stopped.value.code == 1
+    code = exit_code_of_the_app(["experiment=smoke", "logging=none", "data=text_files",
+                                 f"data.paths=[{tmp_path}/a.txt,{tmp_path}/b.txt]", "data.vocab_size=300",
+                                 f"hydra.run.dir={run}"])
+    assert code == 1
     err = capsys.readouterr().err
     assert [line for line in err.splitlines() if line.startswith("error:")] == \
         [line for line in err.splitlines() if line.strip() and "WARNING" not in line]

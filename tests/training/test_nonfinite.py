@@ -4,13 +4,12 @@ in the fast recipes too, where steps are not checked one by one (no host sync pe
 from __future__ import annotations
 
 import json
-import logging
 import math
 
 import pytest
 import torch
 
-from support import build_trainer
+from support import build_trainer, exit_code_of_the_app
 from tttexp.errors import TrainingStopped
 from tttexp.training import checkpoint as ckpt
 
@@ -42,24 +41,12 @@ def test_divergence_saves_nothing_nonfinite_and_keeps_the_good_checkpoint(tmp_pa
 
 
 def test_the_app_exits_nonzero_and_its_summary_tells_the_truth(tmp_path, monkeypatch, capsys, app_cache):
-    from tttexp.app import train
-
     run = tmp_path / "run"
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
     monkeypatch.setenv("TTTEXP_CACHE_DIR", str(app_cache))
-    monkeypatch.setattr("sys.argv", ["tttexp.train", "experiment=smoke", "logging=none", "strategy=gpu_optimized",
-                                     "optim.lr=1e6", "trainer.max_steps=40", "trainer.ckpt_every=10",
-                                     "trainer.inference_every=0", *QUIET, f"hydra.run.dir={run}"])
-    try:
-        with pytest.raises(SystemExit) as stopped:
-            train.main()
-    finally:
-        for handler in [h for h in root.handlers if h not in handlers]:
-            root.removeHandler(handler)
-            handler.close()
-        root.setLevel(level)
-    assert stopped.value.code == 1
+    code = exit_code_of_the_app(["experiment=smoke", "logging=none", "strategy=gpu_optimized", "optim.lr=1e6",
+                                 "trainer.max_steps=40", "trainer.ckpt_every=10", "trainer.inference_every=0",
+                                 *QUIET, f"hydra.run.dir={run}"])
+    assert code == 1
     assert "weights are not finite" in capsys.readouterr().err
     summary = json.loads((run / "summary.json").read_text())
     assert summary["summary/warnings_nonfinite_steps"] >= 1

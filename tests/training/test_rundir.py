@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import sys
 import pytest
 import torch
 
+from support import exit_code_of_the_app
 from tttexp.app.preflight import compose_config
 from tttexp.errors import CheckpointError, ConfigError
 from tttexp.loggers import JsonlLogger, Resume, find_run_files, read_metrics, read_run
@@ -42,27 +42,11 @@ def test_a_second_live_run_stops_naming_the_holder(tmp_path):
     rundir.RunLock(tmp_path).acquire().release()  # free again once released
 
 
-@pytest.fixture
-def restore_logging():
-    """Hydra configures logging when the app runs in-process; put it back afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-            handler.close()
-    root.setLevel(level)
-
-
-def test_the_app_refuses_a_directory_another_run_holds(tmp_path, monkeypatch, capsys, restore_logging):
-    from tttexp.app import train
-
+def test_the_app_refuses_a_directory_another_run_holds(tmp_path, capsys):
     run = tmp_path / "run"
-    monkeypatch.setattr("sys.argv", ["tttexp.train", *FAST, "logging=none", f"hydra.run.dir={run}"])
-    with rundir.RunLock(run), pytest.raises(SystemExit) as stopped:
-        train.main()  # preflight, Hydra, then the job: stopped at the lock
-    assert stopped.value.code == 1
+    with rundir.RunLock(run):
+        code = exit_code_of_the_app([*FAST, "logging=none", f"hydra.run.dir={run}"])  # stopped at the lock
+    assert code == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"PID {os.getpid()}" in errors[0], errors
     assert not (run / "metrics.jsonl").exists()

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from tttexp.distributed.strategy import Strategy, compile_blocks
-from tttexp.distributed.world import free_port, slurm_rendezvous, world_from_env
+from tttexp.distributed.world import slurm_rendezvous, world_from_env
 from tttexp.errors import StrategyError
 
 
@@ -32,13 +32,15 @@ class DistributedDataParallel(Strategy):
         if not dist.is_initialized():
             slurm_rendezvous()
             backend = self.backend if self.backend != "auto" else ("nccl" if picked.type == "cuda" else "gloo")
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            store = None
             if "MASTER_PORT" not in os.environ:
                 if self.world_size > 1:
                     raise StrategyError("a multi-process world needs MASTER_ADDR and MASTER_PORT (torchrun sets them)")
-                os.environ["MASTER_PORT"] = str(free_port())
+                store = dist.HashStore()  # a world of one rendezvous in memory: no port to pick, none to lose
+            else:
+                os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             dist.init_process_group(
-                backend=backend, rank=self.rank, world_size=self.world_size,
+                backend=backend, rank=self.rank, world_size=self.world_size, store=store,
                 timeout=datetime.timedelta(seconds=self.timeout_s),
                 device_id=picked if picked.type == "cuda" else None,
             )

@@ -19,6 +19,7 @@ import torch
 
 from tttexp.errors import CheckpointError
 from tttexp.training.dcp import MARKER, load_trainer_state
+from tttexp.training.durable import fsync_dir
 
 CKPT_DIR = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8})\.(pt|dcp)$")  # .dcp: a sharded checkpoint directory (training/dcp.py)
@@ -67,7 +68,7 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep_last: 
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except (OSError, RuntimeError) as err:
         tmp.unlink(missing_ok=True)
         cause = sink.error if sink is not None and sink.error is not None else err
@@ -121,19 +122,6 @@ def _write_reason(err: BaseException, folder: Path) -> str:
         pass
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return lines[0] if lines else type(err).__name__
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

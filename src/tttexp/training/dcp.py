@@ -34,6 +34,7 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
 from tttexp.errors import CheckpointError
+from tttexp.training.durable import fsync_dir, fsync_file
 
 SUFFIX = ".dcp"
 MARKER = "COMPLETE"
@@ -244,9 +245,9 @@ class ShardedCheckpointer:
         if self.strategy.is_main:
             tmp = path / f".{MARKER}.tmp"
             tmp.write_text("complete\n")
-            _fsync_file(tmp)
+            fsync_file(tmp)
             os.replace(tmp, path / MARKER)
-            _fsync_dir(path)
+            fsync_dir(path)
             prune(keep_last)
         if not self.async_save:
             self.strategy.barrier()
@@ -325,22 +326,4 @@ def _atomic_torch_save(state: dict[str, Any], path: Path) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
