@@ -37,3 +37,14 @@ def test_flops_and_mfu():
     assert M.mfu(10_000, per_token, 1e15) == pytest.approx(10_000 * per_token / 1e15)
     assert M.mfu(10_000, per_token, None) is None
     assert M.ttt_flops_per_token(768, 12, 12, 16, "mlp") > ttt
+
+
+def test_mixer_flops_count_attention_by_context_and_ttt_by_mini_batch():
+    ttt_layer = M.ttt_flops_per_token(768, 12, 1, 16, "linear")
+    attention_layer = 2.0 * 2048 * 768  # QK^T and AV: 2 * 2 * 768 per earlier position, 1024 of them on average
+    hybrid = M.mixer_flops_per_token(["ttt", "attention", "ttt"], 768, 12, 16, "linear", seq_len=2048)
+    assert hybrid == pytest.approx(2 * ttt_layer + attention_layer)
+    assert M.mixer_flops_per_token(["ttt"] * 12, 768, 12, 16, "linear", 2048) == pytest.approx(
+        M.ttt_flops_per_token(768, 12, 12, 16, "linear"))
+    # attention's cost grows with the context, TTT's does not
+    assert M.mixer_flops_per_token(["attention"], 768, 12, 16, "linear", 8192) == pytest.approx(4 * attention_layer)

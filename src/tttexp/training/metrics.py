@@ -42,9 +42,20 @@ def ttt_flops_per_token(hidden_size: int, num_heads: int, num_layers: int, mini_
     return num_layers * num_heads * 2.0 * (state_macs + causal / 2)
 
 
-def train_flops_per_token(num_params: int, ttt_fwd_flops: float) -> float:
-    """Training FLOPs per token: 6 per parameter (forward + backward) plus three times the inner loop's forward."""
-    return 6.0 * num_params + 3.0 * ttt_fwd_flops
+def mixer_flops_per_token(mixers: list[str], hidden_size: int, num_heads: int, mini_batch: int, ttt_layer: str,
+                          seq_len: int) -> float:
+    """Forward FLOPs per token of the sequence mixers beyond their weights, one entry of ``mixers`` per layer: a TTT
+    layer's inner loop, or causal softmax attention (scores and their product with the values, 2 * 2 * d per
+    earlier position, T / 2 of them on average)."""
+    per_ttt = ttt_flops_per_token(hidden_size, num_heads, 1, mini_batch, ttt_layer)
+    per_attention = 2.0 * seq_len * hidden_size
+    return sum(per_ttt if mixer == "ttt" else per_attention for mixer in mixers)
+
+
+def train_flops_per_token(num_params: int, mixer_fwd_flops: float) -> float:
+    """Training FLOPs per token: 6 per parameter (forward + backward) plus three times the mixers' forward
+    (the inner loop's, or attention's scores)."""
+    return 6.0 * num_params + 3.0 * mixer_fwd_flops
 
 
 def peak_flops(device: torch.device) -> float | None:

@@ -81,10 +81,12 @@ class Trainer:
         self.window = Window(self.device)  # steps since the last record, summed on the device
         self._window_nonfinite = 0
         self._diverged = False  # the weights went non-finite: the run's last loss is not a number
+        config = model.config
         self.flops_per_token = M.train_flops_per_token(
             sum(p.numel() for p in model.parameters()),
-            M.ttt_flops_per_token(model.config.hidden_size, model.config.num_attention_heads,
-                                  model.config.num_hidden_layers, model.config.mini_batch_size, model.config.ttt_layer),
+            M.mixer_flops_per_token([config.mixer(i) for i in range(config.num_hidden_layers)], config.hidden_size,
+                                    config.num_attention_heads, config.mini_batch_size, config.ttt_layer,
+                                    data.seq_len),
         )
         self.peak = M.peak_flops(self.device)
         if resume_state is not None:
