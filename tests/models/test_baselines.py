@@ -77,3 +77,24 @@ def test_chunked_attention_with_cache_equals_one_pass() -> None:
         cache = TTTCache(2)
         parts = [model(ids[:, a:b], cache=cache, use_cache=True).logits for a, b in ((0, 16), (16, 17), (17, 40))]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_a_carried_attention_cache_keeps_one_chunk_of_keys() -> None:
+    """Under state passing an attention layer carries the previous chunk's keys, not the whole stream: chunk c read
+    through the trimmed cache equals a fresh pass over chunks c-1 and c (RoPE is relative, so the offset is moot; one
+    layer, so that the kept keys saw no earlier chunk through a lower layer)."""
+    torch.manual_seed(0)
+    model = build_model(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, mixer="attention", backbone="transformer").double().eval()
+    chunk = 12
+    ids = torch.randint(0, 64, (2, 4 * chunk))
+    chunks = ids.split(chunk, dim=1)
+    with torch.no_grad():
+        cache = TTTCache(1)
+        for c, piece in enumerate(chunks):
+            logits = model(piece, cache=cache, use_cache=True).logits
+            cache.keep_last_keys(chunk)
+            assert all(layer.keys.shape[2] == chunk for layer in cache.layers)
+            if c:
+                fresh = model(torch.cat([chunks[c - 1], piece], dim=1), use_cache=False).logits[:, chunk:]
+                torch.testing.assert_close(logits, fresh, rtol=1e-9, atol=1e-9)

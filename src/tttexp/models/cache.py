@@ -63,6 +63,17 @@ class TTTCache:
         out.layers = [layer.map(Tensor.detach) for layer in self.layers]
         return out
 
+    def keep_last_keys(self, max_keys: int) -> None:
+        """Bound every attention layer's key/value cache to its last ``max_keys`` tokens (a sliding memory), so a
+        stream carried across training chunks holds a fixed size; ``doc_start`` moves with the cut."""
+        for layer in self.layers:
+            if layer.keys is None or layer.keys.shape[2] <= max_keys:
+                continue
+            drop = layer.keys.shape[2] - max_keys
+            layer.keys, layer.values = layer.keys[:, :, drop:], layer.values[:, :, drop:]
+            if layer.doc_start is not None:
+                layer.doc_start = (layer.doc_start - drop).clamp(min=0)
+
     def state_dict(self) -> dict[str, object]:
         """Plain tensors and ints, safe for ``torch.save`` / ``torch.load(weights_only=True)``."""
         return {

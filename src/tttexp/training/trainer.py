@@ -200,6 +200,7 @@ class Trainer:
             self.resets = self.resets + starts.sum()
         out = self.model(batch["input_ids"], labels=batch["labels"], cache=cache, use_cache=True, doc_starts=starts)
         self.carry = out.cache.detach()
+        self.carry.keep_last_keys(batch["input_ids"].shape[1])  # attention layers carry one chunk of keys, not all
         return out.loss
 
     def _skip_bad_step(self) -> None:
