@@ -70,6 +70,12 @@ def test_export_and_eval_apps(tmp_path, app_cache, one_thread):
     strategy.setup("cpu", cfg.seed)
     model = load_model(cfg, strategy, build(cfg.data))
     assert isinstance(model, TTTForCausalLM) and model.config.hidden_size == 64
+    # the sharded checkpoint itself evaluates too, with the same weights as its export
+    cfg = compose_config(["experiment=smoke", "logging=none", f"checkpoint={tmp_path}/run/checkpoints/"
+                          "step-00000001.dcp"], config_name="eval")
+    direct = load_model(cfg, strategy, build(cfg.data))
+    exported = model.state_dict()
+    assert all(torch.equal(value, exported[name]) for name, value in direct.state_dict().items())
 
 
 def test_export_needs_its_two_keys(tmp_path):

@@ -1,7 +1,8 @@
 """``python -m tttexp.eval checkpoint=...``: validation loss, perplexity and loss by position of a trained model.
 
 Takes the same config groups as training (the data and tokenizer must match the run that made the checkpoint).
-``checkpoint`` is a ``checkpoints/step-*.pt`` file of a run, or a directory written by ``save_pretrained``.
+``checkpoint`` is a run's ``checkpoints/step-*.pt`` file or sharded ``step-*.dcp`` directory (any world size, read
+on this one process), or a directory written by ``save_pretrained``.
 Writes ``eval.json`` and ``ppl_by_position.png`` to its own run directory.
 """
 
@@ -29,7 +30,7 @@ def load_model(cfg: DictConfig, strategy, data) -> object:
     """A model from a run checkpoint (rebuilt from ``cfg.model``) or from a ``save_pretrained`` directory; sets up
     ``data`` with the tokenizer the model was trained on."""
     source = Path(cfg.checkpoint)
-    if source.is_dir():
+    if source.is_dir() and not _is_sharded(source):
         from tttexp.models import TTTForCausalLM
 
         if not (source / "config.json").exists():
@@ -38,12 +39,21 @@ def load_model(cfg: DictConfig, strategy, data) -> object:
         return TTTForCausalLM.from_pretrained(source)
     state = load_checkpoint(source)
     model, _ = build_model_and_data(cfg, strategy, data, resuming=True)
+    if state.get("format") == "dcp":  # a sharded directory, read whole on this one process
+        from tttexp.training import dcp
+
+        dcp.full_model_state(source, model)
+        return model
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
         raise CheckpointError(f"{source} does not fit model={cfg.model.name}: pass the run's model options "
                               f"({str(err).splitlines()[0][:120]})") from err
     return model
+
+
+def _is_sharded(path: Path) -> bool:
+    return path.suffix == ".dcp" or (path / ".metadata").exists()
 
 
 def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
