@@ -50,8 +50,8 @@ def test_export_round_trip_of_both_formats(tmp_path, app_cache, one_thread):
 
 
 def test_export_and_eval_apps(tmp_path, app_cache, one_thread):
-    W.train(W.overrides("linear", 1, "single", "distributed.checkpoint=dcp", "trainer.max_steps=1"),
-            tmp_path / "run", app_cache)
+    trainer, _ = W.train(W.overrides("linear", 1, "single", "distributed.checkpoint=dcp", "trainer.max_steps=1"),
+                         tmp_path / "run", app_cache)
     env = {**os.environ, "TTTEXP_CACHE_DIR": str(app_cache), "WANDB_MODE": "offline"}
     out = tmp_path / "exported"
     made = subprocess.run([sys.executable, "-m", "tttexp.export",
@@ -59,6 +59,13 @@ def test_export_and_eval_apps(tmp_path, app_cache, one_thread):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert made.returncode == 0, made.stderr[-2000:]
     assert (out / "config.json").exists() and (out / "model.safetensors").exists()
+    # the run's tokenizer ships with the model and encodes as the run's own
+    from transformers import AutoTokenizer
+
+    text = "The state of the union is strong; 1,234 tokens."
+    shipped = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert shipped(text, add_special_tokens=False)["input_ids"] == trainer.data.tokenizer.encode(text)
+    assert shipped.eos_token == "<|endoftext|>"
     assert not (tmp_path / "outputs").exists() and not (out / ".hydra").exists()
 
     from tttexp.app.eval import load_model

@@ -1,7 +1,8 @@
 """``python -m tttexp.export checkpoint=<checkpoint> out=<dir>``: a ``save_pretrained`` directory from a run's
 checkpoint, of any format and world size (a ``step-*.pt`` file or a sharded ``step-*.dcp`` directory).
 
-The directory holds ``config.json`` and the weights (safetensors); ``TTTForCausalLM.from_pretrained(dir)`` and
+The directory holds ``config.json``, the weights (safetensors) and the run's tokenizer;
+``TTTForCausalLM.from_pretrained(dir)``, ``AutoTokenizer.from_pretrained(dir)`` and
 ``python -m tttexp.eval checkpoint=dir`` load it. The model is rebuilt from the config the checkpoint records
 (older checkpoints without one: from the run directory's ``.hydra/config.yaml``, for models trained from
 scratch). A sharded checkpoint is read whole on this one process, without a process group.
@@ -9,6 +10,7 @@ scratch). A sharded checkpoint is read whole on this one process, without a proc
 
 from __future__ import annotations
 
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from tttexp.errors import CheckpointError, ConfigError
+from tttexp.training.rundir import TOKENIZER_DIR
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -58,6 +61,14 @@ def export(checkpoint: Path, out: Path, dtype: str = "float32") -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
+    tokenizer = checkpoint.parent.parent / TOKENIZER_DIR
+    if tokenizer.is_dir():  # the run's tokenizer, so that AutoTokenizer.from_pretrained(out) works too
+        for item in tokenizer.iterdir():
+            if item.is_file():
+                shutil.copy2(item, out / item.name)
+    else:
+        print(f"note: {tokenizer} does not exist (a run of an older version, or a SentencePiece file "
+              "tokenizer); the directory holds the model only", flush=True)
     return out
 
 

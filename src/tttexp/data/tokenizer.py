@@ -52,6 +52,16 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self._backend.decode([int(i) for i in ids])
 
+    def save_pretrained(self, directory: Path | str) -> bool:
+        """Write the tokenizer as a transformers tokenizer directory (``AutoTokenizer.from_pretrained`` loads
+        it and encodes as this one does); False for a backend that has no such form (SentencePiece files)."""
+        save = getattr(self._backend, "save_pretrained", None)
+        if save is None:
+            return False
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        save(Path(directory))
+        return True
+
     def __repr__(self) -> str:
         return f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
 
@@ -99,6 +109,11 @@ class _TokenizersBackend:
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=False)
+
+    def save_pretrained(self, directory: Path) -> None:
+        from transformers import PreTrainedTokenizerFast
+
+        PreTrainedTokenizerFast(tokenizer_object=self.tok, eos_token=EOS_TOKEN).save_pretrained(directory)
 
 
 def _bpe_tokenizer(texts: Sequence[str], vocab_size: int, cache_dir: Path) -> Tokenizer:
@@ -236,6 +251,9 @@ class TransformersBackend:
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids)
+
+    def save_pretrained(self, directory: Path) -> None:
+        self.tok.save_pretrained(directory)
 
 
 def _transformers_tokenizer(name_or_path: str) -> Tokenizer:

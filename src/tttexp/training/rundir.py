@@ -25,6 +25,7 @@ from tttexp.errors import CheckpointError, ConfigError
 from tttexp.training.checkpoint import checkpoint_dir, latest_valid_checkpoint, list_checkpoints, load_checkpoint
 
 LOCK_FILE = ".lock"
+TOKENIZER_DIR = "tokenizer"  # the run's tokenizer as a transformers directory; export ships it with the model
 _TMP = re.compile(r"^\.step-\d{8}\.pt\.tmp-(\d+)$")
 
 # The settings that decide the math of a run; a resume must match them exactly.

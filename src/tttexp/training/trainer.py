@@ -8,6 +8,7 @@ The trainer talks to a :class:`tttexp.loggers.Logger` (never to wandb) and to a
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Mapping
@@ -20,7 +21,7 @@ from tttexp.distributed import Strategy
 from tttexp.errors import TrainingStopped
 from tttexp.models import TTTCache, TTTForCausalLM
 from tttexp.training import checkpoint as ckpt
-from tttexp.training import dcp, reshard
+from tttexp.training import dcp, reshard, rundir
 from tttexp.training import metrics as M
 from tttexp.training.config import OptimConfig, TrainerConfig
 from tttexp.training.fairness import TokenHash
@@ -96,6 +97,21 @@ class Trainer:
     # The loop
     # ------------------------------------------------------------------------------------------------------------
 
+    def _save_tokenizer(self) -> None:
+        """Keep the run's tokenizer in its directory (rank 0, once), so that an export is a complete model."""
+        tokenizer = getattr(self.data, "tokenizer", None)
+        target = self.run_dir / rundir.TOKENIZER_DIR
+        if not self.strategy.is_main or tokenizer is None or target.exists():
+            return
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        try:
+            if tokenizer.save_pretrained(tmp):
+                os.replace(tmp, target)
+        except Exception as err:  # noqa: BLE001 - a tokenizer that cannot be saved must not stop training
+            print(f"warning: the tokenizer was not kept in {target} ({type(err).__name__}: "
+                  f"{str(err).splitlines()[0][:120] if str(err) else ''}); an export will hold the model only",
+                  file=sys.stderr, flush=True)
+
     def fit(self) -> dict[str, Any]:
         """Train to ``max_steps``; returns the run summary (also written to summary.json by the logger)."""
         start_time = time.perf_counter()
@@ -103,6 +119,7 @@ class Trainer:
         watch = M.Stopwatch(self.device)
         self.window = Window(self.device)
         tokens_per_step = self._tokens_per_step()
+        self._save_tokenizer()
         self.preemption.install()
         self.model.train()
         try:
