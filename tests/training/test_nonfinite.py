@@ -62,3 +62,51 @@ def test_the_window_counts_nonfinite_steps_without_a_host_check():
         window.add(torch.tensor(loss), torch.tensor(grad), True, tokens=8)
     assert window.nonfinite() == 2
     assert window.means() == (2.5, 1.5)
+
+
+def _fused(trainer) -> None:
+    """The optimizer the GPU recipes get (fused AdamW), here on the CPU, with the trainer's own parameter groups."""
+    old = trainer.optimizer
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in old.param_groups]
+    trainer.optimizer = torch.optim.AdamW(groups, lr=old.defaults["lr"], betas=old.defaults["betas"],
+                                          eps=old.defaults["eps"], fused=True)
+
+
+def _poison(trainer, bad_steps: set[int]) -> None:
+    """The loss (and so every gradient) of the given steps becomes NaN."""
+    forward = trainer._forward_loss
+    trainer._forward_loss = lambda batch: forward(batch) * (math.nan if trainer.step + 1 in bad_steps else 1.0)
+
+
+def test_the_fast_path_skips_a_nonfinite_step_on_the_device(tmp_path, app_cache, capsys):
+    trainer = build_trainer(["strategy=gpu_optimized", "trainer.inference_every=0", "trainer.max_steps=8",
+                             "trainer.log_every=4", *QUIET], tmp_path, app_cache)
+    assert not trainer.loop.skip_nonfinite
+    _fused(trainer)
+    _poison(trainer, {3})
+    weights: dict[int, list[torch.Tensor]] = {}
+    step = trainer._train_step
+
+    def recording_step():
+        out = step()
+        weights[trainer.step + 1] = [p.detach().clone() for p in trainer.raw_model.parameters()]
+        return out
+
+    trainer._train_step = recording_step
+    summary = trainer.fit()
+    assert all(torch.equal(a, b) for a, b in zip(weights[2], weights[3], strict=True))  # step 3 changed nothing
+    assert not all(torch.equal(a, b) for a, b in zip(weights[3], weights[4], strict=True))  # step 4 trained
+    assert trainer.optimizer.state[next(iter(trainer.raw_model.parameters()))]["step"] == 7  # 8 steps, 1 skipped
+    assert summary["summary/warnings_nonfinite_steps"] == 1 and math.isfinite(summary["summary/final_loss"])
+    assert "steps 1-4: 1 non-finite step(s) skipped" in capsys.readouterr().err
+
+
+def test_the_fast_path_stops_when_every_step_of_a_window_is_nonfinite(tmp_path, app_cache):
+    trainer = build_trainer(["strategy=gpu_optimized", "trainer.inference_every=0", "trainer.max_steps=12",
+                             "trainer.log_every=4", "trainer.max_bad_steps=4", *QUIET], tmp_path, app_cache)
+    _fused(trainer)
+    _poison(trainer, {5, 6, 7, 8})
+    with pytest.raises(TrainingStopped, match="every one of the last 4 steps was non-finite"):
+        trainer.fit()
+    (saved,) = ckpt.list_checkpoints(tmp_path)
+    assert _finite(saved) and ckpt.load_checkpoint(saved)["step"] == 8

@@ -63,6 +63,8 @@ class Trainer:
         self.device = strategy.device
         self.model = strategy.prepare_model(model)
         self.optimizer = self._build_optimizer()
+        # sharded (DTensor) parameters keep the log-step check only; plain ones may skip a bad step on the device
+        self._plain_params = not any(hasattr(p, "to_local") for p in self.raw_model.parameters())
         self.checkpointer = dcp.ShardedCheckpointer(strategy, async_save=strategy.async_checkpoint)
         self.train_loader = data.train_loader
         self.stream = bool(getattr(data, "stream", False))  # per-row streams: carry each row's TTT state
@@ -134,9 +136,9 @@ class Trainer:
                     record = self._train_record(self.window, lr, watch.lap())
                     self._log(record)
                     progress.update(self.step, record)
-                    self.window = Window(self.device)
-                    if self._window_nonfinite and not self._weights_finite():
-                        self._stop_nonfinite()
+                    window_steps, self.window = self.window.steps, Window(self.device)
+                    if self._window_nonfinite:
+                        self._after_nonfinite_window(window_steps)
                 if self._every(self.loop.eval_every):
                     self._log(self.evaluate())
                     watch.restart()
@@ -204,6 +206,10 @@ class Trainer:
                 self._skip_bad_step()
                 return loss, grad_norm, False
             self.bad_steps_in_a_row = 0
+        elif self._skips_on_device():
+            # The fused AdamW leaves weights, moments and its step count as they were when found_inf is 1 (as under
+            # a GradScaler): a non-finite step is skipped without a host sync; the Window counts it.
+            self.optimizer.found_inf = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss, grad_norm.detach(), True
@@ -219,6 +225,9 @@ class Trainer:
         self.carry = out.cache.detach()
         self.carry.keep_last_keys(batch["input_ids"].shape[1])  # attention layers carry one chunk of keys, not all
         return out.loss
+
+    def _skips_on_device(self) -> bool:
+        return bool(self.optimizer.defaults.get("fused")) and self._plain_params
 
     def _skip_bad_step(self) -> None:
         """A non-finite step: gradients dropped, weights and optimizer untouched; too many in a row stop the run."""
@@ -391,6 +400,23 @@ class Trainer:
         if self.strategy.world_size > 1:
             bad = self.strategy.all_reduce_max(bad)
         return not bool(bad > 0)
+
+    def _after_nonfinite_window(self, window_steps: int) -> None:
+        """Some steps since the last record were not finite: stop if the weights are not, or if every step was
+        bad for at least ``trainer.max_bad_steps`` (skipped on the device, so the weights are still good)."""
+        if not self._weights_finite():
+            self._stop_nonfinite()
+        if not self._skips_on_device():
+            return
+        if self.strategy.is_main:
+            print(f"warning: steps {self.step - window_steps + 1}-{self.step}: {self._window_nonfinite} non-finite "
+                  "step(s) skipped", file=sys.stderr, flush=True)
+        if self._window_nonfinite >= window_steps >= self.loop.max_bad_steps:
+            path = self.save()
+            raise TrainingStopped(
+                f"every one of the last {window_steps} steps was non-finite (trainer.max_bad_steps="
+                f"{self.loop.max_bad_steps}); the last good weights are in {path}. Lower optim.lr or check the data"
+            )
 
     def _stop_nonfinite(self) -> None:
         self._diverged = True
