@@ -83,7 +83,8 @@ def bf16_step(rank: int, world: int) -> dict:
 
 
 def run_rank(rank: int, world: int, port: int, root: str, cache: str) -> None:
-    """Each rank of a 2-process gloo world: FSDP from scratch (TTT-Linear and TTT-MLP), FSDP resuming a one-process
+    """Each rank of a 2-process gloo world: FSDP from scratch (TTT-Linear, with and without activation checkpointing,
+    and TTT-MLP), FSDP resuming a one-process
     checkpoint, and DDP whose checkpoint FSDP resumes. Rank 0 writes the losses, every rank its bytes."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -94,6 +95,8 @@ def run_rank(rank: int, world: int, port: int, root: str, cache: str) -> None:
                                             root_path / "fsdp_linear", cache_path)
     out["bytes"] = local_bytes(fsdp_linear)
     _, out["fsdp_mlp"] = train(overrides("mlp", world, "fsdp"), root_path / "fsdp_mlp", cache_path)
+    _, out["fsdp_checkpointed"] = train(overrides("linear", world, "fsdp", "model.gradient_checkpointing=true"),
+                                        root_path / "fsdp_checkpointed", cache_path)
     _, out["fsdp_from_single"] = train(overrides("linear", world, "fsdp"), root_path / "fsdp_from_single",
                                        cache_path, resume=root_path / "single_linear/checkpoints/step-00000010.dcp")
     _, out["ddp"] = train(overrides("linear", world, "ddp", f"trainer.ckpt_every={HALF}"), root_path / "ddp",

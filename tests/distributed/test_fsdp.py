@@ -52,6 +52,8 @@ def test_two_process_fsdp_matches_one_process_shards_and_reshards(tmp_path, app_
     # 2-process FSDP == 1 process on the same global batch, for both inner models
     assert_same_losses(ranks[0]["fsdp_linear"], single_linear, every)
     assert_same_losses(ranks[0]["fsdp_mlp"], single_mlp, every)
+    # activation checkpointing inside the sharded blocks recomputes the same forward
+    assert_same_losses(ranks[0]["fsdp_checkpointed"], single_linear, every)
     # 1 -> 2: a one-process checkpoint continued by FSDP at world size 2; DDP -> FSDP likewise
     assert_same_losses(ranks[0]["fsdp_from_single"], single_linear, after)
     assert_same_losses(ranks[0]["ddp"], single_linear, every)
