@@ -33,6 +33,9 @@ def test_smoke_study_three_arms_same_tokens(run_app, tmp_path: Path) -> None:
     assert len({s["summary/data_hash"] for s in summaries}) == 1  # the same tokens in the same order
     assert len({s["summary/tokens_seen"] for s in summaries}) == 1 and summaries[0]["summary/tokens_seen"] == 512
     assert all("summary/passkey_accuracy" in s and "summary/ppl_late" in s for s in summaries)
+    # the compute each arm spent: more than its parameters' 6 FLOPs a token, the rest in its sequence mixers
+    for row in rows:
+        assert float(row["train_flops"]) > 6 * int(row["parameters"]) * 512
     for name in ("compare_loss.png", "compare_ppl_by_position.png", "compare_passkey.png"):
         assert (sweep / name).read_bytes()[:4] == b"\x89PNG", name
     assert "study: 3 arms" in out.stdout

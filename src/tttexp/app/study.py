@@ -42,9 +42,9 @@ UNFAIR_KEYS = ("seed", "data.", "trainer.max_steps", "trainer.grad_accum_steps",
                "experiment", "optim.warmup_steps", "optim.min_lr_ratio", "hparams_search", "resume")
 ARM_MAY_SET = ("model", "study")  # the top-level sections an arm file may set
 
-COLUMNS = ("arm", "best_lr", "lr_grid", "parameters", "tokens", "final_train_loss", "val_loss", "val_ppl",
-           "ppl_within_train", "ppl_late", "late_positions", "passkey_accuracy", "tokens_per_sec", "same_data",
-           "jobs")
+COLUMNS = ("arm", "best_lr", "lr_grid", "parameters", "tokens", "train_flops", "final_train_loss", "val_loss",
+           "val_ppl", "ppl_within_train", "ppl_late", "late_positions", "passkey_accuracy", "tokens_per_sec",
+           "same_data", "jobs")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -221,6 +221,7 @@ def compare_rows(jobs: list[Job]) -> list[dict[str, Any]]:
                 "best_lr": f"{best.lr:g}",
                 "parameters": best.facts.get("model/total_parameters", ""),
                 "tokens": s.get("summary/tokens_seen", ""),
+                "train_flops": s.get("summary/train_flops", ""),
                 "final_train_loss": s.get("summary/final_loss", ""),
                 "val_loss": s.get("summary/final_val_loss", ""),
                 "val_ppl": s.get("summary/final_val_ppl", ""),

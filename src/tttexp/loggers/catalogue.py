@@ -74,6 +74,7 @@ SUMMARY_FINAL_LOSS = _metric("summary/final_loss", "last training loss")
 SUMMARY_FINAL_VAL_LOSS = _metric("summary/final_val_loss", "last validation loss")
 SUMMARY_STEPS = _metric("summary/steps", "optimizer steps taken")
 SUMMARY_TOKENS_SEEN = _metric("summary/tokens_seen", "training tokens seen, all processes")
+SUMMARY_TRAIN_FLOPS = _metric("summary/train_flops", "training FLOPs spent: tokens x (6 x parameters + 3 x mixers)")
 
 #: Prefixes of the series plotted against STEP (everything but summary/*).
 STEP_PREFIXES: tuple[str, ...] = ("train/", "val/", "model/", "system/", "state/", "inference/", "warnings/")

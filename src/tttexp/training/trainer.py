@@ -370,6 +370,7 @@ class Trainer:
             "summary/final_loss": losses[-1] if losses and not self._diverged else float("nan"),
             "summary/steps": self.step,
             "summary/tokens_seen": self.tokens_seen,
+            "summary/train_flops": self.tokens_seen * self.flops_per_token,  # the compute spent, as MFU counts it
         }
         if self.last_val:
             summary["summary/final_val_loss"] = self.last_val["val/loss"]
