@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from tttexp.app.schemas import register_configs, validate
 from tttexp.app.train import build, build_model_and_data, build_strategy
 from tttexp.errors import CheckpointError, ConfigError
+from tttexp.training import dcp
 from tttexp.training.checkpoint import load_checkpoint
 from tttexp.training.validation import mean_loss
 
@@ -30,7 +31,7 @@ def load_model(cfg: DictConfig, strategy, data) -> object:
     """A model from a run checkpoint (rebuilt from ``cfg.model``) or from a ``save_pretrained`` directory; sets up
     ``data`` with the tokenizer the model was trained on."""
     source = Path(cfg.checkpoint)
-    if source.is_dir() and not _is_sharded(source):
+    if source.is_dir() and not dcp.is_sharded(source):
         from tttexp.models import TTTForCausalLM
 
         if not (source / "config.json").exists():
@@ -40,8 +41,6 @@ def load_model(cfg: DictConfig, strategy, data) -> object:
     state = load_checkpoint(source)
     model, _ = build_model_and_data(cfg, strategy, data, resuming=True)
     if state.get("format") == "dcp":  # a sharded directory, read whole on this one process
-        from tttexp.training import dcp
-
         dcp.full_model_state(source, model)
         return model
     try:
@@ -50,10 +49,6 @@ def load_model(cfg: DictConfig, strategy, data) -> object:
         raise CheckpointError(f"{source} does not fit model={cfg.model.name}: pass the run's model options "
                               f"({str(err).splitlines()[0][:120]})") from err
     return model
-
-
-def _is_sharded(path: Path) -> bool:
-    return path.suffix == ".dcp" or (path / ".metadata").exists()
 
 
 def evaluate(cfg: DictConfig, out_dir: Path) -> dict:

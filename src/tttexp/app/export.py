@@ -61,7 +61,7 @@ def export(checkpoint: Path, out: Path, dtype: str = "float32") -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    tokenizer = checkpoint.parent.parent / TOKENIZER_DIR
+    tokenizer = _run_dir(checkpoint) / TOKENIZER_DIR
     if tokenizer.is_dir():  # the run's tokenizer, so that AutoTokenizer.from_pretrained(out) works too
         for item in tokenizer.iterdir():
             if item.is_file():
@@ -72,12 +72,17 @@ def export(checkpoint: Path, out: Path, dtype: str = "float32") -> Path:
     return out
 
 
+def _run_dir(checkpoint: Path) -> Path:
+    """The run directory a checkpoint was written in (``<run>/checkpoints/step-*``)."""
+    return checkpoint.parent.parent
+
+
 def _model_config(checkpoint: Path, state: dict[str, Any]) -> Any:
     from tttexp.models import TTTConfig
 
     if state.get("model_config"):
         return TTTConfig.from_dict(dict(state["model_config"]))
-    run_config = checkpoint.parent.parent / ".hydra" / "config.yaml"
+    run_config = _run_dir(checkpoint) / ".hydra" / "config.yaml"
     if "model" not in state or not run_config.is_file():
         raise CheckpointError(f"{checkpoint} records no model config and {run_config} does not exist; export needs "
                               "one of them")

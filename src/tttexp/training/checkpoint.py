@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from tttexp.errors import CheckpointError
-from tttexp.training.dcp import MARKER, load_trainer_state
+from tttexp.training.dcp import MARKER, is_sharded, load_trainer_state
 from tttexp.training.durable import fsync_dir
 
 CKPT_DIR = "checkpoints"
@@ -127,7 +127,7 @@ def _write_reason(err: BaseException, folder: Path) -> str:
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load tensors and plain values only; anything else, or a damaged file, is a one-line CheckpointError."""
     path = Path(path)
-    if path.suffix == ".dcp" or (path / ".metadata").exists():
+    if is_sharded(path):
         return load_trainer_state(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")

@@ -41,6 +41,12 @@ MARKER = "COMPLETE"
 TRAINER_FILE = "trainer.pt"
 
 
+def is_sharded(path: Path) -> bool:
+    """Is ``path`` a sharded checkpoint directory (named ``*.dcp``, or holding DCP's ``.metadata``)?"""
+    path = Path(path)
+    return path.suffix == SUFFIX or (path / ".metadata").exists()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Safe reading
 # --------------------------------------------------------------------------------------------------------------
