@@ -53,7 +53,7 @@ def test_injected_trouble_is_reported_in_metrics_and_in_wandb(tmp_path, app_cach
     trainer._train_step = troubled_step
     logger.start(tmp_path, {}, {"model/hidden_size": 64})
     trainer.fit()
-    logger.finish(trainer._summary(1.0))
+    logger.finish(trainer.summary())
 
     expected = {"warnings/loss_spike", "warnings/throughput_drop", "warnings/state_growth"}
     last = [r for r in records(tmp_path) if "train/loss" in r][-1]

@@ -34,7 +34,7 @@ def test_divergence_saves_nothing_nonfinite_and_keeps_the_good_checkpoint(tmp_pa
         trainer.fit()
     saved = ckpt.list_checkpoints(tmp_path)
     assert saved and all(_finite(p) for p in saved)  # the good one survived pruning (keep_last=1)
-    summary = trainer._summary(1.0)
+    summary = trainer.summary()
     assert summary["summary/warnings_nonfinite_steps"] >= 1
     assert math.isnan(summary["summary/final_loss"])
     assert summary["summary/steps"] < 12

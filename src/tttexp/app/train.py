@@ -146,7 +146,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
         summary = trainer.fit()
         failed = False
     finally:
-        logger.finish(summary or trainer._summary(0.0), failed=failed)
+        logger.finish(summary or trainer.summary(), failed=failed)
         strategy.teardown()
     if strategy.is_main:
         print_summary(summary, run_dir)
@@ -185,7 +185,7 @@ def build_model_and_data(cfg: DictConfig, strategy, data, resuming: bool = False
     base_tokenizer = source.tokenizer()
     tokenizer = wrap_transformers_tokenizer(base_tokenizer, source.label) if base_tokenizer is not None else None
     data.setup(rank=strategy.rank, world_size=strategy.world_size, mini_batch_size=cfg.model.mini_batch_size,
-               tokenizer=tokenizer)
+               tokenizer=tokenizer, device=strategy.device, check_batches=cfg.trainer.check_batches)
 
     def validation(model) -> float:
         total, count = mean_loss(model, data.val_set.batches(data.batch_size), autocast=strategy.autocast())

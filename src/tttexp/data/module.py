@@ -5,11 +5,15 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
+
+import torch
 
 from tttexp.data.cache import tokenize_documents
 from tttexp.data.corpus import SOURCES, load_documents, split_documents
+from tttexp.data.integrity import Fingerprinted
 from tttexp.data.loaders import StreamLoader, ValidationSet, WindowLoader
+from tttexp.data.prefetch import Prefetcher
 from tttexp.data.tokenizer import Tokenizer, build_tokenizer
 from tttexp.errors import ConfigError
 
@@ -75,7 +79,7 @@ class DataModule:
         self.max_documents, self.seed = max_documents, seed
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self._tokenizer: Tokenizer | None = None
-        self._train_loader: WindowLoader | StreamLoader | None = None
+        self._train_loader: Any = None
         self._val_set: ValidationSet | None = None
         self._num_train_tokens = self._num_val_tokens = 0
 
@@ -85,13 +89,17 @@ class DataModule:
         world_size: int = 1,
         mini_batch_size: int = 16,
         tokenizer: Tokenizer | None = None,
+        device: torch.device | str | None = None,
+        check_batches: bool = False,
     ) -> None:
         """Load and split the documents, build the tokenizer (on the training split, unless one is given,
         e.g. a pretrained model's), tokenize through the cache and build `train_loader` and `val_set`.
 
         `data.stream=true` gives a StreamLoader (per-row contiguous documents for state passing), otherwise a
-        WindowLoader of shuffled windows. Data that cannot make a run (no text, too little text for one sequence,
-        a missing tokenizer) raises :class:`ConfigError`: one line, reported by the app without a traceback.
+        WindowLoader of shuffled windows. With `data.prefetch=true` it is wrapped in a :class:`Prefetcher` that
+        prepares batches on `device`; `check_batches` adds each batch's fingerprint (data/integrity.py) before it
+        leaves the host. Data that cannot make a run (no text, too little text for one sequence, a missing
+        tokenizer) raises :class:`ConfigError`: one line, reported by the app without a traceback.
         """
         try:
             self._setup(rank, world_size, mini_batch_size, tokenizer)
@@ -100,6 +108,12 @@ class DataModule:
         except (ValueError, OSError) as err:
             lines = [line.strip() for line in str(err).splitlines() if line.strip()]
             raise ConfigError(f"data: {lines[0] if lines else type(err).__name__}") from err
+        loader: Any = self._train_loader
+        if check_batches:
+            loader = Fingerprinted(loader)
+        if self.prefetch:
+            loader = Prefetcher(loader, torch.device(device) if device is not None else torch.device("cpu"))
+        self._train_loader = loader
 
     def _setup(self, rank: int, world_size: int, mini_batch_size: int, tokenizer: Tokenizer | None) -> None:
         docs = load_documents(
@@ -164,7 +178,8 @@ class DataModule:
         return self.tokenizer.vocab_size
 
     @property
-    def train_loader(self) -> WindowLoader | StreamLoader:
+    def train_loader(self) -> Any:
+        """The one loader training reads: windows or streams, fingerprinted and prefetched as configured."""
         return _ready(self._train_loader)
 
     @property

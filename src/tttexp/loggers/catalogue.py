@@ -67,9 +67,17 @@ WARN_LOSS_SPIKE = _metric("warnings/loss_spike", "steps whose loss jumped far ab
 WARN_GRAD_SPIKE = _metric("warnings/grad_spike", "steps whose gradient norm jumped far above its running median")
 WARN_THROUGHPUT_DROP = _metric("warnings/throughput_drop", "steps whose throughput fell far below its median")
 WARN_STATE_GROWTH = _metric("warnings/state_growth", "steps where state/w_norm grew by a large factor")
+WARN_RECOMPILES = _metric("warnings/recompiles", "frames torch.compile compiled after the process's first step")
 
 SUMMARY_TOTAL_TIME = _metric("summary/total_time", "wall time of the whole run in seconds")
-SUMMARY_AVG_TOKENS_PER_SEC = _metric("summary/avg_tokens_per_sec", "training tokens over training wall time")
+SUMMARY_AVG_TOKENS_PER_SEC = _metric("summary/avg_tokens_per_sec",
+                                     "steady-state training tokens/s: the steps after the first logged window")
+SUMMARY_WALL_TOKENS_PER_SEC = _metric("summary/wall_tokens_per_sec",
+                                      "training tokens over the whole run's wall time (compile and eval included)")
+SUMMARY_COMPILE_TIME = _metric("summary/compile_time", "seconds in the process's first step (compile, warm-up)")
+SUMMARY_TRAIN_TIME = _metric("summary/train_time", "seconds in the training steps after the first")
+SUMMARY_EVAL_TIME = _metric("summary/eval_time", "seconds in validation, inference timing and end-of-run reports")
+SUMMARY_OTHER_TIME = _metric("summary/other_time", "the rest of the wall time in seconds: checkpoints, logging")
 SUMMARY_FINAL_LOSS = _metric("summary/final_loss", "last training loss")
 SUMMARY_FINAL_VAL_LOSS = _metric("summary/final_val_loss", "last validation loss")
 SUMMARY_STEPS = _metric("summary/steps", "optimizer steps taken")

@@ -97,6 +97,7 @@ class TTTPreTrainedModel(PreTrainedModel):
             init.ones_(module.ttt_norm_weight)
             init.zeros_(module.ttt_norm_bias)
             init.copy_(module.token_idx, 1.0 / torch.arange(1, module.k + 1, dtype=torch.float32))
+            init.ones_(module.inner_lr_scale)
             if module.output_gate is not None:
                 init.zeros_(module.output_gate)
                 init.zeros_(module.output_bias)
@@ -172,12 +173,13 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
 
     def set_inner_lr_scale(self, step: int, warmup_steps: int) -> None:
         """The model's own schedule: TTT-MLP's inner learning rate ramps from 0.1x to 1x of ``ttt_base_lr`` over
-        the outer warmup (the paper's recipe); TTT-Linear's stays at 1x."""
+        the outer warmup (the paper's recipe); TTT-Linear's stays at 1x. The scale lives in a device buffer and
+        is written in place (no host sync), so a compiled model reads it as data and never recompiles for it."""
         if self.config.ttt_layer != "mlp":
             return
         ramp = 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
         for layer in self.ttt_layers():
-            layer.inner_lr_scale = 0.1 + 0.9 * ramp
+            layer.inner_lr_scale.fill_(0.1 + 0.9 * ramp)
 
     def resolved_kernel(self, device_type: str) -> str:
         """The inner-loop implementation that runs on ``device_type``: ``model.kernel`` with ``auto`` resolved

@@ -55,8 +55,9 @@ class TTTLayer(nn.Module):
             self.b1 = nn.Parameter(torch.zeros(heads, 4 * f))
             self.W2 = nn.Parameter(torch.randn(heads, 4 * f, f) * std)
             self.b2 = nn.Parameter(torch.zeros(heads, f))
-        # Multiplies ttt_base_lr; the trainer ramps it for TTT-MLP (0.1x -> 1x over warmup, as in the paper).
-        self.inner_lr_scale = 1.0
+        # Multiplies ttt_base_lr; the trainer ramps it for TTT-MLP (0.1x -> 1x over warmup, as in the paper). A
+        # buffer, not a Python float: torch.compile would guard on a float's value and recompile at every change.
+        self.register_buffer("inner_lr_scale", torch.ones(()), persistent=False)
 
     def init_state(self) -> State:
         if self.layer == "linear":
@@ -91,8 +92,9 @@ class TTTLayer(nn.Module):
         XQ, XK = apply_rotary(XQ, cos, sin), apply_rotary(XK, cos, sin)
 
         gate_logits = torch.einsum("btc,hc->bht", hidden, self.lr_weight.to(hidden.dtype)) + self.lr_bias[:, None]
-        base_lr = self.config.ttt_base_lr * self.inner_lr_scale
-        lr = torch.sigmoid(gate_logits.to(reference.compute_dtype(gate_logits))) * (base_lr / self.head_dim)
+        dtype = reference.compute_dtype(gate_logits)
+        scale = self.inner_lr_scale.to(dtype) * (self.config.ttt_base_lr / self.head_dim)
+        lr = torch.sigmoid(gate_logits.to(dtype)) * scale
         tok = torch.clamp_min(self.token_idx + self.learnable_token_idx, 0.0)
 
         out = self._inner(XQ, XK, XV, lr, tok, cache, offset, reset)

@@ -43,6 +43,9 @@ class TrainerConfig:
     on_cpu: str = "fallback"  # without a GPU, bf16/compile: fallback (fp32, eager, one warning) | error
     skip_nonfinite: bool = False  # skip steps whose loss or gradients are not finite (costs a host sync a step)
     max_bad_steps: int = 5  # with skip_nonfinite: stop after this many bad steps in a row
+    # check on the device, after each step, that every training batch is what the loader produced (labels aligned
+    # with inputs, a checksum carried from the host); a changed batch stops the run at the next record
+    check_batches: bool = False
     reset_on_document: bool = True  # with data.stream: restart a row's TTT state where a document starts
     inference_every: int = 0  # steps between inference timings (prefill + decode); 0 disables
     position_eval_len: int = 0  # tokens per sequence of the loss-by-position evaluation; 0: 4 x data.seq_len

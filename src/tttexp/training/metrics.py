@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -164,3 +165,58 @@ class Window:
         if not good:
             return float("nan"), float("nan")
         return float(self.loss) / good, float(self.grad_norm) / good
+
+
+class RunClock:
+    """Where a run's wall time went, by phase, and its steady-state training throughput.
+
+    ``compile``: the first step of the process (compilation, autotuning, allocator warm-up); ``train``: every
+    later step; ``eval``: validation, inference timing and the end-of-run reports; ``other``: the rest (setup
+    inside the loop, checkpoints, logging). The steady-state rate counts the windows after the first logged one;
+    a run with only one window falls back to that window without its first step.
+    """
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.seconds = {"compile": 0.0, "train": 0.0, "eval": 0.0}
+        self.tokens = 0  # trained by this process's run (a resumed run counts from its resume)
+        self._windows = 0
+        self._steady = [0, 0.0]  # tokens, seconds
+        self._first = [0, 0.0]
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] += seconds
+
+    def window(self, tokens: int, seconds: float) -> None:
+        """A logged window of training steps (``tokens`` and ``seconds`` without the process's first step)."""
+        self.add("train", seconds)
+        target = self._first if self._windows == 0 else self._steady
+        target[0] += tokens
+        target[1] += seconds
+        self._windows += 1
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def steady_tokens_per_second(self) -> float:
+        tokens, seconds = self._steady if self._steady[1] > 0 else self._first
+        return tokens_per_second(tokens, seconds)
+
+    def summary(self) -> dict[str, float]:
+        total = self.elapsed()
+        other = max(0.0, total - sum(self.seconds.values()))
+        return {
+            "summary/total_time": total,
+            "summary/compile_time": self.seconds["compile"],
+            "summary/train_time": self.seconds["train"],
+            "summary/eval_time": self.seconds["eval"],
+            "summary/other_time": other,
+            "summary/avg_tokens_per_sec": self.steady_tokens_per_second(),
+            "summary/wall_tokens_per_sec": tokens_per_second(self.tokens, total),
+        }
+
+
+def compiled_frames() -> int:
+    """Frames torch.compile has compiled in this process so far (0 when it was never used)."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    return int(utils.counters["frames"]["ok"]) if utils is not None else 0

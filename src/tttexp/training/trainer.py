@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from tttexp.data import integrity
 from tttexp.distributed import Strategy
 from tttexp.errors import TrainingStopped
 from tttexp.models import TTTCache, TTTForCausalLM
@@ -66,17 +67,16 @@ class Trainer:
         # sharded (DTensor) parameters keep the log-step check only; plain ones may skip a bad step on the device
         self._plain_params = not any(hasattr(p, "to_local") for p in self.raw_model.parameters())
         self.checkpointer = dcp.ShardedCheckpointer(strategy, async_save=strategy.async_checkpoint)
-        self.train_loader = data.train_loader
         self.stream = bool(getattr(data, "stream", False))  # per-row streams: carry each row's TTT state
-        if getattr(data, "prefetch", False):
-            from tttexp.data.prefetch import Prefetcher
-
-            self.train_loader = Prefetcher(data.train_loader, self.device)
+        # trainer.check_batches: the first step whose batch changed between the loader and its use (0: none yet)
+        self.changed_at = torch.zeros((), dtype=torch.long, device=self.device) if loop.check_batches else None
         self.preemption = PreemptionFlag()
         self.step = 0
         self.tokens_seen = 0
         self.carry: TTTCache | None = None
         self.bad_steps_in_a_row = 0
+        self.clock = M.RunClock()  # fit() starts its own; this one serves a summary asked for before fit
+        self._frames_after_first_step: int | None = None  # torch.compile's frame count after the first step
         self.counters: dict[str, int] = {"warnings/nonfinite_steps": 0}
         self.resets = 0
         self.history: list[dict[str, float]] = []
@@ -116,11 +116,13 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train to ``max_steps``; returns the run summary (also written to summary.json by the logger)."""
-        start_time = time.perf_counter()
+        self.clock = M.RunClock()
         progress = Progress(self.loop.progress, self.loop.max_steps, self.step, enabled=self.strategy.is_main)
         watch = M.Stopwatch(self.device)
         self.window = Window(self.device)
         tokens_per_step = self._tokens_per_step()
+        first_step = self.step + 1  # of this process: it compiles, so it is timed on its own
+        first_seconds = 0.0
         self._save_tokenizer()
         self.preemption.install()
         self.model.train()
@@ -130,21 +132,28 @@ class Trainer:
                 loss, grad_norm, ok = self._train_step()
                 self.step += 1
                 self.tokens_seen += tokens_per_step
+                self.clock.tokens += tokens_per_step
                 self.window.add(loss, grad_norm, ok, tokens_per_step)
+                if self.step == first_step:
+                    first_seconds = watch.lap()
+                    self.clock.add("compile", first_seconds)
+                    self._frames_after_first_step = M.compiled_frames()
 
                 if self.step % self.loop.log_every == 0 or self.step == self.loop.max_steps:
-                    record = self._train_record(self.window, lr, watch.lap())
+                    seconds = watch.lap()
+                    self.clock.window(self.window.tokens - (tokens_per_step if first_seconds else 0), seconds)
+                    record = self._train_record(self.window, lr, seconds + first_seconds)
+                    first_seconds = 0.0
                     self._log(record)
                     progress.update(self.step, record)
                     window_steps, self.window = self.window.steps, Window(self.device)
+                    self._check_batches()
                     if self._window_nonfinite:
                         self._after_nonfinite_window(window_steps)
                 if self._every(self.loop.eval_every):
-                    self._log(self.evaluate())
-                    watch.restart()
+                    self._timed("eval", lambda: self._log(self.evaluate()), watch)
                 if self._every(self.loop.inference_every):
-                    self._time_inference()
-                    watch.restart()
+                    self._timed("eval", self._time_inference, watch)
                 if self._every(self.loop.ckpt_every):
                     self.save()
                     watch.restart()
@@ -158,14 +167,34 @@ class Trainer:
         finally:
             self.preemption.uninstall()
             progress.close()
-            if hasattr(self.train_loader, "close"):
-                self.train_loader.close()
+            if hasattr(self.data.train_loader, "close"):
+                self.data.train_loader.close()
 
+        self._check_batches()
         if self.loop.eval_every:
-            self._log(self.evaluate())
+            self._timed("eval", lambda: self._log(self.evaluate()))
         self.save()
-        self._final_reports()
-        return self._summary(time.perf_counter() - start_time)
+        self._timed("eval", self._final_reports)
+        return self.summary()
+
+    def _timed(self, phase: str, action: Any, watch: M.Stopwatch | None = None) -> None:
+        """Run ``action`` and book its wall time to ``phase``; the step stopwatch leaves it out."""
+        start = time.perf_counter()
+        action()
+        if watch is not None:
+            watch.restart()
+        self.clock.add(phase, time.perf_counter() - start)
+
+    def _check_batches(self) -> None:
+        """``trainer.check_batches``: stop if a batch changed between the loader and its step (one host sync)."""
+        if self.changed_at is None:
+            return
+        step = int(self.strategy.all_reduce_max(self.changed_at.float()))
+        if step:
+            raise TrainingStopped(
+                f"the training batch of step {step} changed between the loader and the step that read it "
+                "(trainer.check_batches); the weights were not saved. Run with data.prefetch=false and report it"
+            )
 
     def _every(self, period: int) -> bool:
         """A periodic action due at this step (the final step has its own end-of-run actions)."""
@@ -191,13 +220,16 @@ class Trainer:
         accum = self.loop.grad_accum_steps
         total = torch.zeros((), device=self.device)
         for micro in range(accum):
-            raw = next(self.train_loader)
+            raw = next(self.data.train_loader)
             self.token_hash.update(raw["input_ids"])
             batch = {k: v.to(self.device, non_blocking=True) for k, v in raw.items()}
             with self.strategy.no_sync(self.model, last_micro_batch=micro == accum - 1), self.strategy.autocast():
                 loss = self._forward_loss(batch)
             (loss / accum).backward()
             total += loss.detach()
+            if self.changed_at is not None:  # after the step has read the batch: a change at any time shows
+                self.changed_at = torch.where((self.changed_at == 0) & integrity.changed(batch), self.step + 1,
+                                              self.changed_at)
         loss = self.strategy.all_reduce_mean(total / accum)
         params = [p for p in self.raw_model.parameters() if p.grad is not None]
         grad_norm = self.strategy.grad_norm(params, self.optim.max_grad_norm)  # clips when max_grad_norm > 0
@@ -262,7 +294,7 @@ class Trainer:
         return torch.optim.AdamW(groups, lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps, **extra)
 
     def _tokens_per_step(self) -> int:
-        return self.train_loader.tokens_per_batch * self.loop.grad_accum_steps * self.strategy.world_size
+        return self.data.train_loader.tokens_per_batch * self.loop.grad_accum_steps * self.strategy.world_size
 
     # ------------------------------------------------------------------------------------------------------------
     # Evaluation
@@ -335,6 +367,8 @@ class Trainer:
         record.update(M.memory(self.device))
         if self.stream and self.carry is not None:
             record.update(self._state_record())
+        if self._frames_after_first_step is not None:
+            self.counters["warnings/recompiles"] = M.compiled_frames() - self._frames_after_first_step
         record.update(self.counters)
         if self.health is not None:
             for warning in self.health.update(self.step, record):
@@ -362,11 +396,12 @@ class Trainer:
         if self.strategy.is_main:
             self.logger.log(dict(record), step=self.step)
 
-    def _summary(self, seconds: float) -> dict[str, Any]:
+    def summary(self) -> dict[str, Any]:
+        """The run's summary so far: wall time by phase, steady-state tokens/s (compile and evaluation left out;
+        ``wall_tokens_per_sec`` spreads everything), the last losses, counters and end-of-run reports."""
         losses = [h["train/loss"] for h in self.history if "train/loss" in h]  # the last one, finite or not
         summary = {
-            "summary/total_time": seconds,
-            "summary/avg_tokens_per_sec": self.tokens_seen / seconds if seconds > 0 else 0.0,
+            **self.clock.summary(),
             "summary/final_loss": losses[-1] if losses and not self._diverged else float("nan"),
             "summary/steps": self.step,
             "summary/tokens_seen": self.tokens_seen,
@@ -436,7 +471,7 @@ class Trainer:
     def _rank_state(self) -> dict[str, Any]:
         """What differs between processes: data position, RNG streams and the carried TTT state."""
         return {
-            "data": self.train_loader.state_dict(),
+            "data": self.data.train_loader.state_dict(),
             "rng": ckpt.rng_state(),
             "carry": self.carry.state_dict() if self.carry is not None else None,
         }
@@ -503,7 +538,7 @@ class Trainer:
         loader = self.data.train_loader
         mine = reshard.rank_state(state, self.strategy.rank, self.strategy.world_size, rows_per_rank=loader.batch_size,
                                   stream=self.stream, batches_per_epoch=getattr(loader, "batches_per_epoch", None))
-        self.train_loader.load_state_dict(mine["data"])
+        loader.load_state_dict(mine["data"])
         if mine["rng"] is not None:
             ckpt.restore_rng_state(mine["rng"])
         else:
