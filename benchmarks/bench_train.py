@@ -25,7 +25,7 @@ MODES = {"eager": False, "compiled": True, "blocks": "blocks"}
 
 
 def time_steps(model, batch: int, ctx: int, steps: int, warmup: int, compiled: bool | str,
-               profile_to: Path | None = None) -> dict:
+               profile_to: Path | None = None, vocab: int = VOCAB) -> dict:
     device = torch.device("cuda")
     model = model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -35,7 +35,7 @@ def time_steps(model, batch: int, ctx: int, steps: int, warmup: int, compiled: b
             block.compile()
     elif compiled:
         call = torch.compile(model)
-    ids = torch.randint(0, VOCAB, (batch, ctx), device=device)
+    ids = torch.randint(0, vocab, (batch, ctx), device=device)
     torch.cuda.reset_peak_memory_stats()
     times = []
     for i in range(warmup + steps):

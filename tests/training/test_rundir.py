@@ -101,6 +101,15 @@ def test_resume_refuses_other_math_and_allows_other_lengths(tmp_path):
         rundir.resume_state(str(ckpt.checkpoint_path(tmp_path, 6)), tmp_path, other)
 
 
+def test_a_resume_on_fewer_processes_names_the_setting_that_keeps_the_global_batch(tmp_path):
+    config = compose_config(["experiment=smoke", "logging=none"])  # data.batch_size=4
+    ckpt.save_checkpoint(tmp_path, 6, _state(6, rundir.fingerprint(config, world_size=2)))
+    with pytest.raises(CheckpointError, match=r"global_batch 8 -> 4.*set trainer\.grad_accum_steps=2 to keep"):
+        rundir.resume_state("auto", tmp_path, rundir.fingerprint(config, world_size=1), rows=4)
+    with pytest.raises(CheckpointError, match=r"data\.batch_size x trainer\.grad_accum_steps x processes = 8"):
+        rundir.resume_state("auto", tmp_path, rundir.fingerprint(config, world_size=3), rows=12)
+
+
 def test_resume_auto_stops_when_every_checkpoint_is_damaged(tmp_path):
     for step in (2, 4):
         ckpt.checkpoint_path(tmp_path, step).parent.mkdir(parents=True, exist_ok=True)

@@ -229,7 +229,8 @@ def compare_rows(jobs: list[Job]) -> list[dict[str, Any]]:
                 "ppl_late": s.get("summary/ppl_late", ""),
                 "late_positions": f"{int(0.75 * late_len)}-{int(late_len)}" if _finite(late_len) else "",
                 "passkey_accuracy": s.get("summary/passkey_accuracy", ""),
-                "tokens_per_sec": _median(best.train_tps) or s.get("summary/avg_tokens_per_sec", ""),
+                # steady state: compile and evaluation left out (older runs: the median logged window)
+                "tokens_per_sec": s.get("summary/avg_tokens_per_sec") or _median(best.train_tps) or "",
             })
         rows.append(row)
     return rows

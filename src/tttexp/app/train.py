@@ -125,7 +125,8 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
     strategy = build_strategy(cfg)
     device = strategy.setup(cfg.device, cfg.seed)
     fingerprint = rundir.fingerprint(cfg, world_size=strategy.world_size)
-    resume_state = rundir.resume_state(cfg.resume, run_dir, fingerprint)
+    resume_state = rundir.resume_state(cfg.resume, run_dir, fingerprint,
+                                       rows=cfg.data.batch_size * strategy.world_size)
 
     data = build(cfg.data)
     model, extra_facts = build_model_and_data(cfg, strategy, data, resuming=resume_state is not None)

@@ -161,8 +161,10 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def check_fingerprint(saved: Mapping[str, Any] | None, current: Mapping[str, Any], path: Path) -> None:
-    """Refuse a checkpoint whose run had other math-deciding settings (one line, naming the keys)."""
+def check_fingerprint(saved: Mapping[str, Any] | None, current: Mapping[str, Any], path: Path,
+                      rows: int | None = None) -> None:
+    """Refuse a checkpoint whose run had other math-deciding settings (one line, naming the keys). ``rows``:
+    this run's rows per micro-step (data.batch_size x world size), to say which setting keeps the global batch."""
     if saved is None:
         print(f"warning: {path} carries no config fingerprint (an older checkpoint); resuming without the check",
               file=sys.stderr, flush=True)
@@ -170,10 +172,21 @@ def check_fingerprint(saved: Mapping[str, Any] | None, current: Mapping[str, Any
     differing = [key for key in FINGERPRINT_KEYS if key in saved and saved.get(key) != current.get(key)]
     if differing:
         shown = ", ".join(f"{key} {_short(saved.get(key))} -> {_short(current.get(key))}" for key in differing)
+        fix = _global_batch_fix(int(saved["global_batch"]), rows) if differing == ["global_batch"] else None
         raise CheckpointError(
             f"{path} belongs to a run with other settings ({shown}); these change the math, so resuming refuses "
-            "them: resume with the checkpoint's values, or start a new run in a new hydra.run.dir"
+            "them: " + (fix or "resume with the checkpoint's values, or start a new run in a new hydra.run.dir")
         )
+
+
+def _global_batch_fix(saved_global: int, rows: int | None) -> str | None:
+    """The override that gives a run of ``rows`` rows per micro-step the checkpoint's global batch."""
+    if not rows:
+        return None
+    if saved_global % rows == 0:
+        return f"set trainer.grad_accum_steps={saved_global // rows} to keep the global batch of {saved_global}"
+    return (f"choose data.batch_size x trainer.grad_accum_steps x processes = {saved_global} (the checkpoint's "
+            "global batch)")
 
 
 def _short(value: Any) -> str:
@@ -181,7 +194,8 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def resume_state(resume: str | None, run_dir: Path, current: Mapping[str, Any]) -> dict[str, Any] | None:
+def resume_state(resume: str | None, run_dir: Path, current: Mapping[str, Any],
+                 rows: int | None = None) -> dict[str, Any] | None:
     """The checkpoint state a run starts from (``None``: a fresh start), after the ownership and fingerprint rules.
 
     ``resume=null``: the directory must hold no checkpoints. ``resume=auto``: the newest valid checkpoint of the
@@ -215,6 +229,6 @@ def resume_state(resume: str | None, run_dir: Path, current: Mapping[str, Any]) 
                 "continue into a directory of its own: choose a new hydra.run.dir"
             )
         state = load_checkpoint(path)
-    check_fingerprint(state.get("fingerprint"), current, path)
+    check_fingerprint(state.get("fingerprint"), current, path, rows)
     print(f"resuming from {path} (step {state['step']})", flush=True)
     return state
