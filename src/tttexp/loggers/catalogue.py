@@ -60,14 +60,14 @@ INFERENCE_PREFILL_MS = _metric("inference/prefill_ms", "wall time to prefill the
 INFERENCE_DECODE_TOKENS_PER_SEC = _metric("inference/decode_tokens_per_sec", "generated tokens per second")
 INFERENCE_DECODE_MS_PER_TOKEN = _metric("inference/decode_ms_per_token", "wall time per decoding step, ms")
 
-WARNINGS = _family("warnings/", "cumulative count of each health-warning kind (see tttexp.loggers.health)")
+WARNINGS = _family("warnings/", "cumulative count of each health-warning kind (see tttexp.loggers.health), of "
+                               "non-finite steps, and of frames compiled after the process's first step (recompiles)")
 WARN_NONFINITE_LOSS = _metric("warnings/nonfinite_loss", "steps whose training loss was NaN or infinite")
 WARN_NONFINITE_GRAD = _metric("warnings/nonfinite_grad", "steps whose gradient norm was NaN or infinite")
 WARN_LOSS_SPIKE = _metric("warnings/loss_spike", "steps whose loss jumped far above its running median")
 WARN_GRAD_SPIKE = _metric("warnings/grad_spike", "steps whose gradient norm jumped far above its running median")
 WARN_THROUGHPUT_DROP = _metric("warnings/throughput_drop", "steps whose throughput fell far below its median")
 WARN_STATE_GROWTH = _metric("warnings/state_growth", "steps where state/w_norm grew by a large factor")
-WARN_RECOMPILES = _metric("warnings/recompiles", "frames torch.compile compiled after the process's first step")
 
 SUMMARY_TOTAL_TIME = _metric("summary/total_time", "wall time of the whole run in seconds")
 SUMMARY_AVG_TOKENS_PER_SEC = _metric("summary/avg_tokens_per_sec",
