@@ -30,7 +30,7 @@ def _changed_batches(prefetcher_class: type[Prefetcher], steps: int = 300) -> in
     rng = np.random.default_rng(0)
     docs = [rng.integers(0, 32000, size=int(n)).astype(np.uint16) for n in rng.integers(200, 4000, size=400)]
     loader = integrity.Fingerprinted(WindowLoader(docs, eos_id=0, seq_len=2048, batch_size=8, seed=0))
-    prefetcher = prefetcher_class(loader, device)
+    prefetcher = prefetcher_class(loader, device, host_keys=(integrity.KEY,))
     work = torch.randn(4096, 4096, device=device)
     changed = torch.zeros((), dtype=torch.long, device=device)
     try:

@@ -5,6 +5,11 @@ wrong stream). The loader side adds ``batch["fingerprint"]``: three int64 number
 batch as produced. The consumer recomputes them on the device after the step has used the batch and compares,
 accumulating any difference in a device tensor, so the check costs a few small kernels and no host sync per step.
 
+The expected fingerprint must not travel the batch's own path: a buffer reused by a later copy is overwritten with
+that whole later batch, fingerprint included, and would look intact. So it stays on the host until the consumer
+copies it on its own stream (the prefetcher's ``host_keys``). A batch overwritten between the forward's read of the
+inputs and the loss's read of the labels then no longer matches, because the check runs after both.
+
 The three numbers: a position-weighted sum of ``input_ids`` and of ``labels`` (a row or token moved elsewhere
 changes them), and how many positions have ``labels[:, t] != input_ids[:, t + 1]`` (inputs and labels that come
 from different batches change it; document ends and padding make it non-zero by design, and it is compared, not

@@ -11,6 +11,7 @@ import torch
 
 from tttexp.data.cache import tokenize_documents
 from tttexp.data.corpus import SOURCES, load_documents, split_documents
+from tttexp.data import integrity
 from tttexp.data.integrity import Fingerprinted
 from tttexp.data.loaders import StreamLoader, ValidationSet, WindowLoader
 from tttexp.data.prefetch import Prefetcher
@@ -112,7 +113,8 @@ class DataModule:
         if check_batches:
             loader = Fingerprinted(loader)
         if self.prefetch:
-            loader = Prefetcher(loader, torch.device(device) if device is not None else torch.device("cpu"))
+            loader = Prefetcher(loader, torch.device(device) if device is not None else torch.device("cpu"),
+                                host_keys=(integrity.KEY,))
         self._train_loader = loader
 
     def _setup(self, rank: int, world_size: int, mini_batch_size: int, tokenizer: Tokenizer | None) -> None:

@@ -29,9 +29,10 @@ class Prefetcher:
     ``load_state_dict`` (at any time) drops what was prepared and restarts from the given position.
     """
 
-    def __init__(self, loader: Any, device: torch.device, depth: int = 2) -> None:
+    def __init__(self, loader: Any, device: torch.device, depth: int = 2, host_keys: tuple[str, ...] = ()) -> None:
         self.loader = loader
         self.device = torch.device(device)
+        self.host_keys = host_keys  # entries left on the host (a batch's fingerprint must not share its path)
         self.depth = depth
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
@@ -63,7 +64,8 @@ class Prefetcher:
             copied = None
             if on_cuda:
                 with torch.cuda.stream(stream):
-                    batch = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
+                    batch = {k: v if k in self.host_keys else v.pin_memory().to(self.device, non_blocking=True)
+                             for k, v in batch.items()}
                     copied = torch.cuda.Event()
                     copied.record(stream)
             self._put((state, batch, copied))
@@ -97,7 +99,8 @@ class Prefetcher:
         consumer = torch.cuda.current_stream(self.device)
         consumer.wait_event(copied)
         for tensor in batch.values():
-            tensor.record_stream(consumer)
+            if tensor.device.type == "cuda":
+                tensor.record_stream(consumer)
 
     def state_dict(self) -> dict[str, int]:
         """The loader position of the next batch the loop will take (exact resume)."""
