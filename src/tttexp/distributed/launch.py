@@ -27,11 +27,13 @@ from tttexp.distributed.world import free_port, in_existing_world, process_rank
 from tttexp.errors import TTTExpError
 
 
-def resolve_nproc(value: Any) -> int:
-    """``distributed.nproc_per_node``: a number, or ``auto`` = one per visible GPU."""
+def resolve_nproc(value: Any, quiet: bool = False) -> int:
+    """``distributed.nproc_per_node``: a number, or ``auto`` = one per visible GPU (``quiet``: no warning)."""
     if value == "auto":
         count = torch.cuda.device_count()
         if count == 0:
+            if quiet:
+                return 1
             from tttexp.distributed.strategy import warn
 
             warn("distributed.nproc_per_node=auto counts GPUs and none is visible: running ONE process on the CPU; "
@@ -41,10 +43,10 @@ def resolve_nproc(value: Any) -> int:
     return int(value)
 
 
-def needs_launch(cfg: DictConfig) -> bool:
+def needs_launch(cfg: DictConfig, quiet: bool = False) -> bool:
     """True for a multi-process layer (DDP, FSDP) with more than one local process, not yet inside a world."""
     multi = str(cfg.distributed._target_).endswith(("DistributedDataParallel", "FullyShardedDataParallel"))
-    return multi and not in_existing_world() and resolve_nproc(cfg.distributed.nproc_per_node) > 1
+    return multi and not in_existing_world() and resolve_nproc(cfg.distributed.nproc_per_node, quiet) > 1
 
 
 def launch(cfg: DictConfig, run_dir: Path, job: Callable[[DictConfig, Path], Any],
@@ -67,6 +69,9 @@ def launch(cfg: DictConfig, run_dir: Path, job: Callable[[DictConfig, Path], Any
         monitor_interval=1.0,
         start_method="spawn",
         logs_specs=DefaultLogsSpecs(log_dir=str(run_dir / "elastic")),
+        # elastic_launch writes this into TORCHELASTIC_SIGNALS_TO_HANDLE, and the agent then installs its own
+        # teardown for each: SIGTERM must stay with the SignalForwarder (its default list has SIGTERM)
+        signals_to_handle=ELASTIC_SIGNALS,
     )
     container = OmegaConf.to_container(cfg, resolve=True)
     for stale in [*run_dir.glob("rank*.pid"), run_dir / WORKER_ERROR]:
@@ -96,7 +101,7 @@ class SignalForwarder:
         if threading.current_thread() is not threading.main_thread():
             return self
         self._env = os.environ.get(_ELASTIC_SIGNALS)
-        os.environ[_ELASTIC_SIGNALS] = "SIGINT,SIGHUP,SIGQUIT"  # not SIGTERM: that one is forwarded
+        os.environ[_ELASTIC_SIGNALS] = ELASTIC_SIGNALS  # not SIGTERM: that one is forwarded
         for sig in FORWARDED_SIGNALS:
             self.previous[sig] = signal.signal(sig, self._forward)
         return self
@@ -126,6 +131,7 @@ class SignalForwarder:
 
 
 _ELASTIC_SIGNALS = "TORCHELASTIC_SIGNALS_TO_HANDLE"
+ELASTIC_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"  # the signals torch elastic's agent may turn into a teardown
 LAUNCHED_WORKER = "TTTEXP_LAUNCHED_WORKER"  # set in launched workers: the launcher, not they, requeues the job
 
 
