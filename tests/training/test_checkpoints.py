@@ -63,29 +63,6 @@ def test_kill_9_then_resume_gives_the_uninterrupted_loss_curve(run_app, app_cach
     assert last_by_step(run, "train/loss") == reference
 
 
-def test_sigterm_checkpoints_and_exits_for_a_requeue(run_app, app_cache, tmp_path):
-    run = tmp_path / "run"
-    args = [*FAST, "trainer.max_steps=100000"]
-    proc = start(app_cache, tmp_path, *args, f"hydra.run.dir={run}")
-    try:
-        wait_for_step(run, 3, proc)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 3, err[-2000:]
-    assert "resume=auto" in err
-    saved = list_checkpoints(run)
-    assert saved
-    step = load_checkpoint(saved[0])["step"]
-    assert step >= 3
-    again = run_app(*FAST, f"trainer.max_steps={step + 2}", "resume=auto", f"hydra.run.dir={run}")
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert f"(step {step})" in again.stdout
-    assert json.loads((run / "summary.json").read_text())["summary/steps"] == step + 2
-
-
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(app_cache, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TTTEXP_CACHE_DIR", str(app_cache))
     run = tmp_path / "run"
