@@ -60,25 +60,29 @@ def test_a_signal_to_one_process_checkpoints_and_exits_3(app_cache, tmp_path, mo
         assert json.loads((run / "summary.json").read_text())["summary/steps"] == step + 2
 
 
-def test_signals_to_the_main_process_of_a_launched_ddp_job(app_cache, tmp_path):
-    """SIGTERM (which torch's launcher took back for its own teardown), SIGUSR2 (which killed the workers) and
-    SIGUSR1, each to the main process of its own 2-process job (the three jobs run side by side): each gives a
-    checkpoint, status 3 and at most 3 lines."""
+def test_signals_and_errors_of_a_launched_ddp_job(app_cache, tmp_path):
+    """Four 2-process jobs side by side. SIGTERM (which torch's launcher took back for its own teardown), SIGUSR2
+    (which killed the workers) and SIGUSR1 to the main process: each a checkpoint, status 3 and at most 3 lines.
+    An error inside the workers: its one line (no torch elastic traceback) and status 1."""
     env = {**os.environ, "TTTEXP_CACHE_DIR": str(app_cache), "PYTHONUNBUFFERED": "1"}
+    (tmp_path / "a.txt").write_text("short text here")
+    (tmp_path / "b.txt").write_text("another short one")
+    too_little = ["data=text_files", f"data.paths=[{tmp_path}/a.txt,{tmp_path}/b.txt]", "data.vocab_size=300"]
     jobs = {}
-    for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGUSR1):
-        run = tmp_path / f"run-{int(sig)}"
+    for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGUSR1, None):
+        run = tmp_path / f"run-{int(sig or 0)}"
         out = open(tmp_path / f"{run.name}.out", "w+")  # noqa: SIM115 - closed below
-        argv = [*FAST, "strategy=multi_gpu_state_passing", "distributed.nproc_per_node=2", f"hydra.run.dir={run}"]
+        argv = [*FAST, "strategy=multi_gpu_state_passing", "distributed.nproc_per_node=2", f"hydra.run.dir={run}",
+                *(too_little if sig is None else [])]
         proc = subprocess.Popen([sys.executable, "-m", "tttexp.train", *argv], cwd=tmp_path, env=env, stdout=out,
                                 stderr=subprocess.STDOUT, text=True)
-        jobs[sig] = (run, out, proc, None)
+        jobs[sig] = (run, out, proc, 0 if sig is None else None)
     try:
         deadline = time.time() + 240
         while any(offset is None for *_, offset in jobs.values()) and time.time() < deadline:
             for sig, (run, out, proc, offset) in jobs.items():
-                assert proc.poll() is None, Path(out.name).read_text()[-2000:]
                 if offset is None and _reached(run, 1):
+                    assert proc.poll() is None, Path(out.name).read_text()[-2000:]
                     offset = os.path.getsize(out.name)  # what the job printed before the signal
                     proc.send_signal(sig)
                     jobs[sig] = (run, out, proc, offset)
@@ -87,6 +91,10 @@ def test_signals_to_the_main_process_of_a_launched_ddp_job(app_cache, tmp_path):
             code = proc.wait(timeout=120)
             out.seek(offset or 0)
             lines = [line for line in out.read().splitlines() if line.strip()]
+            if sig is None:
+                assert code == 1 and [line for line in lines if not line.startswith("warning:")] == \
+                    [line for line in lines if line.startswith("error:") and "documents, fewer than" in line], lines
+                continue
             assert code == 3 and len(lines) <= 3 and f"signal {int(sig)}" in lines[-1], (sig, code, lines)
             assert load_checkpoint(list_checkpoints(run)[0])["step"] >= 1
     finally:

@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -76,11 +76,29 @@ def launch(cfg: DictConfig, run_dir: Path, job: Callable[[DictConfig, Path], Any
     container = OmegaConf.to_container(cfg, resolve=True)
     for stale in [*run_dir.glob("rank*.pid"), run_dir / WORKER_ERROR]:
         stale.unlink(missing_ok=True)
-    with forwarder or SignalForwarder(run_dir):
+    with forwarder or SignalForwarder(run_dir), _quiet_elastic():
         results = elastic_launch(config, worker)(job, container, str(run_dir))
     return results.get(0) if isinstance(results, dict) else results
 
 
+@contextlib.contextmanager
+def _quiet_elastic() -> Iterator[None]:
+    """torch elastic logs a failed worker as dozens of ``E...`` lines (its traceback, once per wrapper) on the
+    launcher's console; the job reports it in one line instead (:data:`WORKER_ERROR`, written by the worker,
+    whose traceback goes to its own log). Its loggers are silenced while the workers run."""
+    names = [name for name in list(logging.root.manager.loggerDict) if name.startswith(_ELASTIC_LOGGERS)]
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+_ELASTIC_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher", "torch.multiprocessing")
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
@@ -153,9 +171,21 @@ def worker(job: Callable[[DictConfig, Path], Any], config: dict, run_dir: str) -
     try:
         return job(OmegaConf.create(config), path)
     except TTTExpError as err:  # a one-line problem (a config, a checkpoint): the launcher prints it as it is
-        with contextlib.suppress(OSError):
-            (path / WORKER_ERROR).write_text(f"{err}\n")
+        _record_error(path, str(err))
         raise
+    except Exception as err:  # a failure without a one-line message: the traceback goes to this rank's log
+        logging.getLogger(__name__).exception("rank %d failed", rank)
+        text = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+        _record_error(path, f"rank {rank} failed: {text} (traceback in {path / f'train_rank{rank}.log'})")
+        raise
+
+
+def _record_error(run_dir: Path, message: str) -> None:
+    """The job's error line: the first worker to fail writes it (the others fail because it did)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(run_dir / WORKER_ERROR, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"{message}\n")
 
 
 WORKER_ERROR = "worker_error.txt"  # a launched worker's one-line error, for the launcher to print
