@@ -60,10 +60,11 @@ def test_a_signal_to_one_process_checkpoints_and_exits_3(app_cache, tmp_path, mo
         assert json.loads((run / "summary.json").read_text())["summary/steps"] == step + 2
 
 
-def test_signals_and_errors_of_a_launched_ddp_job(app_cache, tmp_path):
+def test_signals_and_errors_of_a_launched_ddp_job(app_cache, tmp_path, run_app):
     """Four 2-process jobs side by side. SIGTERM (which torch's launcher took back for its own teardown), SIGUSR2
-    (which killed the workers) and SIGUSR1 to the main process: each a checkpoint, status 3 and at most 3 lines.
-    An error inside the workers: its one line (no torch elastic traceback) and status 1."""
+    (which killed the workers) and SIGUSR1 to the main process: each a checkpoint, status 3 and at most 3 lines;
+    resume=auto continues the first. An error inside the workers: its one line (no torch elastic traceback) and
+    status 1."""
     env = {**os.environ, "TTTEXP_CACHE_DIR": str(app_cache), "PYTHONUNBUFFERED": "1"}
     (tmp_path / "a.txt").write_text("short text here")
     (tmp_path / "b.txt").write_text("another short one")
@@ -102,3 +103,11 @@ def test_signals_and_errors_of_a_launched_ddp_job(app_cache, tmp_path):
             if proc.poll() is None:
                 proc.kill()
             out.close()
+    run = jobs[signal.SIGTERM][0]
+    step = load_checkpoint(list_checkpoints(run)[0])["step"]
+    resumed = run_app(*FAST, "strategy=multi_gpu_state_passing", "distributed.nproc_per_node=2", "resume=auto",
+                      f"trainer.max_steps={step + 2}", f"hydra.run.dir={run}")
+    assert resumed.returncode == 0 and f"(step {step})" in resumed.stdout, resumed.stderr[-2000:]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if '"train/loss"' in line]
+    assert steps == list(range(1, step + 3))  # the replayed steps are not duplicated

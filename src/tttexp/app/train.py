@@ -139,11 +139,12 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
     )
     summary: dict[str, Any] = {}
     failed = True
+    started = time.perf_counter()
     try:
         summary = trainer.fit()
         failed = False
-    finally:
-        logger.finish(summary or trainer._summary(0.0), failed=failed)
+    finally:  # a failed run's summary: its real time and throughput up to the failure
+        logger.finish(summary or trainer._summary(time.perf_counter() - started), failed=failed)
         strategy.teardown()
     if strategy.is_main:
         print_summary(summary, run_dir)
