@@ -46,22 +46,34 @@ def last_by_step(run_dir: Path, key: str) -> dict[int, float]:
     return out
 
 
-def exit_code_of_the_app(argv: list[str]) -> int | str | None:
-    """Run ``python -m tttexp.train ARGV`` in this process (preflight, Hydra, the job) and return its exit code;
-    the logging handlers Hydra installs are removed afterwards."""
-    from tttexp.app import train
+def exit_code_of_the_app(argv: list[str], app: str = "train") -> int | str | None:
+    """Run ``python -m tttexp.<app> ARGV`` in this process (the entry: rerun, preflight, the run directory's
+    owner; then Hydra and the job) and return its exit code. The logging handlers Hydra installs and the console
+    copy into a run's log are removed afterwards."""
+    import importlib
 
+    module = importlib.import_module(f"tttexp.app.{app}")
     root = logging.getLogger()
     handlers, level, saved_argv = list(root.handlers), root.level, sys.argv
-    sys.argv = ["tttexp.train", *argv]
+    stdout, stderr = sys.stdout, sys.stderr
+    sys.argv = [f"tttexp.{app}", *argv]
     try:
-        train.main()
+        module.main()
     except SystemExit as stopped:
         return stopped.code
     finally:
         sys.argv = saved_argv
+        sys.stdout, sys.stderr = stdout, stderr
         for handler in [h for h in root.handlers if h not in handlers]:
             root.removeHandler(handler)
             handler.close()
         root.setLevel(level)
     return 0
+
+
+def checksums(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (hidden ones included) and the SHA-256 of its bytes."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}

@@ -129,6 +129,9 @@ def test_contract_keys_exist():
     (["+model.typo=1"], "model.typo: no such config key"),
     (["strategy=multi_gpu_state_passing", "data.seq_len=100"], "multiple of model.mini_batch_size"),
     (["logging.mode=sometimes"], "logging.mode='sometimes' is not allowed"),
+    (["model.hidden_size=100"], "gives a head dim of 25; RoPE rotates pairs of features, so the head dim must be even"),
+    (["data.seq_len=3"], "data.seq_len=3 is shorter than one TTT mini-batch (model.mini_batch_size=16)"),
+    (["data.seq_len=1", "model.mini_batch_size=1"], "shorter than the causal conv window (model.conv_kernel=4)"),
 ])
 def test_bad_command_lines_give_one_line(argv, expected):
     problem = check(argv)
@@ -140,6 +143,8 @@ def test_good_command_lines_pass():
     assert check([]) is None
     assert check(["-m", "model.ttt_layer=linear,mlp", "optim.lr=1e-3,3e-3"]) is None
     assert check(["model=125m", "strategy=gpu_optimized", "logging=none"]) is None
+    assert check(["model.hidden_size=104"]) is None  # head dim 26: even is all RoPE needs (kernels pad)
+    assert check(["model.mixer=attention", "data.seq_len=3"]) is None  # no TTT layer, no mini-batch
 
 
 def test_only_project_targets_are_built():

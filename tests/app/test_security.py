@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from support import exit_code_of_the_app
 from tttexp.app.preflight import check, compose_config
 from tttexp.app.schemas import validate
 
@@ -45,7 +46,7 @@ def test_a_command_line_target_cannot_unpickle_a_file(tmp_path, monkeypatch, cap
     assert len(lines) == 1 and "logging._target_='torch.load'" in lines[0], lines
 
 
-def test_a_shared_yaml_cannot_run_code_through_hydra_callbacks(run_app, tmp_path):
+def test_a_shared_yaml_cannot_run_code_through_hydra_callbacks(tmp_path, monkeypatch, capsys):
     evil, marker = _bomb(tmp_path)
     shared = tmp_path / "shared"
     shared.mkdir()
@@ -60,11 +61,13 @@ def test_a_shared_yaml_cannot_run_code_through_hydra_callbacks(run_app, tmp_path
               f: {evil}
               weights_only: false
         """))
-    out = run_app("--config-dir", str(shared), "--config-name", "mine", "logging=none", "trainer.max_steps=2",
-                  f"hydra.run.dir={tmp_path}/run")
-    assert out.returncode == 2, out.stderr[-2000:]
+    monkeypatch.chdir(tmp_path)
+    code = exit_code_of_the_app(["--config-dir", str(shared), "--config-name", "mine", "logging=none",
+                                 "trainer.max_steps=2", f"hydra.run.dir={tmp_path}/run"])
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
     assert not marker.exists()
-    assert "hydra.callbacks.x._target_='torch.load'" in out.stderr
+    assert "hydra.callbacks.x._target_='torch.load'" in err
     assert not (tmp_path / "run").exists()  # refused before Hydra made anything
 
 

@@ -151,6 +151,23 @@ def test_failure_line_names_the_job_its_overrides_and_the_root_cause():
                    "[optim.lr=0.5 model.ttt_layer=mlp]"
 
 
+def test_only_a_multirun_job_gets_the_sweep_failure_line(tmp_path, caplog):
+    from tttexp.app.sweep_summary import SweepSummary
+
+    ret = JobReturn()
+    ret.status = JobStatus.FAILED
+    ret.return_value = RuntimeError("boom")
+    single = OmegaConf.create({"hydra": {"mode": "RunMode.RUN", "job": {"num": None}, "run": {"dir": str(tmp_path)}}})
+    with caplog.at_level("ERROR"):
+        SweepSummary().on_job_end(config=single, job_return=ret)
+    assert "failed" not in caplog.text  # a single run reports its own error; nothing from sweep code
+    many = OmegaConf.create({"hydra": {"mode": "RunMode.MULTIRUN", "job": {"num": 3},
+                                       "sweep": {"dir": str(tmp_path)}}})
+    with caplog.at_level("ERROR"):
+        SweepSummary().on_job_end(config=many, job_return=ret)
+    assert "job ? failed: RuntimeError: boom" in caplog.text
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Presets compose and build
 # --------------------------------------------------------------------------------------------------------------

@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from support import last_by_step
+from support import exit_code_of_the_app, last_by_step
 from tttexp.errors import CheckpointError
-from tttexp.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from tttexp.training.checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 
 FAST = ["experiment=smoke", "logging=none", "trainer.log_every=1", "trainer.eval_every=0",
         "trainer.position_eval_sequences=0", "trainer.plots=false"]
@@ -63,42 +63,25 @@ def test_kill_9_then_resume_gives_the_uninterrupted_loss_curve(run_app, app_cach
     assert last_by_step(run, "train/loss") == reference
 
 
-def test_sigterm_checkpoints_and_exits_for_a_requeue(run_app, app_cache, tmp_path):
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(app_cache, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TTTEXP_CACHE_DIR", str(app_cache))
     run = tmp_path / "run"
-    args = [*FAST, "trainer.max_steps=100000"]
-    proc = start(app_cache, tmp_path, *args, f"hydra.run.dir={run}")
-    try:
-        wait_for_step(run, 3, proc)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 3, err[-2000:]
-    assert "resume=auto" in err
-    saved = list_checkpoints(run)
-    assert saved
-    step = load_checkpoint(saved[0])["step"]
-    assert step >= 3
-    again = run_app(*FAST, f"trainer.max_steps={step + 2}", "resume=auto", f"hydra.run.dir={run}")
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert f"(step {step})" in again.stdout
-    assert json.loads((run / "summary.json").read_text())["summary/steps"] == step + 2
-
-
-def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(run_app, tmp_path):
-    run = tmp_path / "run"
-    first = run_app(*FAST, "trainer.max_steps=6", "trainer.ckpt_every=2", "trainer.keep_last=3",
-                    f"hydra.run.dir={run}")
-    assert first.returncode == 0, first.stderr[-2000:]
+    first = exit_code_of_the_app([*FAST, "trainer.max_steps=6", "trainer.ckpt_every=2", "trainer.keep_last=3",
+                                  f"hydra.run.dir={run}"])
+    assert first in (0, None), capsys.readouterr().err[-2000:]
     newest = list_checkpoints(run)[0]
     assert newest.name == "step-00000006.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 3])
-    again = run_app(*FAST, "trainer.max_steps=8", "resume=auto", f"hydra.run.dir={run}")
-    assert again.returncode == 0, again.stderr[-2000:]
-    damaged = [line for line in again.stderr.splitlines() if "step-00000006.pt" in line]
-    assert len(damaged) == 1 and "damaged or truncated" in damaged[0]
-    assert "step-00000004.pt (step 4)" in again.stdout
+    capsys.readouterr()
+    again = exit_code_of_the_app([*FAST, "trainer.max_steps=8", "trainer.ckpt_every=2", "trainer.keep_last=2",
+                                  "resume=auto", f"hydra.run.dir={run}"])
+    out, err = capsys.readouterr()
+    assert again in (0, None), err[-2000:]
+    damaged = [line for line in err.splitlines() if "step-00000006.pt" in line]
+    assert len(damaged) == 1 and "damaged or truncated" in damaged[0] and "step-00000006.pt.damaged" in damaged[0]
+    assert "step-00000004.pt (step 4)" in out
+    assert (run / "checkpoints" / "step-00000006.pt.damaged").is_file()  # set aside, never counted as kept
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000008.pt", "step-00000006.pt"]
 
 
 class NotData:
@@ -132,6 +115,21 @@ def test_keep_last_prunes_old_checkpoints(tmp_path):
         save_checkpoint(tmp_path, step, {"step": step, "model": {}}, keep_last=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000005.pt", "step-00000004.pt"]
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if ".tmp" in p.name]
+
+
+def test_pruning_sets_damaged_checkpoints_aside_and_keeps_the_newest_that_loads(tmp_path, capsys):
+    for step in (5, 6, 7):
+        save_checkpoint(tmp_path, step, {"step": step, "model": {"w": torch.full((64,), float(step))}}, keep_last=3)
+    damaged = list_checkpoints(tmp_path)[0]
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])  # step 7: truncated
+    prune_checkpoints(tmp_path, 7, keep_last=1)  # the damaged one would be the one kept
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000006.pt"]
+    assert (tmp_path / "checkpoints" / "step-00000007.pt.damaged").is_file()
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert len(warnings) == 1 and "step-00000007.pt.damaged" in warnings[0], warnings
+    save_checkpoint(tmp_path, 8, {"step": 8, "model": {"w": torch.zeros(64)}}, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000008.pt", "step-00000006.pt"]
+    assert load_checkpoint(list_checkpoints(tmp_path)[1])["model"]["w"][0] == 6.0
 
 
 def test_plots_and_eval_of_a_finished_run(run_app, app_cache, tmp_path):

@@ -86,10 +86,31 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     return result
 
 
+def main() -> None:
+    """Entry point (app/entry.py): preflight, the allowlist and the YAML rerun as for training, then Hydra."""
+    from tttexp.app import entry
+
+    entry.main(entry.App("eval", hydra_main, validate, claim=claim))
+
+
+def claim(cfg: DictConfig, run_dir: Path) -> None:
+    """Eval writes its own run directory: never one that holds a training run."""
+    from tttexp.training.checkpoint import list_checkpoints
+
+    existing = list_checkpoints(run_dir)
+    if existing:
+        raise ConfigError(f"{run_dir} holds a training run (checkpoints/{existing[0].name}); eval writes eval.json "
+                          "and .hydra/ into a directory of its own: choose another hydra.run.dir")
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
-def main(cfg: DictConfig) -> float:
+def hydra_main(cfg: DictConfig) -> float:
+    from tttexp.app import entry
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        return evaluate(cfg, Path(HydraConfig.get().runtime.output_dir))["val/loss"]
+        with entry.own(run_dir):
+            return evaluate(cfg, run_dir)["val/loss"]
     except (ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(1)

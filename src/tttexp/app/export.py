@@ -98,8 +98,16 @@ def _model_config(checkpoint: Path, state: dict[str, Any]) -> Any:
     return build_model(vocab_size=vocab, **settings).config
 
 
+def main() -> None:
+    """Entry point (app/entry.py): preflight, the allowlist and the YAML rerun as for training, then Hydra."""
+    from tttexp.app import entry
+    from tttexp.app.security import check_config
+
+    entry.main(entry.App("export", hydra_main, check_config, owns_run_dir=False))
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     missing = [key for key in ("checkpoint", "out") if OmegaConf.is_missing(cfg, key)]
     if missing:
         print(f"error: give {' and '.join(f'{k}=...' for k in missing)} (python -m tttexp.export "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from hydra.core.global_hydra import GlobalHydra
@@ -29,7 +30,7 @@ class CommandLine:
     keeps its meaning): the overrides (``hydra.*`` included: callbacks, launcher and sweeper are checked too),
     the primary config (``--config-path``/``--config-name``) and an extra config directory (``--config-dir``)."""
 
-    def __init__(self, argv: list[str]) -> None:
+    def __init__(self, argv: list[str], default_config: str = "train") -> None:
         from hydra._internal.utils import get_args_parser
 
         try:
@@ -38,10 +39,12 @@ class CommandLine:
             args = None
         self.parsed = args is not None
         self.overrides: list[str] = list(args.overrides) if args else []
-        self.config_name: str = (args.config_name if args else None) or "train"
+        self.config_name: str = (args.config_name if args else None) or default_config
         self.config_path: str | None = args.config_path if args else None
         self.config_dir: str | None = args.config_dir if args else None
         self.rerun: bool = bool(args and args.experimental_rerun)
+        # one job runs here, in hydra.run.dir (not a sweep, not a printout of the config or of Hydra's facts)
+        self.single_job = bool(args and not args.multirun and not args.cfg and not args.info)
         # help and shell completion compose nothing that runs: Hydra decides what the words mean
         self.stand_aside = not self.parsed or bool(args.help or args.hydra_help or args.shell_completion)
 
@@ -76,10 +79,10 @@ def expand_sweeps(overrides: list[str]) -> list[list[str]]:
 
 
 def compose_config(overrides: list[str], *, config_name: str = "train", config_path: str | None = None,
-                   config_dir: str | None = None, with_hydra: bool = False) -> DictConfig:
+                   config_dir: str | None = None, with_hydra: bool = False, task_name: str = "train") -> DictConfig:
     """Compose as the app does: the primary config directory (``--config-path``, default conf/), an extra
     directory after it (``--config-dir``), the primary config (``--config-name``); ``with_hydra`` keeps the
-    ``hydra`` node (callbacks, launcher, sweeper, logging)."""
+    ``hydra`` node (callbacks, launcher, sweeper, logging); ``task_name`` is the app (Hydra's job name)."""
     from hydra._internal.hydra import Hydra
     from hydra._internal.utils import create_config_search_path
     from hydra.core.config_search_path import SearchPathQuery
@@ -94,7 +97,7 @@ def compose_config(overrides: list[str], *, config_name: str = "train", config_p
             raise ConfigError(f"--config-dir {config_dir}: no such directory")
         search_path.prepend(provider="command-line", path=f"file://{extra}", anchor=SearchPathQuery(provider="schema"))
     try:
-        hydra = Hydra.create_main_hydra2(task_name="train", config_search_path=search_path)
+        hydra = Hydra.create_main_hydra2(task_name=task_name, config_search_path=search_path)
         cfg = hydra.compose_config(config_name=config_name, overrides=list(overrides), run_mode=RunMode.RUN,
                                    from_shell=False, with_log_configuration=False)
     finally:
@@ -114,27 +117,26 @@ def _primary_dir(config_path: str | None) -> str:
     return f"file://{where if where.is_absolute() else (Path(__file__).resolve().parent / where).resolve()}"
 
 
-def check(argv: list[str]) -> str | None:
+def check(argv: list[str], *, app: str = "train", validate: Callable[[DictConfig], None] = validate) -> str | None:
     """None when the command line composes and validates; otherwise the one-line reason.
 
     Every run is composed here, a custom ``--config-dir``/``--config-path``/``--config-name`` included, with
     its ``hydra`` node: Hydra builds ``hydra.callbacks``, the launcher and the sweeper before the job starts,
-    so what a config may run (app/security.py) is checked now or never."""
-    line = CommandLine(argv)
+    so what a config may run (app/security.py) is checked now or never. ``app`` names the app (its primary
+    config and job name); ``validate`` is its check of a composed config."""
+    line = CommandLine(argv, default_config=app)
     if line.stand_aside:
         return None
     if line.rerun:
-        # main() has already turned the flag into the saved YAML's command line; Hydra's own rerun would unpickle
-        return "--experimental-rerun unpickles a saved config (code could run); tttexp.train reruns from the YAML"
+        # the entry has already turned the flag into the saved YAML's command line; Hydra's own rerun would unpickle
+        return f"--experimental-rerun unpickles a saved config (code could run); tttexp.{app} reruns from the YAML"
     try:
         variants = expand_sweeps(line.overrides)
     except HydraException as err:
         return f"cannot parse the overrides: {_first_line(err)}"
     for variant in variants:
         try:
-            cfg = compose_config(variant, config_name=line.config_name, config_path=line.config_path,
-                                 config_dir=line.config_dir, with_hydra=True)
-            validate(cfg)
+            validate(compose_line(line, variant, app))
         except ConfigError as err:
             return str(err)
         except MissingConfigException as err:
@@ -142,6 +144,12 @@ def check(argv: list[str]) -> str | None:
         except (HydraException, OmegaConfBaseException) as err:
             return _override_error(err)
     return None
+
+
+def compose_line(line: CommandLine, overrides: list[str], app: str = "train") -> DictConfig:
+    """The config (``hydra`` node included) that ``line`` gives the app with ``overrides``."""
+    return compose_config(overrides, config_name=line.config_name, config_path=line.config_path,
+                          config_dir=line.config_dir, with_hydra=True, task_name=app)
 
 
 def _missing_option(err: MissingConfigException, overrides: list[str]) -> str:

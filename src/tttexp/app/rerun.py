@@ -1,8 +1,9 @@
-"""``--experimental-rerun``: run a finished job again, in its own directory, from its saved YAML.
+"""``--experimental-rerun``: run a finished job again, in a new directory of its own, from its saved YAML.
 
 Hydra's own rerun unpickles ``.hydra/config.pickle``, and a pickle can run code. The same job is fully described
-by the plain YAML Hydra saves beside it (the overrides, the primary config's name and directory, the run
-directory), so the flag is turned into that command line before anything starts; no pickle is ever read.
+by the plain YAML Hydra saves beside it (the overrides, the primary config's name and directory), so the flag is
+turned into that command line before anything starts; no pickle is ever read. The saved run directory is left
+out: the first run owns it (its checkpoints, its log), and the rerun gets the app's default directory.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from tttexp.errors import ConfigError
 FLAG = "--experimental-rerun"
 
 
-def expand(argv: list[str]) -> list[str]:
+def expand(argv: list[str], app: str = "train") -> list[str]:
     """``argv`` with ``--experimental-rerun PATH`` replaced by the saved command line of that job (PATH: the job's
-    ``.hydra/config.pickle``, its ``.hydra`` folder or its run directory)."""
+    ``.hydra/config.pickle``, its ``.hydra`` folder or its run directory); ``app`` is the app that reruns it."""
     if FLAG not in argv and not any(a.startswith(f"{FLAG}=") for a in argv):
         return argv
     rest, path = [], None
@@ -34,11 +35,11 @@ def expand(argv: list[str]) -> list[str]:
         raise ConfigError(f"{FLAG} needs a path: a run's .hydra/config.pickle, its .hydra folder or its directory")
     if rest:
         raise ConfigError(f"{FLAG} reruns a job exactly as it ran; drop the other arguments ({' '.join(rest)})")
-    return saved_command_line(Path(path))
+    return saved_command_line(Path(path), app)
 
 
-def saved_command_line(path: Path) -> list[str]:
-    """The arguments that reproduce the job whose saved config is at ``path``."""
+def saved_command_line(path: Path, app: str = "train") -> list[str]:
+    """The arguments that reproduce the job whose saved config is at ``path``, into a new run directory."""
     saved = path if path.name == ".hydra" else path.parent if path.name.endswith(".pickle") else path / ".hydra"
     hydra_yaml, overrides_yaml = saved / "hydra.yaml", saved / "overrides.yaml"
     if not hydra_yaml.is_file() or not overrides_yaml.is_file():
@@ -49,9 +50,8 @@ def saved_command_line(path: Path) -> list[str]:
     for source in runtime.get("config_sources", []):
         if source.get("provider") == "command-line" and source.get("schema") == "file":
             argv += ["--config-dir", str(source["path"])]
-    if job.get("config_name") and job["config_name"] != "train":
+    if job.get("config_name") and job["config_name"] != app:
         argv += ["--config-name", str(job["config_name"])]
     argv += [str(o) for o in yaml.safe_load(overrides_yaml.read_text()) or []]
     argv += [str(o) for o in hydra.get("overrides", {}).get("hydra", []) if not str(o).startswith("hydra.run.dir=")]
-    argv.append(f"hydra.run.dir={runtime.get('output_dir') or saved.parent}")
     return argv

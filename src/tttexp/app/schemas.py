@@ -192,6 +192,31 @@ def _no_unknown_keys(cfg: DictConfig) -> None:
                 raise ConfigError(f"{section}.{key}: no such config key")
 
 
+def _model_fits(m: DictConfig, d: DictConfig) -> None:
+    """Shapes the layers cannot take, refused before anything is built (a scratch model's sizes are the config's;
+    a converted base brings its own)."""
+    if not m._target_.endswith("FromBase"):
+        head_dim = m.hidden_size // m.num_attention_heads
+        if head_dim % 2:
+            raise ConfigError(
+                f"model.hidden_size={m.hidden_size} / model.num_attention_heads={m.num_attention_heads} gives a head "
+                f"dim of {head_dim}; RoPE rotates pairs of features, so the head dim must be even"
+            )
+    mixers = list(m.mixer_types) if m.mixer_types is not None else [m.mixer]
+    if "ttt" not in mixers:
+        return
+    if d.seq_len < m.mini_batch_size:
+        raise ConfigError(
+            f"data.seq_len={d.seq_len} is shorter than one TTT mini-batch (model.mini_batch_size={m.mini_batch_size}):"
+            f" the inner loop would never see a full mini-batch; use data.seq_len >= {m.mini_batch_size}"
+        )
+    if m.backbone == "mamba" and d.seq_len < m.conv_kernel:
+        raise ConfigError(
+            f"data.seq_len={d.seq_len} is shorter than the causal conv window (model.conv_kernel={m.conv_kernel}); "
+            f"use data.seq_len >= {m.conv_kernel}"
+        )
+
+
 def validate(cfg: DictConfig) -> None:
     """Check values and combinations that the schema's types cannot; raise :class:`ConfigError` (one line)."""
     check_config(cfg)  # exact _target_ names only, no code-loading switch (app/security.py)
@@ -250,6 +275,7 @@ def validate(cfg: DictConfig) -> None:
     if m._target_.endswith("FromBase") and not m.base_model:
         raise ConfigError("model._target_=tttexp.models.pretrained.FromBase needs model.base_model "
                           "(a hub id, a directory, a .gguf file or smollm2)")
+    _model_fits(m, d)
     if d.stream and d.seq_len % m.mini_batch_size:
         raise ConfigError(
             f"data.stream=true needs data.seq_len ({d.seq_len}) to be a multiple of model.mini_batch_size "

@@ -154,7 +154,7 @@ class SweepSummary(Callback):
     """Summarise a multirun in its sweep directory; name each failed job in one line as it ends."""
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        if job_return.status == JobStatus.FAILED:
+        if job_return.status == JobStatus.FAILED and _in_multirun(config):  # a single run says why itself
             log.error(failure_line(job_return))
         # With Hydra's in-process launcher jobs run one after another, so a missing summary.json means failed;
         # refreshing here leaves a summary even when the sweep stops early. Parallel launchers wait for the end.

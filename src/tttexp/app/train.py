@@ -36,23 +36,30 @@ log = logging.getLogger(__name__)
 
 
 def main() -> None:
-    """Entry point: a one-line error for a bad command line, then Hydra."""
-    from tttexp.app import preflight, rerun
+    """Entry point (app/entry.py): the rerun from YAML, preflight and the run directory's owner, then Hydra."""
+    from tttexp.app import entry
 
-    try:
-        sys.argv[1:] = rerun.expand(sys.argv[1:])  # a rerun becomes its saved command line (no pickle is read)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    problem = preflight.check(sys.argv[1:])
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        sys.exit(2)
-    hydra_main()
+    entry.main(entry.App("train", hydra_main, validate, claim=claim))
+
+
+def claim(cfg: DictConfig, run_dir: Path) -> None:
+    """The checkpoint rules of a run directory (training/rundir.py), decided before Hydra writes into it."""
+    from tttexp.distributed import launch
+    from tttexp.distributed.world import in_existing_world, world_from_env
+
+    if in_existing_world():
+        world = world_from_env()[1]
+    elif launch.needs_launch(cfg, quiet=True):
+        world = launch.resolve_nproc(cfg.distributed.nproc_per_node, quiet=True)
+    else:
+        world = 1
+    rundir.check_claim(cfg.resume, run_dir, rundir.fingerprint(cfg, world_size=world),
+                       rows=cfg.data.batch_size * world)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def hydra_main(cfg: DictConfig) -> float | None:
+    from tttexp.app import entry
     from tttexp.distributed import launch
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -61,7 +68,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
         check_config(HydraConfig.get(), "hydra")  # preflight checked it before Hydra built anything; again here
         validate(cfg)
         _fill_logger_names(cfg)
-        with _own(run_dir):
+        with entry.own(run_dir):
             if launch.needs_launch(cfg):
                 return _launched(cfg, run_dir)
             return run(cfg, run_dir)
@@ -109,15 +116,6 @@ def run_worker(cfg: DictConfig, run_dir: Path) -> Any:
         return {"preempted": str(err)}
 
 
-def _own(run_dir: Path):
-    """The run directory's lock, held by the first process of the job (not by the other ranks of a world)."""
-    from contextlib import nullcontext
-
-    from tttexp.distributed.world import process_rank
-
-    return rundir.RunLock(run_dir) if process_rank() == 0 else nullcontext()
-
-
 def run(cfg: DictConfig, run_dir: Path) -> float | None:
     """Train one job into ``run_dir``; returns the final validation loss (the sweepers' objective)."""
     validate(cfg)
@@ -146,7 +144,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
     try:
         summary = trainer.fit()
         failed = False
-    finally:
+    finally:  # a failed run's summary: its real time and throughput up to the failure
         logger.finish(summary or trainer.summary(), failed=failed)
         strategy.teardown()
     if strategy.is_main:

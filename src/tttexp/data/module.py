@@ -9,9 +9,9 @@ from typing import Any, TypeVar
 
 import torch
 
+from tttexp.data import integrity
 from tttexp.data.cache import tokenize_documents
 from tttexp.data.corpus import SOURCES, load_documents, split_documents
-from tttexp.data import integrity
 from tttexp.data.integrity import Fingerprinted
 from tttexp.data.loaders import StreamLoader, ValidationSet, WindowLoader
 from tttexp.data.prefetch import Prefetcher

@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -27,11 +27,13 @@ from tttexp.distributed.world import free_port, in_existing_world, process_rank
 from tttexp.errors import TTTExpError
 
 
-def resolve_nproc(value: Any) -> int:
-    """``distributed.nproc_per_node``: a number, or ``auto`` = one per visible GPU."""
+def resolve_nproc(value: Any, quiet: bool = False) -> int:
+    """``distributed.nproc_per_node``: a number, or ``auto`` = one per visible GPU (``quiet``: no warning)."""
     if value == "auto":
         count = torch.cuda.device_count()
         if count == 0:
+            if quiet:
+                return 1
             from tttexp.distributed.strategy import warn
 
             warn("distributed.nproc_per_node=auto counts GPUs and none is visible: running ONE process on the CPU; "
@@ -41,10 +43,10 @@ def resolve_nproc(value: Any) -> int:
     return int(value)
 
 
-def needs_launch(cfg: DictConfig) -> bool:
+def needs_launch(cfg: DictConfig, quiet: bool = False) -> bool:
     """True for a multi-process layer (DDP, FSDP) with more than one local process, not yet inside a world."""
     multi = str(cfg.distributed._target_).endswith(("DistributedDataParallel", "FullyShardedDataParallel"))
-    return multi and not in_existing_world() and resolve_nproc(cfg.distributed.nproc_per_node) > 1
+    return multi and not in_existing_world() and resolve_nproc(cfg.distributed.nproc_per_node, quiet) > 1
 
 
 def launch(cfg: DictConfig, run_dir: Path, job: Callable[[DictConfig, Path], Any],
@@ -67,15 +69,36 @@ def launch(cfg: DictConfig, run_dir: Path, job: Callable[[DictConfig, Path], Any
         monitor_interval=1.0,
         start_method="spawn",
         logs_specs=DefaultLogsSpecs(log_dir=str(run_dir / "elastic")),
+        # elastic_launch writes this into TORCHELASTIC_SIGNALS_TO_HANDLE, and the agent then installs its own
+        # teardown for each: SIGTERM must stay with the SignalForwarder (its default list has SIGTERM)
+        signals_to_handle=ELASTIC_SIGNALS,
     )
     container = OmegaConf.to_container(cfg, resolve=True)
     for stale in [*run_dir.glob("rank*.pid"), run_dir / WORKER_ERROR]:
         stale.unlink(missing_ok=True)
-    with forwarder or SignalForwarder(run_dir):
+    with forwarder or SignalForwarder(run_dir), _quiet_elastic():
         results = elastic_launch(config, worker)(job, container, str(run_dir))
     return results.get(0) if isinstance(results, dict) else results
 
 
+@contextlib.contextmanager
+def _quiet_elastic() -> Iterator[None]:
+    """torch elastic logs a failed worker as dozens of ``E...`` lines (its traceback, once per wrapper) on the
+    launcher's console; the job reports it in one line instead (:data:`WORKER_ERROR`, written by the worker,
+    whose traceback goes to its own log). Its loggers are silenced while the workers run."""
+    names = [name for name in list(logging.root.manager.loggerDict) if name.startswith(_ELASTIC_LOGGERS)]
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+_ELASTIC_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher", "torch.multiprocessing")
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
@@ -96,7 +119,7 @@ class SignalForwarder:
         if threading.current_thread() is not threading.main_thread():
             return self
         self._env = os.environ.get(_ELASTIC_SIGNALS)
-        os.environ[_ELASTIC_SIGNALS] = "SIGINT,SIGHUP,SIGQUIT"  # not SIGTERM: that one is forwarded
+        os.environ[_ELASTIC_SIGNALS] = ELASTIC_SIGNALS  # not SIGTERM: that one is forwarded
         for sig in FORWARDED_SIGNALS:
             self.previous[sig] = signal.signal(sig, self._forward)
         return self
@@ -126,6 +149,7 @@ class SignalForwarder:
 
 
 _ELASTIC_SIGNALS = "TORCHELASTIC_SIGNALS_TO_HANDLE"
+ELASTIC_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"  # the signals torch elastic's agent may turn into a teardown
 LAUNCHED_WORKER = "TTTEXP_LAUNCHED_WORKER"  # set in launched workers: the launcher, not they, requeues the job
 
 
@@ -147,9 +171,21 @@ def worker(job: Callable[[DictConfig, Path], Any], config: dict, run_dir: str) -
     try:
         return job(OmegaConf.create(config), path)
     except TTTExpError as err:  # a one-line problem (a config, a checkpoint): the launcher prints it as it is
-        with contextlib.suppress(OSError):
-            (path / WORKER_ERROR).write_text(f"{err}\n")
+        _record_error(path, str(err))
         raise
+    except Exception as err:  # a failure without a one-line message: the traceback goes to this rank's log
+        logging.getLogger(__name__).exception("rank %d failed", rank)
+        text = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+        _record_error(path, f"rank {rank} failed: {text} (traceback in {path / f'train_rank{rank}.log'})")
+        raise
+
+
+def _record_error(run_dir: Path, message: str) -> None:
+    """The job's error line: the first worker to fail writes it (the others fail because it did)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(run_dir / WORKER_ERROR, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"{message}\n")
 
 
 WORKER_ERROR = "worker_error.txt"  # a launched worker's one-line error, for the launcher to print

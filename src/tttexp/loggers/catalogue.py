@@ -33,6 +33,8 @@ TRAIN_TOKENS_PER_SEC = _metric("train/tokens_per_sec", "training throughput over
 TRAIN_GRAD_NORM = _metric("train/grad_norm", "global L2 norm of the gradients before clipping")
 TRAIN_TOKENS_SEEN = _metric("train/tokens_seen", "cumulative training tokens, all processes")
 TRAIN_STEP_TIME_MS = _metric("train/step_time_ms", "wall time of one optimizer step in milliseconds")
+TRAIN_NONFINITE_STEPS = _metric("train/nonfinite_steps", "steps of the interval whose loss or gradient norm was not "
+                                "finite; train/loss and train/grad_norm are the means of the others")
 
 VAL_LOSS = _metric("val/loss", "validation cross-entropy in nats per token")
 VAL_PPL = _metric("val/ppl", "validation perplexity, exp(val/loss)")

@@ -6,6 +6,7 @@ values, loaded with ``torch.load(weights_only=True)`` so that loading one never 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
@@ -24,6 +25,7 @@ from tttexp.training.durable import fsync_dir
 CKPT_DIR = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8})\.(pt|dcp)$")  # .dcp: a sharded checkpoint directory (training/dcp.py)
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
+DAMAGED = ".damaged"  # the suffix of a checkpoint set aside because it does not load
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -78,17 +80,53 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep_last: 
 
 
 def prune_checkpoints(run_dir: Path, step: int, keep_last: int) -> None:
-    """Keep the ``keep_last`` newest complete checkpoints up to ``step`` (the one just written included); remove
-    older ones, and older sharded directories whose save never completed."""
+    """Keep the ``keep_last`` newest checkpoints up to ``step`` (the one just written included) that load; remove
+    older ones, and older sharded directories whose save never completed.
+
+    Each file that would be kept is opened as a checkpoint first (mapped, not read): a damaged one is set aside as
+    ``*.damaged`` (named in one warning) and does not count as kept, so the newest checkpoint that loads is never
+    the one removed. A checkpoint with a higher step (another branch of the run) is never touched."""
     if keep_last <= 0:
         return
-    older = [p for p in list_checkpoints(run_dir) if step_of(p) < step]
-    complete = [p for p in older if p.is_file() or (p / MARKER).is_file()]
-    for old in complete[keep_last - 1:] + [p for p in older if p not in complete]:
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
+    kept, damaged = 0, []
+    for path in [p for p in list_checkpoints(run_dir) if step_of(p) <= step]:
+        if path.is_dir() and not (path / MARKER).is_file():
+            if step_of(path) < step:  # a sharded save that never completed
+                shutil.rmtree(path, ignore_errors=True)
+            continue
+        if kept >= keep_last:
+            _remove(path)
+        elif path.is_dir() or _loads(path):
+            kept += 1
         else:
-            old.unlink(missing_ok=True)
+            damaged.append(set_aside(path))
+    if damaged:
+        names = ", ".join(p.name for p in damaged)
+        print(f"warning: damaged checkpoint(s) set aside as {names} (they do not count toward trainer.keep_last)",
+              file=sys.stderr, flush=True)
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint to ``*.damaged``: kept for a look, never loaded, listed or counted again."""
+    target = path.with_name(path.name + DAMAGED)
+    with contextlib.suppress(FileNotFoundError):  # another process of the job set it aside first
+        os.replace(path, target)
+    return target
+
+
+def _loads(path: Path) -> bool:
+    try:
+        load_checkpoint(path, mmap=True)
+    except CheckpointError:
+        return False
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 class _Sink:
@@ -124,8 +162,9 @@ def _write_reason(err: BaseException, folder: Path) -> str:
     return lines[0] if lines else type(err).__name__
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load tensors and plain values only; anything else, or a damaged file, is a one-line CheckpointError."""
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """Load tensors and plain values only; anything else, or a damaged file, is a one-line CheckpointError.
+    ``mmap``: map the tensors instead of reading them (a cheap check that the file loads)."""
     path = Path(path)
     if is_sharded(path):
         return load_trainer_state(path)
@@ -136,7 +175,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if magic != _ZIP_MAGIC:
         raise CheckpointError(f"{path} is not a checkpoint (not a torch.save archive)")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - every failure to read becomes one line
         text = str(err)
         if "Unsupported global" in text or "Unsupported operand" in text or "GLOBAL" in text:
@@ -151,13 +190,19 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     return state
 
 
-def latest_valid_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint that loads; damaged ones are reported in one line each and skipped."""
+def latest_valid_checkpoint(run_dir: Path, quiet: bool = False) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that loads. Damaged ones are skipped, each set aside as ``*.damaged`` and reported
+    in one line; ``quiet``: only look (nothing printed or renamed, tensors mapped, not read)."""
     for path in list_checkpoints(run_dir):
         try:
-            return path, load_checkpoint(path)
+            return path, load_checkpoint(path, mmap=quiet)
         except CheckpointError as err:
-            print(f"warning: {err}; trying the previous one", file=sys.stderr, flush=True)
+            if quiet:
+                continue
+            where = ""
+            if path.is_file():
+                where = f"; set aside as {set_aside(path).name}"
+            print(f"warning: {err}{where}; trying the previous one", file=sys.stderr, flush=True)
     return None
 
 

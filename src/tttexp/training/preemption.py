@@ -1,4 +1,7 @@
-"""Preemption: SIGTERM or SIGUSR1 asks the loop to finish its step, checkpoint and exit for a requeue.
+"""Preemption: SIGTERM, SIGUSR1 or SIGUSR2 asks the loop to finish its step, checkpoint and exit for a requeue.
+
+SIGUSR2 is what submitit sends before a SLURM time limit (it requeues from its own handler, which runs after our
+checkpoint); anywhere else it is one more way to ask for a checkpoint, never a way to die without one.
 
 In a self-launched DDP job the launcher process receives the signal and forwards it to its workers
 (``distributed.launch.SignalForwarder``); the workers checkpoint and return, and the launcher exits with
@@ -16,7 +19,7 @@ from types import FrameType
 
 from tttexp.distributed.launch import LAUNCHED_WORKER
 
-PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 # submitit asks for USR2 before a SLURM time limit and requeues from its own USR2 handler.
 SUBMITIT_SIGNALS = (signal.SIGUSR2,)
 EXIT_PREEMPTED = 3  # the app's exit status after a preemption checkpoint
@@ -35,8 +38,7 @@ class PreemptionFlag:
 
     def install(self) -> PreemptionFlag:
         if threading.current_thread() is threading.main_thread():
-            signals = PREEMPT_SIGNALS + (SUBMITIT_SIGNALS if os.environ.get("SUBMITIT_EXECUTOR") else ())
-            for sig in signals:
+            for sig in PREEMPT_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 

@@ -12,12 +12,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +59,13 @@ class RunLock:
         self.path = self.run_dir / LOCK_FILE
         self._fd: int | None = None
 
-    def acquire(self) -> RunLock:
+    def acquire(self, check: Callable[[], None] | None = None) -> RunLock:
+        """Take the lock; then ``check`` (the app's ownership rules, run under the lock) may still refuse. A
+        refused run leaves the directory as it found it: a lock file or directory it had to create is removed,
+        and the holder's PID is written only once the run owns the directory."""
+        created_dir = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        created_file = not self.path.exists()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -70,6 +76,17 @@ class RunLock:
                 f"run directory {self.run_dir} is in use by another run (PID {holder or 'unknown'}); wait for it "
                 "to end, or choose another hydra.run.dir"
             ) from None
+        try:
+            if check is not None:
+                check()
+        except BaseException:
+            if created_file:
+                self.path.unlink(missing_ok=True)
+            os.close(fd)
+            if created_dir:
+                with contextlib.suppress(OSError):
+                    self.run_dir.rmdir()
+            raise
         previous = _read_holder(fd)
         if previous and previous != _me():
             print(f"note: run directory {self.run_dir} was held by {previous}, which ended without releasing it; "
@@ -79,6 +96,10 @@ class RunLock:
         self._fd = fd
         remove_stale_temporaries(self.run_dir)
         return self
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
 
     def release(self) -> None:
         if self._fd is None:
@@ -202,7 +223,22 @@ def resume_state(resume: str | None, run_dir: Path, current: Mapping[str, Any],
     directory, or a fresh start when there is none; when every checkpoint is damaged, stop (starting over is a
     choice, not a fallback). ``resume=<path>``: that file; the directory must hold no other run's checkpoints.
     """
-    run_dir = Path(run_dir)
+    found = _starting_point(resume, Path(run_dir), current, quiet=False, rows=rows)
+    if found is None:
+        return None
+    path, state = found
+    print(f"resuming from {path} (step {state['step']})", flush=True)
+    return state
+
+
+def check_claim(resume: str | None, run_dir: Path, current: Mapping[str, Any], rows: int | None = None) -> None:
+    """The rules of :func:`resume_state`, checked before the run writes anything into ``run_dir``: raises the
+    same one-line error, prints nothing, and maps checkpoints from disk instead of reading them."""
+    _starting_point(resume, Path(run_dir), current, quiet=True, rows=rows)
+
+
+def _starting_point(resume: str | None, run_dir: Path, current: Mapping[str, Any],
+                    quiet: bool, rows: int | None = None) -> tuple[Path, dict[str, Any]] | None:
     existing = list_checkpoints(run_dir)
     if resume is None:
         if existing:
@@ -214,7 +250,7 @@ def resume_state(resume: str | None, run_dir: Path, current: Mapping[str, Any],
     if resume == "auto":
         if not existing:
             return None
-        found = latest_valid_checkpoint(run_dir)
+        found = latest_valid_checkpoint(run_dir, quiet=quiet)
         if found is None:
             raise CheckpointError(
                 f"resume=auto found {len(existing)} checkpoint(s) in {checkpoint_dir(run_dir)} and none loads; "
@@ -228,7 +264,8 @@ def resume_state(resume: str | None, run_dir: Path, current: Mapping[str, Any],
                 f"{run_dir} holds another run's checkpoints (newest {existing[0].name}); resume={path} must "
                 "continue into a directory of its own: choose a new hydra.run.dir"
             )
-        state = load_checkpoint(path)
+        state = load_checkpoint(path, mmap=quiet)
+    if quiet and state.get("fingerprint") is None:
+        return path, state
     check_fingerprint(state.get("fingerprint"), current, path, rows)
-    print(f"resuming from {path} (step {state['step']})", flush=True)
-    return state
+    return path, state

@@ -356,6 +356,7 @@ class Trainer:
             "train/loss": loss,
             "train/learning_rate": lr,
             "train/grad_norm": grad_norm,
+            "train/nonfinite_steps": self._window_nonfinite,  # left out of the two means above
             "train/tokens_per_sec": tps,
             "train/tokens_seen": self.tokens_seen,
             "train/step_time_ms": 1000.0 * seconds / max(1, window.steps),
