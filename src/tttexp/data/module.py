@@ -5,19 +5,20 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-import torch
 
 from tttexp.data.corpus import SOURCES, id_digest, shipped_files, text_files, val_mask
-from tttexp.data.integrity import Fingerprinted
-from tttexp.data.loaders import StreamLoader, ValidationSet, WindowLoader
-from tttexp.data.prefetch import Prefetcher
 from tttexp.data.pretokenize import Source, prepare, source_texts
 from tttexp.data.shards import PreparedCorpus
 from tttexp.data.tokenizer import Tokenizer, build_tokenizer
 from tttexp.errors import ConfigError
+
+if TYPE_CHECKING:  # torch and the loaders are imported by setup(): preparing a corpus never loads torch
+    import torch
+
+    from tttexp.data.loaders import ValidationSet
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -120,6 +121,11 @@ class DataModule:
         except (ValueError, OSError) as err:
             lines = [line.strip() for line in str(err).splitlines() if line.strip()]
             raise ConfigError(f"data: {lines[0] if lines else type(err).__name__}") from err
+        import torch
+
+        from tttexp.data.integrity import Fingerprinted
+        from tttexp.data.prefetch import Prefetcher
+
         loader: Any = self._train_loader
         if check_batches:
             loader = Fingerprinted(loader)
@@ -162,6 +168,8 @@ class DataModule:
                                cache_dir=self.cache_dir)
 
     def _setup(self, rank: int, world_size: int, mini_batch_size: int, tokenizer: Tokenizer | None) -> None:
+        from tttexp.data.loaders import StreamLoader, ValidationSet, WindowLoader
+
         directory, tokenizer = self.prepare(tokenizer, progress=rank == 0)
         corpus = PreparedCorpus(directory, tokenizer.name, tokenizer.vocab_size, tokenizer.eos_id)
         n = corpus.prefix(self.max_documents, self.max_tokens)

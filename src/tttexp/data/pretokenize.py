@@ -24,7 +24,6 @@ import logging
 import math
 import multiprocessing
 import os
-import pickle
 import sys
 import time
 from collections import deque
@@ -43,7 +42,8 @@ from tttexp.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-PIECE_BYTES = 4 << 20  # text handed to one encode call: bounds a worker's memory
+PIECE_BYTES = 4 << 20  # the largest text handed to one encode call: bounds a worker's memory
+TASK_BYTES = 1 << 20  # small files are grouped into tasks of about this much text
 SHARD_BYTES = 64 << 20  # text per file shard, on average
 SHARD_TOKENS = 32 << 20  # tokens per hub-dataset shard
 POOL_MIN_BYTES = 32 << 20  # smaller file corpora are tokenized in-process (starting workers costs more)
@@ -253,7 +253,7 @@ def _file_tasks(name: str, group: list[FileUnit]) -> Iterator[tuple[tuple, list[
             last_piece = p == len(cuts) - 2
             meta.append((name, unit, last_piece, last_piece and j == len(group) - 1, b - a))
             size += b - a
-            if size >= PIECE_BYTES:
+            if size >= TASK_BYTES:
                 yield ("files", batch), meta
                 batch, meta, size = [], [], 0
     if batch:
@@ -328,7 +328,7 @@ def _prepare_stream(directory: Path, source: Source, tokenizer: Tokenizer, max_d
             meta.append(row)
             size += len(text)
             submitted_docs[0] += bool(text.strip())
-            if size >= PIECE_BYTES:
+            if size >= TASK_BYTES:
                 yield ("texts", texts), meta
                 texts, meta, size = [], [], 0
         if texts:
@@ -447,11 +447,9 @@ class _Progress:
 _WORKER_TOKENIZER: Tokenizer | None = None
 
 
-def _init_worker(tokenizer: bytes) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: the pool is the parallelism
-    os.environ["RAYON_NUM_THREADS"] = "1"
+def _init_worker(tokenizer: Tokenizer) -> None:
     global _WORKER_TOKENIZER
-    _WORKER_TOKENIZER = pickle.loads(tokenizer)
+    _WORKER_TOKENIZER = tokenizer
 
 
 def _worker_encode(task: tuple) -> list[tuple[np.ndarray, bool, int]]:
@@ -475,8 +473,17 @@ def _ordered(tasks: Iterator[tuple[tuple, Any]], tokenizer: Tokenizer, workers: 
         for task, meta in tasks:
             yield meta, encode_task(tokenizer, task)
         return
-    ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads (torch, tokenizers)
-    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(pickle.dumps(tokenizer),))
+    # Forked workers start at once (spawned ones would import the app again). They tokenize on one thread each:
+    # the variable, set while forking, also keeps `tokenizers` from warning about a fork after parallel use.
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        pool = multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(tokenizer,))
+    finally:
+        if before is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
     try:
         in_flight: deque = deque()
         for task, meta in tasks:
