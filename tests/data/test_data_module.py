@@ -26,7 +26,8 @@ def test_setup_builds_tokenizer_on_train_split_and_loaders(tmp_path: Path) -> No
     assert batch["input_ids"].shape == (4, 64) and int(batch["input_ids"].max()) < dm.vocab_size
     assert 0 < len(dm.val_set) <= 16
     assert dm.num_train_tokens > 10 * dm.num_val_tokens > 0
-    assert len(list((tmp_path / "tokens").iterdir())) == 2  # train and validation entries
+    (corpus,) = (tmp_path / "prepared").iterdir()  # one prepared corpus: train and validation split at load time
+    assert (corpus / "manifest.json").is_file() and list(corpus.glob("shard-*.bin"))
 
 
 def test_stream_setup_with_a_given_tokenizer(tmp_path: Path, bpe: Tokenizer) -> None:

@@ -82,7 +82,10 @@ class DataConfig:
     hf_split: str = "train"  # for source=hf: the split to read
     text_field: str = "text"  # for source=hf: the column holding the text
     max_documents: int | None = None  # read at most this many documents
+    max_tokens: int | None = None  # read documents until this many tokens (for source=hf: stream no further)
     cache_dir: str | None = None  # tokenizer and token cache; default $TTTEXP_CACHE_DIR or ~/.cache/tttexp
+    prepared_dir: str | None = None  # shards made by python -m tttexp.data.prepare; default <cache_dir>/prepared
+    workers: int | None = None  # tokenizing processes when preparing; null: every core
     seed: int = "${seed}"  # type: ignore[assignment]  # the train/validation split and shuffling
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -19,18 +20,27 @@ IGNORE_INDEX = -100
 Batch = dict[str, torch.Tensor]
 
 
+class TokenStream(Protocol):
+    """Documents already joined with their EOS tokens, read by position (e.g. a prepared corpus's shards)."""
+
+    def __len__(self) -> int: ...
+
+    def read(self, start: int, n: int) -> np.ndarray: ...
+
+
 class WindowLoader:
     """Shuffled, non-overlapping windows of the concatenated corpus, sharded across ranks.
 
     The documents are joined into one stream with an EOS after each document and cut into windows of
     seq_len + 1 tokens (a window's inputs are its first seq_len tokens, its labels the last seq_len).
     Epoch e visits the windows in a permutation seeded by (seed, e); rank r takes every world_size-th window
-    of it, every rank the same number, and a partial last batch is dropped.
+    of it, every rank the same number, and a partial last batch is dropped. Given a :class:`TokenStream`
+    instead of documents, only the windows this rank trains on are ever read.
     """
 
     def __init__(
         self,
-        docs_tokens: Sequence[np.ndarray],
+        docs_tokens: Sequence[np.ndarray] | TokenStream,
         eos_id: int,
         seq_len: int,
         batch_size: int,
@@ -42,11 +52,18 @@ class WindowLoader:
         _check_rank(rank, world_size)
         self.seq_len, self.batch_size = seq_len, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self._windows = _windows(_joined(docs_tokens, eos_id), seq_len)
-        per_rank = len(self._windows) // world_size
+        if hasattr(docs_tokens, "read"):
+            self._stream: TokenStream | None = docs_tokens  # type: ignore[assignment]
+            self._windows = None
+            self._n_windows = len(docs_tokens) // (seq_len + 1)
+        else:
+            self._stream = None
+            self._windows = _windows(_joined(docs_tokens, eos_id), seq_len)  # type: ignore[arg-type]
+            self._n_windows = len(self._windows)
+        per_rank = self._n_windows // world_size
         if per_rank < batch_size:
             raise ValueError(
-                f"the training split gives {len(self._windows)} windows of {seq_len + 1} tokens, fewer "
+                f"the training split gives {self._n_windows} windows of {seq_len + 1} tokens, fewer "
                 f"than batch_size x world_size = {batch_size * world_size}; lower seq_len or batch_size"
             )
         self.batches_per_epoch = per_rank // batch_size
@@ -67,7 +84,13 @@ class WindowLoader:
 
     def __next__(self) -> Batch:
         order = self._rank_order(self._epoch)
-        rows = self._windows[order[self._position * self.batch_size : (self._position + 1) * self.batch_size]]
+        chosen = order[self._position * self.batch_size : (self._position + 1) * self.batch_size]
+        if self._windows is not None:
+            rows = self._windows[chosen]
+        else:
+            assert self._stream is not None
+            width = self.seq_len + 1
+            rows = np.stack([self._stream.read(int(w) * width, width) for w in chosen])
         self._position += 1
         if self._position == self.batches_per_epoch:
             self._epoch, self._position = self._epoch + 1, 0
@@ -75,8 +98,8 @@ class WindowLoader:
 
     def _rank_order(self, epoch: int) -> np.ndarray:
         if self._order is None or self._order[0] != epoch:
-            n = len(self._windows) // self.world_size * self.world_size
-            perm = _rng(self.seed, epoch).permutation(len(self._windows))[:n]
+            n = self._n_windows // self.world_size * self.world_size
+            perm = _rng(self.seed, epoch).permutation(self._n_windows)[:n]
             self._order = (epoch, perm[self.rank :: self.world_size])
         return self._order[1]
 

@@ -5,21 +5,26 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import torch
+import numpy as np
 
-from tttexp.data import integrity
-from tttexp.data.cache import tokenize_documents
-from tttexp.data.corpus import SOURCES, load_documents, split_documents
-from tttexp.data.integrity import Fingerprinted
-from tttexp.data.loaders import StreamLoader, ValidationSet, WindowLoader
-from tttexp.data.prefetch import Prefetcher
+from tttexp.data.corpus import SOURCES, id_digest, shipped_files, text_files, val_mask
+from tttexp.data.pretokenize import Source, prepare, source_texts
+from tttexp.data.shards import PreparedCorpus
 from tttexp.data.tokenizer import Tokenizer, build_tokenizer
 from tttexp.errors import ConfigError
 
+if TYPE_CHECKING:  # torch and the loaders are imported by setup(): preparing a corpus never loads torch
+    import torch
+
+    from tttexp.data.loaders import ValidationSet
+
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
+
+BPE_SAMPLE_BYTES = 100 << 20  # a BPE is trained on at most this much of the training split's text
+VAL_TOKENS = 16 << 20  # validation reads at most this many tokens of held-out documents, spread over all of them
 
 
 def default_cache_dir() -> Path:
@@ -27,10 +32,11 @@ def default_cache_dir() -> Path:
 
 
 class DataModule:
-    """Data settings from the config; `setup()` loads, splits and tokenizes and builds the loaders.
+    """Data settings from the config; `setup()` prepares the corpus (once: data/pretokenize.py), opens its
+    shards and builds the loaders.
 
-    The constructor only checks arguments, so building the object from a config is cheap. All cache
-    writes are atomic and the first published entry wins, so every rank may call `setup()` at once.
+    The constructor only checks arguments, so building the object from a config is cheap. Cache writes are
+    atomic and a prepare holds a lock on its corpus, so every rank may call `setup()` at once.
     """
 
     def __init__(
@@ -50,7 +56,10 @@ class DataModule:
         hf_split: str = "train",
         text_field: str = "text",
         max_documents: int | None = None,
+        max_tokens: int | None = None,
         cache_dir: str | None = None,
+        prepared_dir: str | None = None,
+        workers: int | None = None,
         seed: int = 0,
     ) -> None:
         if source not in SOURCES:
@@ -64,8 +73,9 @@ class DataModule:
             raise ValueError(
                 f"data.vocab_size={vocab_size} is too small for byte-level BPE; use at least 258"
             )
-        if max_documents is not None and max_documents <= 0:
-            raise ValueError(f"data.max_documents must be positive or null, got {max_documents}")
+        for name, limit in (("max_documents", max_documents), ("max_tokens", max_tokens), ("workers", workers)):
+            if limit is not None and limit <= 0:
+                raise ValueError(f"data.{name} must be positive or null, got {limit}")
         if source == "text_files" and not paths:
             raise ValueError("data.source=text_files needs data.paths (files, directories or globs)")
         if source == "hf" and not hf_dataset:
@@ -77,8 +87,9 @@ class DataModule:
         self.paths = list(paths) if paths is not None else None
         self.hf_dataset, self.hf_config, self.hf_split = hf_dataset, hf_config, hf_split
         self.text_field = text_field
-        self.max_documents, self.seed = max_documents, seed
+        self.max_documents, self.max_tokens, self.workers, self.seed = max_documents, max_tokens, workers, seed
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        self.prepared_dir = Path(prepared_dir).expanduser() if prepared_dir else self.cache_dir / "prepared"
         self._tokenizer: Tokenizer | None = None
         self._train_loader: Any = None
         self._val_set: ValidationSet | None = None
@@ -93,8 +104,9 @@ class DataModule:
         device: torch.device | str | None = None,
         check_batches: bool = False,
     ) -> None:
-        """Load and split the documents, build the tokenizer (on the training split, unless one is given,
-        e.g. a pretrained model's), tokenize through the cache and build `train_loader` and `val_set`.
+        """Build the tokenizer (on a sample of the training split, unless one is given, e.g. a pretrained
+        model's), prepare the corpus unless it is prepared, open its shards, split them by document and build
+        `train_loader` (reading only this rank's windows) and `val_set`.
 
         `data.stream=true` gives a StreamLoader (per-row contiguous documents for state passing), otherwise a
         WindowLoader of shuffled windows. With `data.prefetch=true` it is wrapped in a :class:`Prefetcher` that
@@ -109,43 +121,72 @@ class DataModule:
         except (ValueError, OSError) as err:
             lines = [line.strip() for line in str(err).splitlines() if line.strip()]
             raise ConfigError(f"data: {lines[0] if lines else type(err).__name__}") from err
+        import torch
+
+        from tttexp.data import integrity
+        from tttexp.data.prefetch import Prefetcher
+
         loader: Any = self._train_loader
         if check_batches:
-            loader = Fingerprinted(loader)
+            loader = integrity.Fingerprinted(loader)
         if self.prefetch:
             loader = Prefetcher(loader, torch.device(device) if device is not None else torch.device("cpu"),
                                 host_keys=(integrity.KEY,))
         self._train_loader = loader
 
-    def _setup(self, rank: int, world_size: int, mini_batch_size: int, tokenizer: Tokenizer | None) -> None:
-        docs = load_documents(
-            self.source,
-            paths=self.paths,
-            hf_dataset=self.hf_dataset,
-            hf_config=self.hf_config,
-            hf_split=self.hf_split,
-            text_field=self.text_field,
-            max_documents=self.max_documents,
-        )
-        if len(docs) < 2:
-            raise ValueError(
-                f"data.source={self.source} gave {len(docs)} document; a train/val split needs two"
-            )
-        train_docs, val_docs = split_documents(docs, self.val_fraction, self.seed)
-        log.info("%d documents: %d train, %d validation", len(docs), len(train_docs), len(val_docs))
+    def prepare(self, tokenizer: Tokenizer | None = None, progress: bool = True) -> tuple[Path, Tokenizer]:
+        """Tokenize the corpus into shards under `prepared_dir` unless they are there; returns the corpus
+        directory and the tokenizer (built here unless given: a BPE is trained on a bounded sample)."""
+        source = self._source()
         if tokenizer is None:
-            tokenizer = build_tokenizer(
-                self.tokenizer_kind,
-                train_texts=[d.text for d in train_docs] if self.tokenizer_kind == "bpe" else None,
-                vocab_size=self.requested_vocab_size,
-                cache_dir=self.cache_dir,
-            )
-        train_tokens = tokenize_documents(train_docs, tokenizer, self.cache_dir)
-        val_tokens = tokenize_documents(val_docs, tokenizer, self.cache_dir)
+            tokenizer = self._build_tokenizer(source)
+        directory = prepare(source, tokenizer, self.prepared_dir, max_documents=self.max_documents,
+                            max_tokens=self.max_tokens, workers=self.workers, progress=progress)
+        return directory, tokenizer
+
+    def _source(self) -> Source:
+        if self.source == "hf":
+            return Source("hf", hf=(str(self.hf_dataset), self.hf_config, self.hf_split, self.text_field))
+        files = shipped_files() if self.source == "shipped" else text_files(self.paths)
+        return Source(self.source, files=tuple((doc_id, str(path)) for doc_id, path in files))
+
+    def _build_tokenizer(self, source: Source) -> Tokenizer:
+        if self.tokenizer_kind != "bpe":
+            return build_tokenizer(self.tokenizer_kind, train_texts=None, vocab_size=self.requested_vocab_size,
+                                   cache_dir=self.cache_dir)
+        if source.hf is None:  # the split of the listed files, as training will see it
+            ids = [doc_id for doc_id, _ in source.files[: self.max_documents]]
+            is_val = val_mask(np.array([id_digest(i) for i in ids], dtype=np.uint64), self.val_fraction, self.seed)
+            train_ids = {i for i, v in zip(ids, is_val.tolist(), strict=True) if not v}
+            keep = train_ids.__contains__
+        else:
+            def keep(doc_id: str) -> bool:
+                return not val_mask(np.array([id_digest(doc_id)], dtype=np.uint64), self.val_fraction, self.seed)[0]
+        texts = source_texts(source, keep, BPE_SAMPLE_BYTES)
+        if not texts:
+            raise ConfigError(f"data.source={self.source} gave no non-empty documents; point it at some text")
+        return build_tokenizer("bpe", train_texts=texts, vocab_size=self.requested_vocab_size,
+                               cache_dir=self.cache_dir)
+
+    def _setup(self, rank: int, world_size: int, mini_batch_size: int, tokenizer: Tokenizer | None) -> None:
+        from tttexp.data.loaders import StreamLoader, ValidationSet, WindowLoader
+
+        directory, tokenizer = self.prepare(tokenizer, progress=rank == 0)
+        corpus = PreparedCorpus(directory, tokenizer.name, tokenizer.vocab_size, tokenizer.eos_id)
+        n = corpus.prefix(self.max_documents, self.max_tokens)
+        if n == 0:
+            raise ConfigError(f"data.source={self.source} gave no non-empty documents; point it at some text")
+        if n < 2:
+            raise ValueError(f"data.source={self.source} gave {n} document; a train/val split needs two")
+        is_val = np.zeros(corpus.num_documents, dtype=bool)
+        is_val[:n] = val_mask(corpus.digests[:n], self.val_fraction, self.seed)
+        is_train = np.zeros(corpus.num_documents, dtype=bool)
+        is_train[:n] = ~is_val[:n]
+        log.info("%d documents: %d train, %d validation", n, int(is_train.sum()), int(is_val.sum()))
 
         if self.stream:
             self._train_loader = StreamLoader(
-                train_tokens,
+                corpus.documents(is_train),
                 eos_id=tokenizer.eos_id,
                 pad_id=tokenizer.eos_id,
                 seq_len=self.seq_len,
@@ -157,7 +198,7 @@ class DataModule:
             )
         else:
             self._train_loader = WindowLoader(
-                train_tokens,
+                corpus.stream(is_train),
                 eos_id=tokenizer.eos_id,
                 seq_len=self.seq_len,
                 batch_size=self.batch_size,
@@ -165,10 +206,11 @@ class DataModule:
                 rank=rank,
                 world_size=world_size,
             )
-        self._val_set = ValidationSet(val_tokens, tokenizer.eos_id, self.seq_len, self.val_windows)
+        self._val_set = ValidationSet(_spread(corpus, is_val, VAL_TOKENS), tokenizer.eos_id, self.seq_len,
+                                      self.val_windows)
         self._tokenizer = tokenizer
-        self._num_train_tokens = sum(len(t) + 1 for t in train_tokens)
-        self._num_val_tokens = sum(len(t) + 1 for t in val_tokens)
+        self._num_train_tokens = int((corpus.lengths[is_train] + 1).sum())
+        self._num_val_tokens = int((corpus.lengths[is_val] + 1).sum())
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -199,6 +241,18 @@ class DataModule:
         """Tokens in the validation split, one EOS per document included."""
         _ready(self._tokenizer)
         return self._num_val_tokens
+
+
+def _spread(corpus: PreparedCorpus, keep: np.ndarray, max_tokens: int) -> list[np.ndarray]:
+    """The selected documents, or evenly spaced ones among them holding about `max_tokens` tokens."""
+    idx = np.flatnonzero(keep)
+    total = int((corpus.lengths[idx] + 1).sum())
+    if total > max_tokens:
+        count = max(1, len(idx) * max_tokens // total)
+        idx = idx[np.linspace(0, len(idx) - 1, count).round().astype(np.int64)]
+    chosen = np.zeros(len(keep), dtype=bool)
+    chosen[idx] = True
+    return list(corpus.documents(chosen))
 
 
 def _ready(value: _T | None) -> _T:

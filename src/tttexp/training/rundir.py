@@ -37,7 +37,7 @@ FINGERPRINT_KEYS = (
     "model.backbone", "model.mini_batch_size", "model.ttt_base_lr", "model.rope_theta", "model.conv_kernel",
     "model.vocab_size", "model.base_model", "model.convert_layers", "model.freeze",
     "data.source", "data.paths", "data.hf_dataset", "data.hf_config", "data.hf_split", "data.text_field",
-    "data.max_documents", "data.tokenizer", "data.vocab_size", "data.seq_len", "data.stream",
+    "data.max_documents", "data.max_tokens", "data.tokenizer", "data.vocab_size", "data.seq_len", "data.stream",
     "data.val_fraction", "data.seed",
     "optim.lr", "optim.betas", "optim.weight_decay", "optim.eps", "optim.warmup_steps", "optim.min_lr_ratio",
     "optim.max_grad_norm",
