@@ -151,3 +151,28 @@ def test_smollm2_converts_far_below_random_and_learns(run_app, app_cache, tmp_pa
     assert converted < random_loss - 3.0, report
     assert after < converted - 0.05, report
     assert "val loss" in out.stdout
+
+
+def test_a_resume_builds_the_checkpoints_architecture_without_loading_the_base(tmp_path):
+    """The checkpoint's weights replace a conversion, so a resume reads only the model config it records: here the
+    base's weights are gone by then, and the rebuilt model takes the converted one's weights exactly."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tttexp.models.pretrained import FromBase
+
+    base_dir = tmp_path / "base"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(base_dir)
+    source = FromBase(base_model=str(base_dir), freeze=True, kernel="torch")
+    converted, facts = source.build(vocab_size=96, eos_token_id=0)
+    assert "model/converted_layers" in facts
+    for weights in base_dir.glob("*.safetensors"):
+        weights.unlink()
+    resumed, _ = FromBase(base_model=str(base_dir), freeze=True, kernel="torch").build(
+        vocab_size=96, eos_token_id=0, resuming=True, resume_config=converted.config.to_dict())
+    resumed.load_state_dict(converted.state_dict())
+    ids = torch.randint(0, 96, (2, 32))
+    assert torch.equal(resumed(ids).logits, converted(ids).logits)
+    trainable = {n for n, p in resumed.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in converted.named_parameters() if p.requires_grad} and trainable

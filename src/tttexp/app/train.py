@@ -127,7 +127,8 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
                                        rows=cfg.data.batch_size * strategy.world_size)
 
     data = build(cfg.data)
-    model, extra_facts = build_model_and_data(cfg, strategy, data, resuming=resume_state is not None)
+    model, extra_facts = build_model_and_data(cfg, strategy, data, resuming=resume_state is not None,
+                                              resume_config=(resume_state or {}).get("model_config"))
     logger = _build_logger(cfg, run_dir, strategy.is_main)
     facts = {**_facts(cfg, model, strategy, device), **extra_facts}
     resume = None if resume_state is None else Resume(int(resume_state["step"]), resume_state.get("wandb_run_id"))
@@ -173,7 +174,8 @@ def build_strategy(cfg: DictConfig):
                        deterministic=t.deterministic, on_cpu=t.on_cpu, label=f"strategy={cfg.recipe}")
 
 
-def build_model_and_data(cfg: DictConfig, strategy, data, resuming: bool = False) -> tuple[Any, dict[str, Any]]:
+def build_model_and_data(cfg: DictConfig, strategy, data, resuming: bool = False,
+                         resume_config: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
     """The model source (``model._target_``) names the tokenizer, the data is set up with it, then the model is
     built on the strategy's device. Returns the model and the facts the source adds to the run's record."""
     from tttexp.data.tokenizer import wrap_transformers_tokenizer
@@ -193,7 +195,7 @@ def build_model_and_data(cfg: DictConfig, strategy, data, resuming: bool = False
     model, facts = source.build(
         vocab_size=data.vocab_size, eos_token_id=data.tokenizer.eos_id,
         calibration=lambda: peek_batches(data.train_loader, 16), validation=validation,
-        resuming=resuming, device=strategy.device,
+        resuming=resuming, resume_config=resume_config, device=strategy.device,
     )
     if strategy.is_main and "model/base_val_loss" in facts:
         print(f"base model {facts['model/base_model']}: val loss {facts['model/base_val_loss']:.4f}; converted "

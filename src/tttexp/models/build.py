@@ -61,9 +61,11 @@ class FromScratch:
         calibration: Callable[[], Iterable[Any]] | None = None,
         validation: Callable[[nn.Module], float] | None = None,
         resuming: bool = False,
+        resume_config: dict[str, Any] | None = None,
         device: Any = "cpu",
     ) -> tuple[TTTForCausalLM, dict[str, Any]]:
-        """The model (on ``device``) and the facts it adds to the run's record (none here)."""
+        """The model (on ``device``) and the facts it adds to the run's record (none here). ``resume_config`` is
+        not needed: the settings rebuild the same model, and the fingerprint check guarantees they match."""
         settings = dict(self.settings)
         vocab = settings.pop("vocab_size", None) or vocab_size
         return build_model(vocab_size=vocab, eos_token_id=eos_token_id, **settings).to(device), {}

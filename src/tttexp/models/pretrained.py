@@ -113,15 +113,24 @@ class FromBase:
         calibration: Callable[[], Iterable[torch.Tensor]] | None = None,
         validation: Callable[[nn.Module], float] | None = None,
         resuming: bool = False,
+        resume_config: dict[str, Any] | None = None,
         device: torch.device | str = "cpu",
     ) -> tuple[TTTForCausalLM, dict[str, Any]]:
         """Load and convert the base on ``device``. ``calibration`` gives training windows whose mean attention
         outputs start the converted layers; ``validation`` measures the base and the converted model (both skipped
-        on resume: the checkpoint's weights replace the conversion anyway)."""
-        base = load_base_model(self.source, self.trust).to(device)
-        windows = list(calibration()) if calibration is not None and not resuming else []
-        model = convert_llama(base, self.layers, eos_token_id=eos_token_id, calibration=windows,
-                              **self.options).to(device)
+        on resume). A resume with the checkpoint's model config (``resume_config``) builds that architecture
+        directly: the checkpoint's weights replace a conversion anyway, so the base is not loaded at all."""
+        base = None
+        if resuming and resume_config:
+            from tttexp.models.configuration import TTTConfig
+
+            with torch.device(device):
+                model = TTTForCausalLM(TTTConfig.from_dict(dict(resume_config)))
+        else:
+            base = load_base_model(self.source, self.trust).to(device)
+            windows = list(calibration()) if calibration is not None and not resuming else []
+            model = convert_llama(base, self.layers, eos_token_id=eos_token_id, calibration=windows,
+                                  **self.options).to(device)
         model.config.preset_name = f"from:{self.source.label}"
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -136,7 +145,7 @@ class FromBase:
             "model/frozen_pretrained": self.freeze,
             "model/trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         }
-        if validation is not None and not resuming:
+        if validation is not None and base is not None and not resuming:
             facts["model/base_val_loss"] = validation(base)
             facts["model/converted_val_loss"] = validation(model)
         del base
