@@ -65,3 +65,17 @@ def exit_code_of_the_app(argv: list[str]) -> int | str | None:
             handler.close()
         root.setLevel(level)
     return 0
+
+
+def small_tokenizer(lines: list[str], vocab_size: int = 300):
+    """A byte-level BPE tokenizer as transformers has it (EOS ``<|endoftext|>``), trained on ``lines`` in well
+    under a second: a model directory's own tokenizer for tests that need one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")

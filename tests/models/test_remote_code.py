@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from support import small_tokenizer
 from tttexp.models import TTTConfig, TTTForCausalLM, remote_code
 
 HERE = Path(__file__).parent
@@ -31,17 +32,7 @@ VARIANTS = {
 
 
 def _tokenizer():
-    """A small byte-level BPE tokenizer as transformers has it (trained on a few lines, in well under a second)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    lines = [TEXT, "Every ship that left the harbour carried grain, timber and letters."] * 4
-    tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    return small_tokenizer([TEXT, "Every ship that left the harbour carried grain, timber and letters."] * 4)
 
 
 def _model(vocab: int, seed: int, **options) -> TTTForCausalLM:
