@@ -105,7 +105,7 @@ def run_tasks(model: Any, tokenizer: Any, settings: HarnessConfig,
         raise ConfigError(f"harness.tasks: unknown task(s) {', '.join(unknown)}{where} (lm_eval --tasks list "
                           "names them all)")
     model.eval()
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size,
+    lm = HFLM(pretrained=model, backend="causal", tokenizer=tokenizer, batch_size=settings.batch_size,
               max_length=settings.max_length)
     with _no_cache(model), autocast or contextlib.nullcontext():
         results = lm_eval.simple_evaluate(
