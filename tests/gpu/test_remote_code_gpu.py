@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from tttexp.models import TTTConfig, TTTForCausalLM, remote_code
 
@@ -26,7 +26,9 @@ def test_export_runs_its_triton_kernels(tmp_path, layer):
     model.save_pretrained(tmp_path)
     remote_code.write(tmp_path)
     model.cuda()
-    remote = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).cuda().eval()
+    # AutoModelForCausalLM would pick the package's classes here (tttexp registered them in this process)
+    remote_class = get_class_from_dynamic_module("modeling_tttexp.TTTForCausalLM", tmp_path)
+    remote = remote_class.from_pretrained(tmp_path).cuda().eval()
     assert type(remote).__module__.startswith("transformers_modules.")
     assert model.resolved_kernel("cuda") == "triton" and remote.resolved_kernel("cuda") == "triton"
 

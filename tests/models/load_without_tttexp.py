@@ -43,7 +43,11 @@ def main(cases_file: str, result_file: str) -> None:
             "generate_equal": torch.equal(generated, want["generated"]),
             "new_tokens": generated.shape[1] - want["prompt"].shape[1],
             "mixers": [block.mixer for block in model.model.layers],
+            "kernel": model.resolved_kernel(want["ids"].device.type),
         }
+        package = type(model).__module__.rpartition(".")[0]
+        row["kernel_modules"] = sorted(m.rpartition(".")[2] for m in sys.modules
+                                       if m.startswith(package + ".") and m.endswith("_op"))
         if case.get("tokenizer_text"):
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
             row["tokens"] = tokenizer(case["tokenizer_text"], add_special_tokens=False)["input_ids"]

@@ -29,6 +29,11 @@ VARIANTS = {
     "hybrid-mlp-mamba": {"ttt_layer": "mlp", "backbone": "mamba", "mixer_types": ["ttt", "attention"],
                          "ttt_output_gate": True},
 }
+# The exported Triton kernels, under Triton's interpreter where there is no GPU (conftest sets it; on a GPU
+# machine tests/gpu/test_remote_code_gpu.py runs them for real).
+if os.environ.get("TRITON_INTERPRET") == "1":
+    VARIANTS["triton-linear-mamba"] = {"ttt_layer": "linear", "backbone": "mamba", "kernel": "triton"}
+    VARIANTS["triton-mlp-transformer"] = {"ttt_layer": "mlp", "backbone": "transformer", "kernel": "triton"}
 
 
 def _tokenizer():
@@ -79,7 +84,7 @@ def test_export_loads_without_tttexp(tmp_path):
     (tmp_path / "cases.json").write_text(json.dumps(cases))
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")  # TRITON_*: kept
     done = subprocess.run([sys.executable, str(HERE / "load_without_tttexp.py"), str(tmp_path / "cases.json"),
                            str(tmp_path / "result.json")], env=env, cwd=tmp_path, stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=300)
@@ -93,6 +98,10 @@ def test_export_loads_without_tttexp(tmp_path):
         assert row["max_logit_diff"] <= 1e-5, (name, row["max_logit_diff"])
         assert row["generate_equal"] and row["new_tokens"] == 16, name
         assert row["mixers"] == options.get("mixer_types", ["ttt", "ttt"]), name
+        triton = options.get("kernel") == "triton"
+        assert row["kernel"] == ("triton" if triton else "torch"), name
+        if triton:  # the export's own kernel modules, not the package's
+            assert row["kernel_modules"] == ["ops_ttt_linear_op", "ops_ttt_mlp_op"], name
     first = result["linear-mamba"]
     assert first["tokens"] == tokenizer(TEXT, add_special_tokens=False)["input_ids"]
     assert "trust_remote_code=True" in first["untrusted"] and "contains custom code" in first["untrusted"]
