@@ -79,3 +79,18 @@ def small_tokenizer(lines: list[str], vocab_size: int = 300):
     tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+
+
+def rolling_nll(model, tokenizer, texts: list[str]) -> float:
+    """Summed loss of every token of ``texts`` (each one's first token after the end-of-text token), computed by
+    tttexp's own validation loss: what the harness's ``loglikelihood_rolling`` measures on texts within one window."""
+    import torch
+
+    from tttexp.training.validation import mean_loss
+
+    total = 0.0
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        batch = {"input_ids": torch.tensor([[tokenizer.eos_token_id, *ids[:-1]]]), "labels": torch.tensor([ids])}
+        total += mean_loss(model, [batch])[0]
+    return total

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from support import small_tokenizer
+from support import rolling_nll, small_tokenizer
 from tttexp.errors import ConfigError
 from tttexp.loggers import find_run_files, read_run
 from tttexp.models import TTTConfig, TTTForCausalLM
@@ -59,8 +59,7 @@ def _own_numbers(model: TTTForCausalLM, tokenizer) -> dict[str, float]:
         with torch.no_grad():
             logits = model(torch.tensor([whole[:-1]]), use_cache=False).logits[0, start - 1 :]
         greedy.append(logits.argmax(-1).tolist() == whole[start:])
-    # loglikelihood_rolling: every token of each text, the first one after the end-of-text token
-    rolling = sum(_nll(model, [tokenizer.eos_token_id, *encode(t)[:-1]], encode(t)) for t in TEXTS)
+    rolling = rolling_nll(model, tokenizer, TEXTS)  # loglikelihood_rolling: every token of each text
     words = sum(len(re.split(r"\s+", t)) for t in TEXTS)
     nbytes = sum(len(t.encode("utf-8")) for t in TEXTS)
     return {

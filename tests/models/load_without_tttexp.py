@@ -4,7 +4,8 @@
 finder placed first on ``sys.meta_path`` refuses it, whatever ``sys.path`` holds). For each case (an export
 directory and the tensors tttexp computed there) it loads the model with ``AutoModelForCausalLM.from_pretrained(dir,
 trust_remote_code=True)``, computes the logits and a greedy continuation, and records how far they are from
-tttexp's; it also records what loading without ``trust_remote_code`` says.
+tttexp's; it also records what loading without ``trust_remote_code`` says and, for one case, what lm_eval's own
+``hf`` model reports on a local perplexity task (run from the repository root: the task's data path is relative).
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def main(cases_file: str, result_file: str) -> None:
         if case.get("tokenizer_text"):
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
             row["tokens"] = tokenizer(case["tokenizer_text"], add_special_tokens=False)["input_ids"]
+        if case.get("harness"):  # the harness's own way in: `lm_eval --model hf --model_args pretrained=...`
+            row["harness"] = _harness(folder, case["harness"])
         if case.get("untrusted"):
             try:
                 AutoModelForCausalLM.from_pretrained(folder)
@@ -60,6 +63,19 @@ def main(cases_file: str, result_file: str) -> None:
         results[name] = row
     results["_tttexp_modules"] = sorted(m for m in sys.modules if m.split(".")[0] == "tttexp")
     Path(result_file).write_text(json.dumps(results))
+
+
+def _harness(folder: str, include_path: str) -> dict:
+    """A local task through lm_eval's ``hf`` model, as its command line builds it from ``--model_args``."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    results = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={folder},trust_remote_code=True", tasks=["ttt_local_rolling"],
+        device="cpu", batch_size=4, bootstrap_iters=0,
+        task_manager=TaskManager(include_path=include_path, include_defaults=False),
+    )
+    return results["results"]["ttt_local_rolling"]
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
 """An export is a model anyone can load without tttexp: the code beside the weights is generated from the package,
-names nothing of it, and computes what the package computes (one subprocess checks every variant)."""
+names nothing of it, and computes what the package computes (one subprocess checks every variant, and runs
+lm-evaluation-harness's own ``hf`` model on one export)."""
 
 from __future__ import annotations
 
 import ast
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from support import small_tokenizer
+from support import rolling_nll, small_tokenizer
 from tttexp.models import TTTConfig, TTTForCausalLM, remote_code
 
 HERE = Path(__file__).parent
+REPO = HERE.parents[1]
+TASKS = REPO / "tests/app/harness"  # a local perplexity task (data path relative to the repository root)
+TASK_TEXTS = [json.loads(line)["text"] for line in (TASKS / "ttt_local.jsonl").read_text().splitlines() if line]
 TEXT = "The state of the union is strong; 1,234 tokens."
 
 # Both inner models, both backbones, and hybrids with softmax-attention layers (GQA in one, the gated TTT
@@ -79,14 +85,17 @@ def test_export_loads_without_tttexp(tmp_path):
             want = {"ids": ids, "logits": model(ids).logits, "prompt": ids[:1, :5]}
         want["generated"] = model.generate(want["prompt"], max_new_tokens=16, do_sample=False)
         torch.save(want, tmp_path / f"{name}.pt")
-        cases.append({"name": name, "dir": str(out), "want": str(tmp_path / f"{name}.pt"),
-                      "untrusted": seed == 0, "tokenizer_text": TEXT if seed == 0 else None})
+        cases.append({"name": name, "dir": str(out), "want": str(tmp_path / f"{name}.pt"), "untrusted": seed == 0,
+                      "tokenizer_text": TEXT if seed == 0 else None, "harness": str(TASKS) if seed == 0 else None})
+        if seed == 0:
+            rolling = rolling_nll(model, tokenizer, TASK_TEXTS)
     (tmp_path / "cases.json").write_text(json.dumps(cases))
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")  # TRITON_*: kept
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TRANSFORMERS_VERBOSITY="error")  # TRITON_INTERPRET stays as conftest set it
     done = subprocess.run([sys.executable, str(HERE / "load_without_tttexp.py"), str(tmp_path / "cases.json"),
-                           str(tmp_path / "result.json")], env=env, cwd=tmp_path, stdin=subprocess.DEVNULL,
+                           str(tmp_path / "result.json")], env=env, cwd=REPO, stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "result.json").read_text())
@@ -105,6 +114,8 @@ def test_export_loads_without_tttexp(tmp_path):
     first = result["linear-mamba"]
     assert first["tokens"] == tokenizer(TEXT, add_special_tokens=False)["input_ids"]
     assert "trust_remote_code=True" in first["untrusted"] and "contains custom code" in first["untrusted"]
+    words = sum(len(re.split(r"\s+", t)) for t in TASK_TEXTS)
+    assert first["harness"]["word_perplexity,none"] == pytest.approx(math.exp(rolling / words), rel=1e-4)
     exported = json.loads((tmp_path / "linear-mamba" / "config.json").read_text())
     assert exported["auto_map"] == remote_code.AUTO_MAP and (tmp_path / "linear-mamba" / "model.safetensors").is_file()
 
