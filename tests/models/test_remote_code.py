@@ -163,3 +163,5 @@ def test_generator_refuses_forms_it_does_not_rewrite():
         remote_code._rewrite_import(node, "tttexp.models.modeling")
     with pytest.raises(remote_code.RemoteCodeError, match="still names tttexp"):
         remote_code._check("import tttexp\n", "x")
+    with pytest.raises(remote_code.RemoteCodeError, match="names tttexp at run time"):
+        remote_code._check("op = torch.library.custom_op('tttexp::f', mutates_args=())\n", "x")

@@ -42,8 +42,8 @@ OP_NAMESPACE = (
     "# torch.library op namespace of this copy (the package registers its ops under tttexp::)\n"
     '_OP_NAMESPACE = _re.sub(r"\\W", "_", __name__)\n'
 )
-TRITON_GUARD = "try:  # imported only where triton runs; transformers' import check skips try blocks\n{body}" \
-    "except ImportError:  # pragma: no cover\n    raise\n"
+TRITON_GUARD = ("try:  # imported only where triton runs; transformers' import check skips try blocks\n{body}"
+                "except ImportError:  # pragma: no cover\n    raise\n")
 
 
 class RemoteCodeError(RuntimeError):
@@ -206,9 +206,10 @@ def _check(text: str, module: str) -> None:
             isinstance(node, ast.ImportFrom) and not node.level and _is_ours(node.module)
         ) or (isinstance(node, ast.Name) and node.id == PACKAGE):
             raise RemoteCodeError(f"{module}:{node.lineno}: the generated code still names {PACKAGE}")
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and re.match(r"tttexp\.\w", node.value) \
-                and "." in node.value and " " not in node.value:
-            raise RemoteCodeError(f"{module}:{node.lineno}: {node.value!r} names a tttexp module at run time")
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and (
+            re.fullmatch(r"tttexp(\.\w+)+", node.value) or node.value.startswith("tttexp::")
+        ):
+            raise RemoteCodeError(f"{module}:{node.lineno}: {node.value!r} names tttexp at run time")
 
 
 def generate() -> dict[str, str]:
