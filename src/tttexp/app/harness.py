@@ -99,7 +99,8 @@ def run_tasks(model: Any, tokenizer: Any, settings: HarnessConfig,
     from lm_eval.tasks import TaskManager
 
     tasks = TaskManager(include_path=settings.include_path, include_defaults=settings.include_defaults)
-    unknown = [name for name in settings.tasks if name not in tasks.all_tasks]
+    unknown = [name for name in settings.tasks if name not in tasks.all_tasks
+               and not any(c in name for c in "*?[") and not name.endswith((".yaml", ".yml"))]
     if unknown:
         where = f" under {settings.include_path}" if settings.include_path else ""
         raise ConfigError(f"harness.tasks: unknown task(s) {', '.join(unknown)}{where} (lm_eval --tasks list "
