@@ -3,6 +3,7 @@ config, read a run's metrics."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -94,3 +95,17 @@ def rolling_nll(model, tokenizer, texts: list[str]) -> float:
         batch = {"input_ids": torch.tensor([[tokenizer.eos_token_id, *ids[:-1]]]), "labels": torch.tensor([ids])}
         total += mean_loss(model, [batch])[0]
     return total
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Torch on one thread: tiny models gain nothing from threads and lose much to contention on a busy machine
+    (subprocesses get the same with ``OMP_NUM_THREADS=1``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from support import rolling_nll, small_tokenizer
+from support import one_thread, rolling_nll, small_tokenizer
 from tttexp.errors import ConfigError
 from tttexp.loggers import find_run_files, read_run
 from tttexp.models import TTTConfig, TTTForCausalLM
@@ -79,7 +79,8 @@ def test_harness_numbers_equal_own_perplexity_and_reach_every_record(tmp_path, a
     tokenizer.save_pretrained(folder)
     run = tmp_path / "run"
     env = {**os.environ, "TTTEXP_CACHE_DIR": str(app_cache), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
+           "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1",
+           "OMP_NUM_THREADS": "1"}
     env.pop("WANDB_API_KEY", None)
     done = subprocess.run(
         [sys.executable, "-m", "tttexp.eval", "experiment=smoke", "logging=wandb", f"checkpoint={folder}",
@@ -93,7 +94,8 @@ def test_harness_numbers_equal_own_perplexity_and_reach_every_record(tmp_path, a
     results = json.loads((run / "harness.json").read_text())
     harness = {f"{task}/{key.split(',')[0]}": value for task, metrics in results["results"].items()
                for key, value in metrics.items() if key.endswith(",none") and "_stderr" not in key}
-    own = _own_numbers(model, tokenizer)
+    with one_thread():
+        own = _own_numbers(model, tokenizer)
     assert set(own) == set(harness)
     for name, value in own.items():
         assert harness[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from support import rolling_nll, small_tokenizer
+from support import one_thread, rolling_nll, small_tokenizer
 from tttexp.models import TTTConfig, TTTForCausalLM, remote_code
 
 HERE = Path(__file__).parent
@@ -69,6 +69,11 @@ def _export_through_the_app(model: TTTForCausalLM, tokenizer, run_dir: Path, out
 
 
 def test_export_loads_without_tttexp(tmp_path):
+    with one_thread():
+        _export_and_load_without_tttexp(tmp_path)
+
+
+def _export_and_load_without_tttexp(tmp_path: Path) -> None:
     tokenizer = _tokenizer()
     vocab = len(tokenizer)
     ids = torch.randint(0, vocab, (2, 37), generator=torch.Generator().manual_seed(1))
@@ -93,7 +98,7 @@ def test_export_loads_without_tttexp(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TRANSFORMERS_VERBOSITY="error")  # TRITON_INTERPRET stays as conftest set it
+               TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS="1")  # TRITON_INTERPRET stays as conftest set it
     done = subprocess.run([sys.executable, str(HERE / "load_without_tttexp.py"), str(tmp_path / "cases.json"),
                            str(tmp_path / "result.json")], env=env, cwd=REPO, stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=300)
