@@ -3,6 +3,7 @@ config, read a run's metrics."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -77,3 +78,46 @@ def checksums(folder: Path) -> dict[str, str]:
 
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def small_tokenizer(lines: list[str], vocab_size: int = 300):
+    """A byte-level BPE tokenizer as transformers has it (EOS ``<|endoftext|>``), trained on ``lines`` in well
+    under a second: a model directory's own tokenizer for tests that need one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+
+
+def rolling_nll(model, tokenizer, texts: list[str]) -> float:
+    """Summed loss of every token of ``texts`` (each one's first token after the end-of-text token), computed by
+    tttexp's own validation loss: what the harness's ``loglikelihood_rolling`` measures on texts within one window."""
+    import torch
+
+    from tttexp.training.validation import mean_loss
+
+    total = 0.0
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        batch = {"input_ids": torch.tensor([[tokenizer.eos_token_id, *ids[:-1]]]), "labels": torch.tensor([ids])}
+        total += mean_loss(model, [batch])[0]
+    return total
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Torch on one thread: tiny models gain nothing from threads and lose much to contention on a busy machine
+    (subprocesses get the same with ``OMP_NUM_THREADS=1``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -18,7 +18,7 @@ def test_every_contract_name_is_described() -> None:
 
 
 def test_open_families_are_described() -> None:
-    assert set(cat.FAMILIES) == {"state/", "inference/", "warnings/"}
+    assert set(cat.FAMILIES) == {"state/", "inference/", "warnings/", "harness/"}
     assert cat.describe("state/resets") == cat.DESCRIPTIONS["state/resets"]
     assert cat.describe("inference/decode_ms_p50") == cat.FAMILIES["inference/"]
     assert cat.describe("nothing/here") is None

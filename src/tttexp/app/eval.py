@@ -53,6 +53,10 @@ def load_model(cfg: DictConfig, strategy, data) -> object:
 
 def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     validate(cfg)
+    if cfg.harness.tasks:  # before the model is loaded: lm-eval installed, settings sane
+        from tttexp.app import harness
+
+        harness.check_config(cfg.harness)
     strategy = build_strategy(cfg)
     device = strategy.setup(cfg.device, cfg.seed)
     data = build(cfg.data)
@@ -76,6 +80,8 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     if rows:
         result["val/ppl_by_position"] = rows
     result.update({k.replace("summary/", "val/"): v for k, v in extras.items()})
+    if cfg.harness.tasks:  # lm-evaluation-harness (app/harness.py): harness.json, the Logger, the summary table
+        result.update(harness.evaluate(cfg, model, data, out_dir, strategy.autocast(), result))
     (out_dir / "eval.json").write_text(json.dumps(result, indent=2))
     print(f"val/loss {loss:.4f}  val/ppl {result['val/ppl']:.2f}  ({count:,} tokens)")
     for row in result.get("val/ppl_by_position", []):

@@ -1,9 +1,10 @@
 """``python -m tttexp.export checkpoint=<checkpoint> out=<dir>``: a ``save_pretrained`` directory from a run's
 checkpoint, of any format and world size (a ``step-*.pt`` file or a sharded ``step-*.dcp`` directory).
 
-The directory holds ``config.json``, the weights (safetensors) and the run's tokenizer;
-``TTTForCausalLM.from_pretrained(dir)``, ``AutoTokenizer.from_pretrained(dir)`` and
-``python -m tttexp.eval checkpoint=dir`` load it. The model is rebuilt from the config the checkpoint records
+The directory holds ``config.json``, the weights (safetensors), the run's tokenizer and the model's code
+(:mod:`tttexp.models.remote_code`); ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` loads it
+without tttexp installed, and ``TTTForCausalLM.from_pretrained(dir)``, ``AutoTokenizer.from_pretrained(dir)`` and
+``python -m tttexp.eval checkpoint=dir`` load it too. The model is rebuilt from the config the checkpoint records
 (older checkpoints without one: from the run directory's ``.hydra/config.yaml``, for models trained from
 scratch). A sharded checkpoint is read whole on this one process, without a process group.
 """
@@ -41,7 +42,7 @@ ConfigStore.instance().store(name="export_schema", node=ExportConfig)
 
 def export(checkpoint: Path, out: Path, dtype: str = "float32") -> Path:
     """Write ``out`` as a ``save_pretrained`` directory of the model in ``checkpoint``; returns ``out``."""
-    from tttexp.models import TTTForCausalLM
+    from tttexp.models import TTTForCausalLM, remote_code
     from tttexp.training import dcp
     from tttexp.training.checkpoint import load_checkpoint
 
@@ -61,6 +62,7 @@ def export(checkpoint: Path, out: Path, dtype: str = "float32") -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
+    remote_code.write(out)  # the model's code beside it: loads with trust_remote_code=True, without tttexp
     tokenizer = _run_dir(checkpoint) / TOKENIZER_DIR
     if tokenizer.is_dir():  # the run's tokenizer, so that AutoTokenizer.from_pretrained(out) works too
         for item in tokenizer.iterdir():

@@ -15,6 +15,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
+from tttexp.app.harness import HarnessConfig
 from tttexp.app.security import check_config
 from tttexp.errors import ConfigError
 from tttexp.models.configuration import BACKBONES, KERNELS, MIXERS, TTT_LAYERS
@@ -150,6 +151,7 @@ class TrainConfig:
     resume: str | None = None  # None | auto (newest valid checkpoint of the run directory) | a checkpoint path
     experiment_name: str = "default"  # set by conf/experiment/*.yaml
     checkpoint: str | None = None  # for `python -m tttexp.eval`: a step-*.pt file or a save_pretrained directory
+    harness: HarnessConfig = field(default_factory=HarnessConfig)  # for `python -m tttexp.eval`: lm_eval tasks
 
 
 def register_configs() -> None:
@@ -176,7 +178,7 @@ FLOAT32_MAX = 3.4028234663852886e38  # optimizer values live in float32 tensors
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "trainer": TrainerConfig,
              "distributed": DistributedConfig, "logging": LoggingConfig,
-             "passkey": PasskeyConfig, "study": StudyConfig}
+             "passkey": PasskeyConfig, "study": StudyConfig, "harness": HarnessConfig}
 PROCESS_LAYERS = ("tttexp.distributed.SingleDevice", "tttexp.distributed.DistributedDataParallel",
                   "tttexp.distributed.FullyShardedDataParallel")
 MODEL_SOURCES = ("tttexp.models.FromScratch", "tttexp.models.pretrained.FromBase")

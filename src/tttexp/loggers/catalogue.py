@@ -71,6 +71,9 @@ WARN_GRAD_SPIKE = _metric("warnings/grad_spike", "steps whose gradient norm jump
 WARN_THROUGHPUT_DROP = _metric("warnings/throughput_drop", "steps whose throughput fell far below its median")
 WARN_STATE_GROWTH = _metric("warnings/state_growth", "steps where state/w_norm grew by a large factor")
 
+HARNESS = _family("harness/", "lm-evaluation-harness results of python -m tttexp.eval: harness/<task>/<metric> "
+                              "as the harness names them (acc, acc_norm, perplexity, word_perplexity, ...)")
+
 SUMMARY_TOTAL_TIME = _metric("summary/total_time", "wall time of the whole run in seconds")
 SUMMARY_AVG_TOKENS_PER_SEC = _metric("summary/avg_tokens_per_sec",
                                      "steady-state training tokens/s: the steps after the first logged window")
