@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -106,5 +107,8 @@ def test_config_dir_verbose_and_rerun(run_app, tmp_path):
         b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR.")
     again = run_app("--experimental-rerun", str(run / ".hydra" / "config.pickle"))
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"resuming from {run}/checkpoints/step-00000002.pt" in again.stdout  # the same job, in its own dir
+    rerun_dir = again.stdout.rsplit("run directory: ", 1)[1].strip()
+    assert rerun_dir != str(run) and "resuming" not in again.stdout  # the same job, into a new directory
+    rerun_config = yaml.safe_load((Path(tmp_path, rerun_dir) / ".hydra" / "config.yaml").read_text())
+    assert rerun_config["trainer"] == saved["trainer"] and rerun_config["experiment_name"] == "smoke"
     assert not marker.exists()

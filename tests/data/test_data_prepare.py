@@ -74,6 +74,7 @@ def test_cache_key_reads_no_text_and_a_changed_file_rebuilds_only_its_shard(tmp_
     stat = path.stat()
     path.write_bytes(b"x" * stat.st_size)
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    caplog.clear()  # only what the warm prepare logs (an earlier in-process app may have raised the level)
     with caplog.at_level(logging.INFO, logger="tttexp.data.pretokenize"):
         assert P.prepare(source, bpe, tmp_path / "out", workers=1, progress=False, shard_bytes=60_000) == first
     assert [r.getMessage().split(" (")[0] for r in caplog.records] == ["prepared corpus found"]
