@@ -14,9 +14,12 @@ so the backward runs the reverse exchange. Per layer and per direction each rank
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tttexp.errors import StrategyError
@@ -75,6 +78,25 @@ class ContextParallel:
         dist.all_gather(parts, x.to(torch.uint8).contiguous(), group=self.group)
         return torch.cat(parts, dim=1).to(x.dtype)
 
+    def token_mean_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """This rank's share of the whole sequence's mean cross-entropy, scaled by ``cp``: the mean over the group
+        (what a data-parallel average of gradients and losses takes) is the token-weighted mean of all slices."""
+        total = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+        count = (labels != -100).sum().to(total.dtype)
+        dist.all_reduce(count, group=self.group)
+        return total * self.size / count
+
+    def local_batch(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """This rank's slice of every sequence of a batch: inputs and labels (already aligned, so a slice of each
+        is exact at its edges) and the per-mini-batch ``doc_start`` flags."""
+        out = {}
+        for key, value in batch.items():
+            if value.dim() >= 2 and key in ("input_ids", "labels", "doc_start"):
+                part = value.shape[1] // self.size
+                value = value[:, self.rank * part : (self.rank + 1) * part]
+            out[key] = value
+        return out
+
     def position_offset(self, local_len: int) -> int:
         """The absolute position of this rank's first token (slices are equal and in rank order)."""
         return self.rank * local_len
@@ -112,6 +134,16 @@ def enable(model: nn.Module, context: ContextParallel | None) -> None:
             if context is not None and isinstance(module, TTTModel):
                 cfg = module.config
                 check_split(context.size, cfg.num_attention_heads, cfg.num_key_value_heads, None, 1)
+
+
+def build_mesh(device_type: str, world_size: int, cp: int):
+    """The 2-D ``(data, context)`` mesh: ``cp`` consecutive ranks split each sequence, ``world / cp`` such groups
+    take different sequences. Refuses a ``cp`` that does not divide the world."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if cp < 1 or world_size % cp:
+        raise StrategyError(f"distributed.context_parallel={cp} must divide the number of processes ({world_size})")
+    return init_device_mesh(device_type, (world_size // cp, cp), mesh_dim_names=("data", "context"))
 
 
 def _wait(t: Tensor) -> Tensor:

@@ -45,7 +45,7 @@ class Attention(nn.Module):
         q = self.q_proj(hidden).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
-        cp = self.context
+        cp = self.context if self.training else None  # evaluation runs whole sequences
         first = offset if cp is None else offset + cp.position_offset(seq)
         positions = torch.arange(seq, device=hidden.device) + first
         cos, sin = rotary_tables(positions, self.head_dim, self.config.rope_theta, q.dtype)

@@ -63,7 +63,7 @@ class TTTBlock(nn.Module):
         if self.pre_conv:
             normed = self.conv_norm(x)
             past = cache.convs.get("pre") if cache else None
-            if self.context is not None:  # the previous rank's last inputs: the conv sees the whole sequence
+            if self.context is not None and self.training:  # the previous rank's last inputs: a whole-sequence conv
                 past = self.context.halo(normed, self.conv.width - 1)
             h, tail = self.conv(normed, past, starts)
             if cache is not None:
@@ -134,7 +134,7 @@ class TTTModel(TTTPreTrainedModel):
         bsz, seq = input_ids.shape
         k = self.config.mini_batch_size
         offset = cache_params.seqlen_offset if cache_params is not None else 0
-        if self.context is not None:
+        if self.context is not None and self.training:
             self.context.check_slice(seq, cache_params is not None, self.config, [b.mixer for b in self.layers])
         starts = None
         if doc_starts is not None:
@@ -223,7 +223,10 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         hidden = self.model(input_ids, cache_params=cache_params, doc_starts=doc_starts)
         logits = self.lm_head(hidden)
         loss = None
-        if labels is not None:
+        context = self.model.context if self.training else None
+        if labels is not None and context is not None:
+            loss = context.token_mean_loss(logits, labels)
+        elif labels is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
         return TTTCausalLMOutput(loss=loss, logits=logits, cache=cache_params)
 

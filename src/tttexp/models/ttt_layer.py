@@ -80,7 +80,7 @@ class TTTLayer(nn.Module):
         """``hidden [B, T, width]`` after the pre-norm; ``offset`` = tokens already consumed (for RoPE and the
         position inside the current mini-batch); ``starts [B, T]`` / ``reset [B, N]`` mark document starts."""
         bsz, seq, _ = hidden.shape
-        cp = self.context
+        cp = self.context if self.training else None  # evaluation runs whole sequences
         xq = self.q_proj(hidden)
         convs = cache.convs if cache is not None else {}
         if self.config.share_qk:
