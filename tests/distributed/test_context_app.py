@@ -32,6 +32,7 @@ def test_context_parallel_run_matches_one_process(run_app, tmp_path, layout):
     assert worst < RTOL, f"largest relative loss difference {worst:.2e}"
 
 
+@pytest.mark.slow
 def test_context_parallel_refusals(run_app):
     heads = run_app(*COMMON, "distributed=ddp", "distributed.nproc_per_node=2", "distributed.context_parallel=2",
                     "model.num_attention_heads=1", "trainer.max_steps=1")
