@@ -50,11 +50,11 @@ def compare(settings: dict, cp: context.ContextParallel, dp_rank: int, dtype: to
     settings = dict(settings)
     docs = settings.pop("docs", False)
     torch.manual_seed(0)
-    model = build_model(vocab_size=VOCAB, **TINY, **settings).to(dtype)
+    model = build_model(vocab_size=VOCAB, **TINY, **settings).to(dtype).train()  # the split runs in training
     split = copy.deepcopy(model)
     context.enable(split, cp)
     ids, labels, starts = batch(docs)
-    ids, labels = ids + dp_rank, labels + dp_rank  # each data-parallel rank its own sequences
+    ids, labels = (ids + dp_rank) % VOCAB, (labels + dp_rank) % VOCAB  # each data-parallel rank its own rows
 
     out = model(ids, labels=labels, use_cache=False, doc_starts=starts)
     out.loss.backward()
