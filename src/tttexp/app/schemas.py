@@ -104,6 +104,7 @@ class DistributedConfig:
     reshard_after_forward: bool = True  # FSDP: free gathered parameters after each block's forward (less memory)
     checkpoint: str = "auto"  # auto (dcp under FSDP, pt otherwise) | dcp (sharded directory) | pt (one file)
     async_checkpoint: bool = False  # dcp: write shards in the background; marked complete when written
+    context_parallel: int = 1  # DDP/FSDP: ranks that split each sequence (heads and seq_len must divide)
 
 
 @dataclass
@@ -297,6 +298,7 @@ def validate(cfg: DictConfig) -> None:
     if not (isinstance(t.compile, bool) or t.compile in ("blocks", "auto")):
         raise ConfigError(f"trainer.compile={t.compile}: expected a boolean (true or false), blocks or auto")
     _positive("distributed.replicate", cfg.distributed.replicate)
+    _positive("distributed.context_parallel", cfg.distributed.context_parallel)
     if cfg.distributed._target_.endswith("FullyShardedDataParallel") and isinstance(nproc, int):
         from tttexp.distributed.world import in_existing_world
 

@@ -185,7 +185,7 @@ def build_model_and_data(cfg: DictConfig, strategy, data, resuming: bool = False
     source = build(cfg.model, stream=cfg.data.stream)
     base_tokenizer = source.tokenizer()
     tokenizer = wrap_transformers_tokenizer(base_tokenizer, source.label) if base_tokenizer is not None else None
-    data.setup(rank=strategy.rank, world_size=strategy.world_size, mini_batch_size=cfg.model.mini_batch_size,
+    data.setup(rank=strategy.data_rank, world_size=strategy.data_world_size, mini_batch_size=cfg.model.mini_batch_size,
                tokenizer=tokenizer, device=strategy.device, check_batches=cfg.trainer.check_batches)
 
     def validation(model) -> float:

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from tttexp.distributed.context import ContextParallel, build_mesh, enable
 from tttexp.distributed.strategy import Strategy, compile_blocks
 from tttexp.distributed.world import slurm_rendezvous, world_from_env
 from tttexp.errors import StrategyError
@@ -45,10 +46,15 @@ class DistributedDataParallel(Strategy):
                 device_id=picked if picked.type == "cuda" else None,
             )
             self._owns_group = True
+        if self.context_parallel > 1 and type(self) is DistributedDataParallel:
+            self.mesh = build_mesh(picked.type, self.world_size, self.context_parallel)
+            self.context = ContextParallel(self.mesh.get_group("context"))
         return picked
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         model.to(self.device)
+        if self.context is not None:  # gradients are averaged over every rank: the loss is scaled for it
+            enable(model, self.context)
         mode = self.compile_mode(model)
         if mode == "blocks":
             compile_blocks(model)

@@ -45,7 +45,9 @@ class FullyShardedDataParallel(DistributedDataParallel):
         picked = super().setup(device, seed)
         from torch.distributed.device_mesh import init_device_mesh
 
-        if self.replicate > 1:
+        if self.context_parallel > 1:
+            self.mesh = self._context_mesh(picked.type)
+        elif self.replicate > 1:
             self.mesh = init_device_mesh(picked.type, (self.replicate, self.world_size // self.replicate),
                                          mesh_dim_names=("replicate", "shard"))
         else:
@@ -53,6 +55,20 @@ class FullyShardedDataParallel(DistributedDataParallel):
         if self.world_size == 1:
             warn("distributed=fsdp with one process: nothing to shard; running FSDP at world size 1")
         return picked
+
+    def _context_mesh(self, device_type: str):
+        """With context parallelism: parameters sharded over the data dimension and replicated over the context
+        one (HSDP's layout, replicate = context), the context group split from the same ``(data, context)`` mesh."""
+        from torch.distributed.device_mesh import DeviceMesh
+
+        from tttexp.distributed.context import ContextParallel, build_mesh
+
+        if self.replicate > 1:
+            raise StrategyError("distributed.context_parallel > 1 takes distributed.replicate=1 (parameters are "
+                                "already replicated across the context group)")
+        mesh = build_mesh(device_type, self.world_size, self.context_parallel)
+        self.context = ContextParallel(mesh.get_group("context"))
+        return DeviceMesh(device_type, mesh.mesh.transpose(0, 1), mesh_dim_names=("replicate", "shard"))
 
     # --- wrapping -------------------------------------------------------------------------------------------------
 
@@ -65,6 +81,10 @@ class FullyShardedDataParallel(DistributedDataParallel):
 
         model.to(self.device)
         self._broadcast_from_rank0(model)
+        if self.context is not None:
+            from tttexp.distributed.context import enable
+
+            enable(model, self.context)
         if self.compile_mode(model):  # under FSDP "true" compiles per block too: FSDP's hooks split the graph there
             self.compile = "blocks"
             from tttexp.distributed.strategy import compile_blocks

@@ -39,6 +39,7 @@ class Strategy:
         label: str = "this run",
         checkpoint: str = "auto",
         async_checkpoint: bool = False,
+        context_parallel: int = 1,
         **_unused: Any,
     ) -> None:
         self.precision = precision
@@ -53,6 +54,8 @@ class Strategy:
         self.label = label
         self.device = torch.device("cpu")
         self.rank, self.world_size, self.local_rank = 0, 1, 0
+        self.context_parallel = int(context_parallel)
+        self.context = None  # distributed.context.ContextParallel when context_parallel > 1 (DDP, FSDP)
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -65,6 +68,8 @@ class Strategy:
 
     def setup(self, device: str, seed: int) -> torch.device:
         """Pick the device, set the numeric flags and seed every generator (offset by rank)."""
+        if self.context_parallel != 1 and type(self).__name__ == "SingleDevice":
+            raise StrategyError("distributed.context_parallel needs distributed=ddp or distributed=fsdp")
         self.device = self._pick_device(device)
         if self.device.type == "cpu":
             self._cpu_fallback()
@@ -98,6 +103,21 @@ class Strategy:
             warn(f"{self.label}: no CUDA GPU; running the CPU equivalent (trainer.precision=fp32, "
                  "trainer.compile=false, torch kernels)")
             self.precision, self.compile = "fp32", False
+
+    @property
+    def data_rank(self) -> int:
+        """This process's index among those that read different sequences (all ranks of a context group share
+        one)."""
+        return self.rank // self.context_parallel
+
+    @property
+    def data_world_size(self) -> int:
+        return self.world_size // self.context_parallel
+
+    def local_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The part of a batch this process computes: all of it, or its slice of each sequence under context
+        parallelism."""
+        return batch if self.context is None else self.context.local_batch(batch)
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """Move to the device; compile if asked. Returns the module to call in the loop."""

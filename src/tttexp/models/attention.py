@@ -7,6 +7,8 @@ exactly; with a cache it keeps the keys (after RoPE) and values of the tokens se
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -14,6 +16,9 @@ from torch import Tensor, nn
 from tttexp.models.cache import LayerState
 from tttexp.models.configuration import TTTConfig
 from tttexp.models.layers import apply_rotary, rotary_tables
+
+if TYPE_CHECKING:
+    from tttexp.distributed.context import ContextParallel
 
 
 class Attention(nn.Module):
@@ -28,6 +33,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(width, self.kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(width, self.kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.heads * self.head_dim, width, bias=False)
+        self.context: ContextParallel | None = None  # the context-parallel group (distributed.context), if any
 
     def forward(
         self, hidden: Tensor, cache: LayerState | None, offset: int, starts: Tensor | None, reset: Tensor | None
@@ -39,9 +45,13 @@ class Attention(nn.Module):
         q = self.q_proj(hidden).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
-        positions = torch.arange(seq, device=hidden.device) + offset
+        cp = self.context if self.training else None  # evaluation runs whole sequences
+        first = offset if cp is None else offset + cp.position_offset(seq)
+        positions = torch.arange(seq, device=hidden.device) + first
         cos, sin = rotary_tables(positions, self.head_dim, self.config.rope_theta, q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cp is not None:
+            return self.o_proj(self._context_attention(cp, q, k, v, starts).reshape(bsz, seq, -1))
 
         past = 0
         if cache is not None:
@@ -56,6 +66,22 @@ class Attention(nn.Module):
             enable_gqa=self.kv_heads != self.heads,
         )
         return self.o_proj(out.transpose(1, 2).reshape(bsz, seq, -1))
+
+    def _context_attention(self, cp: ContextParallel, q: Tensor, k: Tensor, v: Tensor, starts: Tensor | None) -> Tensor:
+        """Ulysses: all-to-all to all tokens of this rank's heads, causal attention over them, all-to-all back.
+        ``q [B, H, T/cp, D]``, ``k, v [B, H_kv, T/cp, D]``; returns ``[B, T/cp, H, D]``."""
+        bsz = q.shape[0]
+        d = self.head_dim
+        q = cp.seq_to_heads(q.transpose(1, 2)).transpose(1, 2)
+        kv = cp.seq_to_heads(torch.cat([k, v], dim=-1).transpose(1, 2)).transpose(1, 2)
+        k, v = kv[..., :d], kv[..., d:]
+        seq = q.shape[2]
+        mask = self._mask(bsz, seq, 0, cp.gather_seq(starts), None, q.device)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1, scale=d**-0.5,
+            enable_gqa=self.kv_heads != self.heads,
+        )
+        return cp.heads_to_seq(out.transpose(1, 2))
 
     @staticmethod
     def _mask(

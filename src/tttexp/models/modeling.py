@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,9 @@ from tttexp.models.cache import TTTCache
 from tttexp.models.configuration import TTTConfig
 from tttexp.models.layers import CausalConv, RMSNorm, SwiGLU
 from tttexp.models.ttt_layer import TTTLayer
+
+if TYPE_CHECKING:
+    from tttexp.distributed.context import ContextParallel
 
 
 @dataclass
@@ -53,10 +57,15 @@ class TTTBlock(nn.Module):
             self.attn = Attention(config)
         self.ffn_norm = RMSNorm(config.hidden_size, eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+        self.context: ContextParallel | None = None  # the context-parallel group (distributed.context), if any
 
     def forward(self, x: Tensor, cache, offset: int, starts: Tensor | None, reset: Tensor | None) -> Tensor:
         if self.pre_conv:
-            h, tail = self.conv(self.conv_norm(x), cache.convs.get("pre") if cache else None, starts)
+            normed = self.conv_norm(x)
+            past = cache.convs.get("pre") if cache else None
+            if self.context is not None and self.training:  # the previous rank's last inputs: a whole-sequence conv
+                past = self.context.halo(normed, self.conv.width - 1)
+            h, tail = self.conv(normed, past, starts)
             if cache is not None:
                 cache.convs["pre"] = tail
             x = x + h
@@ -110,6 +119,7 @@ class TTTModel(TTTPreTrainedModel):
         self.layers = nn.ModuleList([TTTBlock(config, config.mixer(i)) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
+        self.context: ContextParallel | None = None  # set by distributed.context.enable: input_ids is a slice
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -124,6 +134,8 @@ class TTTModel(TTTPreTrainedModel):
         bsz, seq = input_ids.shape
         k = self.config.mini_batch_size
         offset = cache_params.seqlen_offset if cache_params is not None else 0
+        if self.context is not None and self.training:
+            self.context.check_slice(seq, cache_params is not None, self.config, [b.mixer for b in self.layers])
         starts = None
         if doc_starts is not None:
             if offset % k or (cache_params is not None and seq % k):
@@ -211,7 +223,10 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         hidden = self.model(input_ids, cache_params=cache_params, doc_starts=doc_starts)
         logits = self.lm_head(hidden)
         loss = None
-        if labels is not None:
+        context = self.model.context if self.training else None
+        if labels is not None and context is not None:
+            loss = context.token_mean_loss(logits, labels)
+        elif labels is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
         return TTTCausalLMOutput(loss=loss, logits=logits, cache=cache_params)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -12,6 +14,9 @@ from tttexp.models.configuration import TTTConfig
 from tttexp.models.layers import CausalConv, apply_rotary, rotary_tables
 from tttexp.ops import reference
 from tttexp.ops.reference import State
+
+if TYPE_CHECKING:
+    from tttexp.distributed.context import ContextParallel
 
 
 class TTTLayer(nn.Module):
@@ -58,6 +63,7 @@ class TTTLayer(nn.Module):
         # Multiplies ttt_base_lr; the trainer ramps it for TTT-MLP (0.1x -> 1x over warmup, as in the paper). A
         # buffer, not a Python float: torch.compile would guard on a float's value and recompile at every change.
         self.register_buffer("inner_lr_scale", torch.ones(()), persistent=False)
+        self.context: ContextParallel | None = None  # the context-parallel group (distributed.context), if any
 
     def init_state(self) -> State:
         if self.layer == "linear":
@@ -74,18 +80,23 @@ class TTTLayer(nn.Module):
         """``hidden [B, T, width]`` after the pre-norm; ``offset`` = tokens already consumed (for RoPE and the
         position inside the current mini-batch); ``starts [B, T]`` / ``reset [B, N]`` mark document starts."""
         bsz, seq, _ = hidden.shape
+        cp = self.context if self.training else None  # evaluation runs whole sequences
         xq = self.q_proj(hidden)
         convs = cache.convs if cache is not None else {}
         if self.config.share_qk:
-            XQ, tail_q = self.conv_q(xq, convs.get("q"), starts)
-            XK, tail_k = self.conv_k(xq, convs.get("k"), starts)
+            past_q, past_k = convs.get("q"), convs.get("k")
+            if cp is not None:  # the previous rank's last inputs: the convs see the whole sequence
+                past_q = past_k = cp.halo(xq, self.config.conv_kernel - 1)
+            XQ, tail_q = self.conv_q(xq, past_q, starts)
+            XK, tail_k = self.conv_k(xq, past_k, starts)
             if cache is not None:
                 cache.convs["q"], cache.convs["k"] = tail_q, tail_k
         else:
             XQ, XK = xq, self.k_proj(hidden)
         XQ, XK, XV = self._heads(XQ), self._heads(XK), self._heads(self.v_proj(hidden))
         # RoPE at the position inside the mini-batch: a [K, F] table, gathered per token (no sin/cos per element)
-        positions = (torch.arange(seq, device=hidden.device) + offset) % self.k
+        first = offset if cp is None else offset + cp.position_offset(seq)
+        positions = (torch.arange(seq, device=hidden.device) + first) % self.k
         cos, sin = rotary_tables(torch.arange(self.k, device=hidden.device), self.head_dim,
                                  self.config.rope_theta, XQ.dtype)
         cos, sin = cos[positions], sin[positions]
@@ -97,7 +108,10 @@ class TTTLayer(nn.Module):
         lr = torch.sigmoid(gate_logits.to(dtype)) * scale
         tok = torch.clamp_min(self.token_idx + self.learnable_token_idx, 0.0)
 
-        out = self._inner(XQ, XK, XV, lr, tok, cache, offset, reset)
+        if cp is None:
+            out = self._inner(XQ, XK, XV, lr, tok, cache, offset, reset)
+        else:
+            out = self._inner_context(cp, XQ, XK, XV, lr, tok, reset)
         out = out.transpose(1, 2).reshape(bsz, seq, self.width)
         out = self.post_norm(out)
         if self.config.use_gate:
@@ -148,6 +162,27 @@ class TTTLayer(nn.Module):
             outs.append(out)
         cache.ttt = state
         return torch.cat(outs, dim=2)
+
+    def _inner_context(
+        self, cp: ContextParallel, XQ: Tensor, XK: Tensor, XV: Tensor, lr: Tensor, tok: Tensor, reset: Tensor | None
+    ) -> Tensor:
+        """The inner loop with the sequence split over ``cp``: all-to-all to all tokens of this rank's heads, the
+        unchanged op on them, all-to-all back. ``[B, H, T/cp, F]`` in and out."""
+        f = self.head_dim
+        parts = [XQ, XK, XV]
+        if lr.dtype == XQ.dtype:  # one exchange for all four (lr is fp32 beside bf16 q/k/v under autocast)
+            parts.append(lr[..., None])
+        full = cp.seq_to_heads(torch.cat(parts, dim=-1).transpose(1, 2)).transpose(1, 2)
+        xq, xk, xv = full[..., :f], full[..., f : 2 * f], full[..., 2 * f : 3 * f]
+        if lr.dtype == XQ.dtype:
+            lr = full[..., 3 * f]
+        else:
+            lr = cp.seq_to_heads(lr[..., None].transpose(1, 2)).transpose(1, 2)[..., 0]
+        hs = cp.head_slice(self.heads)
+        init = tuple(s[hs] for s in self.init_state())
+        out, _ = ops.ttt(self.layer, xq, xk, xv, lr, tok, self.ttt_norm_weight[hs], self.ttt_norm_bias[hs], init,
+                         reset=cp.gather_seq(reset), kernel=self.config.kernel)
+        return cp.heads_to_seq(out.transpose(1, 2)).transpose(1, 2)
 
     def _partial(
         self, XQ: Tensor, XK: Tensor, XV: Tensor, lr: Tensor, tok: Tensor,

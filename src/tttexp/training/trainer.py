@@ -222,7 +222,7 @@ class Trainer:
         for micro in range(accum):
             raw = next(self.data.train_loader)
             self.token_hash.update(raw["input_ids"])
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in raw.items()}
+            batch = self.strategy.local_batch({k: v.to(self.device, non_blocking=True) for k, v in raw.items()})
             with self.strategy.no_sync(self.model, last_micro_batch=micro == accum - 1), self.strategy.autocast():
                 loss = self._forward_loss(batch)
             (loss / accum).backward()
@@ -294,7 +294,7 @@ class Trainer:
         return torch.optim.AdamW(groups, lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps, **extra)
 
     def _tokens_per_step(self) -> int:
-        return self.data.train_loader.tokens_per_batch * self.loop.grad_accum_steps * self.strategy.world_size
+        return self.data.train_loader.tokens_per_batch * self.loop.grad_accum_steps * self.strategy.data_world_size
 
     # ------------------------------------------------------------------------------------------------------------
     # Evaluation
