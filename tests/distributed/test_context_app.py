@@ -21,7 +21,7 @@ def losses(result, tmp_path) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 @pytest.mark.parametrize("layout", ["ddp", "fsdp"])
 def test_context_parallel_run_matches_one_process(run_app, tmp_path, layout):
     one = losses(run_app(*COMMON, "distributed=single", "hydra.run.dir=one"), tmp_path)
@@ -32,9 +32,14 @@ def test_context_parallel_run_matches_one_process(run_app, tmp_path, layout):
     assert worst < RTOL, f"largest relative loss difference {worst:.2e}"
 
 
-@pytest.mark.slow
-def test_context_parallel_refusals(run_app):
-    heads = run_app(*COMMON, "distributed=ddp", "distributed.nproc_per_node=2", "distributed.context_parallel=2",
-                    "model.num_attention_heads=1", "trainer.max_steps=1")
-    assert heads.returncode != 0
-    assert "distributed.context_parallel=2 must divide the attention heads (1)" in heads.stderr + heads.stdout
+def test_context_parallel_refusals_come_before_any_process_starts(capsys):
+    from support import exit_code_of_the_app
+
+    code = exit_code_of_the_app([*COMMON, "distributed=ddp", "distributed.nproc_per_node=2",
+                                 "distributed.context_parallel=2", "model.num_attention_heads=1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "distributed.context_parallel=2 must divide the attention heads (1)" in err
+    assert len(err.strip().splitlines()) == 1
+    code = exit_code_of_the_app([*COMMON, "distributed=ddp", "distributed.nproc_per_node=2",
+                                 "distributed.context_parallel=2", "data.seq_len=48"])
+    assert code == 2 and "must be a multiple of 32" in capsys.readouterr().err

@@ -299,6 +299,16 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.compile={t.compile}: expected a boolean (true or false), blocks or auto")
     _positive("distributed.replicate", cfg.distributed.replicate)
     _positive("distributed.context_parallel", cfg.distributed.context_parallel)
+    if cfg.distributed.context_parallel > 1 and not m._target_.endswith("FromBase"):  # a base brings its own heads
+        from tttexp.distributed.context import check_split
+
+        mixers = list(m.mixer_types) if m.mixer_types is not None else [m.mixer]
+        try:
+            check_split(cfg.distributed.context_parallel, m.num_attention_heads,
+                        m.num_key_value_heads or m.num_attention_heads, d.seq_len,
+                        m.mini_batch_size if "ttt" in mixers else 1)
+        except ValueError as err:  # the same line as at run time, before any process starts
+            raise ConfigError(str(err)) from None
     if cfg.distributed._target_.endswith("FullyShardedDataParallel") and isinstance(nproc, int):
         from tttexp.distributed.world import in_existing_world
 
