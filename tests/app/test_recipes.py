@@ -41,7 +41,7 @@ def test_conservative_skips_a_nonfinite_step_and_keeps_weights(tmp_path, app_cac
     for k in before_opt:
         for name, value in before_opt[k].items():
             assert torch.equal(value, after_opt[k][name]) if torch.is_tensor(value) else value == after_opt[k][name]
-    assert trainer.counters["warnings/nonfinite_steps"] == 1
+    assert trainer.records.counters["warnings/nonfinite_steps"] == 1
     trainer.step = 3
     trainer.fit()
     _, state = latest_valid_checkpoint(tmp_path)

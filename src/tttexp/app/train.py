@@ -24,6 +24,7 @@ from tttexp.app.schemas import register_configs, validate
 from tttexp.app.security import check_config
 from tttexp.console import copy_console_to
 from tttexp.errors import ConfigError, TTTExpError
+from tttexp.loggers import catalogue as C
 from tttexp.loggers.protocol import Resume
 from tttexp.training import rundir
 from tttexp.training.config import OptimConfig, TrainerConfig
@@ -150,7 +151,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
         strategy.teardown()
     if strategy.is_main:
         print_summary(summary, run_dir)
-    return summary.get("summary/final_val_loss")
+    return summary.get(C.SUMMARY_FINAL_VAL_LOSS)
 
 
 def build(node: DictConfig, **kwargs: Any) -> Any:
@@ -197,9 +198,9 @@ def build_model_and_data(cfg: DictConfig, strategy, data, resuming: bool = False
         calibration=lambda: peek_batches(data.train_loader, 16), validation=validation,
         resuming=resuming, resume_config=resume_config, device=strategy.device,
     )
-    if strategy.is_main and "model/base_val_loss" in facts:
-        print(f"base model {facts['model/base_model']}: val loss {facts['model/base_val_loss']:.4f}; converted "
-              f"({facts['model/num_converted_layers']} layers TTT): {facts['model/converted_val_loss']:.4f}",
+    if strategy.is_main and C.MODEL_BASE_VAL_LOSS in facts:
+        print(f"base model {facts[C.MODEL_BASE_MODEL]}: val loss {facts[C.MODEL_BASE_VAL_LOSS]:.4f}; converted "
+              f"({facts[C.MODEL_NUM_CONVERTED_LAYERS]} layers TTT): {facts[C.MODEL_CONVERTED_VAL_LOSS]:.4f}",
               flush=True)
     return model, facts
 
@@ -241,18 +242,18 @@ def _health_monitor():
 
 def _facts(cfg: DictConfig, model, strategy, device) -> dict[str, Any]:
     return {
-        "model/total_parameters": sum(p.numel() for p in model.parameters()),
-        "model/hidden_size": model.config.hidden_size,
-        "model/num_layers": model.config.num_hidden_layers,
-        "model/ttt_layer": model.config.ttt_layer,
-        "model/mixer": cfg.model.mixer if cfg.model.mixer_types is None else ",".join(cfg.model.mixer_types),
-        "model/backbone": model.config.backbone,
-        "model/kernel": model.resolved_kernel(device.type),
-        "model/state_passing": bool(cfg.data.stream),
-        "model/preset": cfg.model.name,
+        C.MODEL_TOTAL_PARAMETERS: sum(p.numel() for p in model.parameters()),
+        C.MODEL_HIDDEN_SIZE: model.config.hidden_size,
+        C.MODEL_NUM_LAYERS: model.config.num_hidden_layers,
+        C.MODEL_TTT_LAYER: model.config.ttt_layer,
+        C.MODEL_MIXER: cfg.model.mixer if cfg.model.mixer_types is None else ",".join(cfg.model.mixer_types),
+        C.MODEL_BACKBONE: model.config.backbone,
+        C.MODEL_KERNEL: model.resolved_kernel(device.type),
+        C.MODEL_STATE_PASSING: bool(cfg.data.stream),
+        C.MODEL_PRESET: cfg.model.name,
         "recipe": cfg.recipe,
-        "trainer/precision": strategy.precision,
-        "trainer/compile": strategy.compile_label(model),  # auto resolved; "off" after a CPU fallback
+        C.TRAINER_PRECISION: strategy.precision,
+        C.TRAINER_COMPILE: strategy.compile_label(model),  # auto resolved; "off" after a CPU fallback
         "world_size": strategy.world_size,
         "device": str(device),
         "git_commit": _git_commit(),
@@ -271,7 +272,7 @@ def _git_commit() -> str:
 
 def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     """The end-of-run table."""
-    rows = [(k.removeprefix("summary/"), v) for k, v in summary.items()]
+    rows = [(k.removeprefix(C.SUMMARY_PREFIX), v) for k, v in summary.items()]
     width = max((len(k) for k, _ in rows), default=10)
     print("\n" + "-" * (width + 20))
     for key, value in rows:
