@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from hydra.utils import instantiate
 
+from tttexp.app.build import build_strategy
 from tttexp.app.preflight import CONF_DIR, check, compose_config
 from tttexp.app.schemas import validate
-from tttexp.app.train import build_strategy
 from tttexp.distributed import Strategy
 from tttexp.errors import ConfigError
 
@@ -77,10 +77,10 @@ def test_recipes_show_the_values_that_run():
 
 @pytest.mark.parametrize("name", options("logging"))
 def test_logging_options_instantiate(name):
-    from tttexp.app.train import _build_logger
+    from tttexp.app.build import build_logger
 
     cfg = compose_config([f"logging={name}", "logging.mode=disabled"])
-    logger = _build_logger(cfg, Path("."), is_main=True)
+    logger = build_logger(cfg, Path("."), is_main=True)
     assert hasattr(logger, "log") and hasattr(logger, "finish")
 
 

@@ -83,8 +83,8 @@ def test_gpu_optimized_on_cpu_falls_back_with_one_warning_and_times_inference(ru
 
 
 def test_gpu_optimized_can_refuse_to_run_without_a_gpu():
+    from tttexp.app.build import build_strategy
     from tttexp.app.preflight import compose_config
-    from tttexp.app.train import build_strategy
     from tttexp.errors import StrategyError
 
     strategy = build_strategy(compose_config(["strategy=gpu_optimized", "trainer.on_cpu=error"]))

@@ -17,8 +17,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from tttexp.app.build import build, build_model_and_data, build_strategy
 from tttexp.app.schemas import register_configs, validate
-from tttexp.app.train import build, build_model_and_data, build_strategy
 from tttexp.errors import CheckpointError, ConfigError
 from tttexp.loggers import catalogue as C
 from tttexp.training import dcp

@@ -192,7 +192,8 @@ def evaluate(cfg: Any, model: Any, data: Any, out_dir: Path, autocast: Any, own:
     results with the eval's own ones (``own``) through the Logger, print the table; returns the flat metrics."""
     from omegaconf import OmegaConf
 
-    from tttexp.app.train import _build_logger, print_summary
+    from tttexp.app.build import build_logger
+    from tttexp.app.entry import print_summary
     from tttexp.training.checkpoint import step_of
 
     settings = check_config(cfg.harness)
@@ -201,7 +202,7 @@ def evaluate(cfg: Any, model: Any, data: Any, out_dir: Path, autocast: Any, own:
     flat = flat_metrics(results)
     write_results(results, out_dir)
     step = max(step_of(Path(cfg.checkpoint)), 0)
-    logger = _build_logger(cfg, out_dir, True)
+    logger = build_logger(cfg, out_dir, True)
     logger.start(out_dir, OmegaConf.to_container(cfg, resolve=True),
                  {"checkpoint": str(cfg.checkpoint), C.HARNESS_TASKS: ",".join(settings.tasks)})
     scalars = {k: v for k, v in own.items() if isinstance(v, int | float) and not isinstance(v, bool)}
