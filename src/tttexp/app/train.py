@@ -1,7 +1,7 @@
 """The app: ``python -m tttexp.train [group=option ...] [key=value ...]`` (``-m`` for sweeps).
 
-Compose and check the config, seed, build the strategy, data, model and logger with ``hydra.utils.instantiate``,
-and hand them to the :class:`tttexp.trainer.Trainer`. No training logic lives here.
+Compose and check the config, set up the process layout, build the data, model and logger (app/build.py), and hand
+them to the :class:`tttexp.training.trainer.Trainer`. No training logic lives here.
 """
 
 from __future__ import annotations
