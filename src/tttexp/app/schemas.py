@@ -29,6 +29,12 @@ from tttexp.training.passkey import PasskeyConfig, check_settings
 # --------------------------------------------------------------------------------------------------------------
 
 
+# A field read by one option of its group only (``metadata={"only": (target, how to pick it)}``): under another
+# option, a value other than its default is refused (app/schemas.py: _no_unknown_keys).
+_ONLY_FROM_BASE = {"only": ("tttexp.models.pretrained.FromBase", "strategy=from_pretrained")}
+_ONLY_FSDP = {"only": ("tttexp.distributed.FullyShardedDataParallel", "distributed=fsdp")}
+
+
 @dataclass
 class ModelConfig:
     """The model and where its weights come from (``conf/model/*.yaml``: the paper's sizes plus ``tiny``).
@@ -58,10 +64,13 @@ class ModelConfig:
     initializer_range: float = 0.02
     vocab_size: int | None = None  # None: taken from the tokenizer
     gradient_checkpointing: bool = False  # recompute each block in the backward to save memory
-    base_model: str | None = None  # FromBase: hub id | local directory | .gguf file | smollm2 (offline package)
-    convert_layers: str = "all"  # FromBase: all | every_other | comma-separated layer indices
-    freeze: bool = False  # FromBase: train only the new TTT parameters
-    trust_remote_code: bool = False  # FromBase: run code shipped with the base (the only opt-in for that)
+    # FromBase: hub id | local directory | .gguf file | smollm2 (offline package)
+    base_model: str | None = field(default=None, metadata=_ONLY_FROM_BASE)
+    # FromBase: all | every_other | comma-separated layer indices
+    convert_layers: str = field(default="all", metadata=_ONLY_FROM_BASE)
+    freeze: bool = field(default=False, metadata=_ONLY_FROM_BASE)  # FromBase: train only the new TTT parameters
+    # FromBase: run code shipped with the base (the only opt-in for that)
+    trust_remote_code: bool = field(default=False, metadata=_ONLY_FROM_BASE)
 
 
 @dataclass
@@ -82,8 +91,10 @@ class DistributedConfig:
     nproc_per_node: Any = 1  # processes on this machine: an int or "auto" (one per GPU); DDP/FSDP self-launch
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     timeout_s: int = 600  # collective timeout
-    replicate: int = 1  # FSDP: replicas of the sharded model (HSDP: a replicate x shard mesh); must divide the world
-    reshard_after_forward: bool = True  # FSDP: free gathered parameters after each block's forward (less memory)
+    # FSDP: replicas of the sharded model (HSDP: a replicate x shard mesh); must divide the world
+    replicate: int = field(default=1, metadata=_ONLY_FSDP)
+    # FSDP: free gathered parameters after each block's forward (less memory)
+    reshard_after_forward: bool = field(default=True, metadata=_ONLY_FSDP)
     checkpoint: str = "auto"  # auto (dcp under FSDP, pt otherwise) | dcp (sharded directory) | pt (one file)
     async_checkpoint: bool = False  # dcp: write shards in the background; marked complete when written
 
@@ -177,6 +188,13 @@ def _no_unknown_keys(cfg: DictConfig) -> None:
         for key in cfg[section]:
             if key not in schema.__dataclass_fields__:
                 raise ConfigError(f"{section}.{key}: no such config key")
+        for name, spec in schema.__dataclass_fields__.items():
+            only = spec.metadata.get("only")
+            if only and cfg[section]._target_ != only[0] and cfg[section][name] != spec.default:
+                raise ConfigError(
+                    f"{section}.{name}={cfg[section][name]}: {cfg[section]._target_} does not take it; only "
+                    f"{only[0]} does ({only[1]})"
+                )
 
 
 def _model_fits(m: DictConfig, d: DictConfig) -> None:
