@@ -26,7 +26,6 @@ from typing import Any, NoReturn
 from omegaconf import DictConfig
 
 from tttexp.errors import ConfigError, TTTExpError
-from tttexp.loggers import catalogue as C
 from tttexp.training import rundir
 
 
@@ -126,16 +125,3 @@ def own(run_dir: Path) -> Iterator[None]:
 def _fail(message: object, status: int) -> NoReturn:
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(status)
-
-
-def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
-    """The end-of-run table."""
-    rows = [(k.removeprefix(C.SUMMARY_PREFIX), v) for k, v in summary.items()]
-    width = max((len(k) for k, _ in rows), default=10)
-    print("\n" + "-" * (width + 20))
-    for key, value in rows:
-        text = f"{value:,.4f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value)
-        print(f"{key:<{width}}  {text:>16}")
-    print("-" * (width + 20))
-    print(f"run directory: {run_dir}", flush=True)
-

@@ -193,7 +193,7 @@ def evaluate(cfg: Any, model: Any, data: Any, out_dir: Path, autocast: Any, own:
     from omegaconf import OmegaConf
 
     from tttexp.app.build import build_logger
-    from tttexp.app.entry import print_summary
+    from tttexp.app.table import print_summary
     from tttexp.training.checkpoint import step_of
 
     settings = check_config(cfg.harness)

@@ -19,9 +19,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from tttexp.app.build import build, build_logger, build_model_and_data, build_strategy
-from tttexp.app.entry import print_summary
 from tttexp.app.schemas import register_configs, validate
 from tttexp.app.security import check_config
+from tttexp.app.table import print_summary
 from tttexp.console import copy_console_to
 from tttexp.errors import TTTExpError
 from tttexp.loggers import catalogue as C
