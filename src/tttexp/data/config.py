@@ -22,6 +22,7 @@ class DataConfig:
     batch_size: int = 8  # sequences per micro-batch, per process
     stream: bool = False  # per-row contiguous document streams; the trainer carries each row's TTT state
     prefetch: bool = False  # prepare batches on a background thread into pinned memory
+    prefetch_depth: int = 2  # with prefetch: batches prepared ahead of the step (more hides slow batches)
     tokenizer: str = "bpe"  # bpe (trained on the corpus, cached) | sentencepiece | a transformers tokenizer
     vocab_size: int = 4096  # for tokenizer=bpe
     val_fraction: float = 0.05  # share of documents held out for validation
@@ -42,7 +43,7 @@ class DataConfig:
         """The checks of these settings alone, each a one-line ValueError (the app turns it into a ConfigError)."""
         if self.source not in SOURCES:
             raise ValueError(f"unknown data source {self.source!r}: use one of {', '.join(SOURCES)}")
-        for name in ("seq_len", "batch_size", "val_windows"):
+        for name in ("seq_len", "batch_size", "val_windows", "prefetch_depth"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"data.{name} must be positive, got {getattr(self, name)}")
         if not 0.0 < self.val_fraction < 1.0:

@@ -96,7 +96,7 @@ class DataModule:
             loader = integrity.Fingerprinted(loader)
         if self.prefetch:
             loader = Prefetcher(loader, torch.device(device) if device is not None else torch.device("cpu"),
-                                host_keys=(integrity.KEY,))
+                                depth=self.config.prefetch_depth, host_keys=(integrity.KEY,))
         self._train_loader = loader
 
     def prepare(self, tokenizer: Tokenizer | None = None, progress: bool = True) -> tuple[Path, Tokenizer]:
