@@ -10,8 +10,8 @@ import os
 import sys
 from pathlib import Path
 
+from tttexp.app.build import build, build_model_and_data, build_strategy
 from tttexp.app.preflight import compose_config
-from tttexp.app.train import build, build_model_and_data, build_strategy
 from tttexp.training.trainer import Trainer
 
 

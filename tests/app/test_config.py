@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from hydra.utils import instantiate
 
+from tttexp.app.build import build_strategy
 from tttexp.app.preflight import CONF_DIR, check, compose_config
 from tttexp.app.schemas import validate
-from tttexp.app.train import build_strategy
 from tttexp.distributed import Strategy
 from tttexp.errors import ConfigError
 
@@ -77,10 +77,10 @@ def test_recipes_show_the_values_that_run():
 
 @pytest.mark.parametrize("name", options("logging"))
 def test_logging_options_instantiate(name):
-    from tttexp.app.train import _build_logger
+    from tttexp.app.build import build_logger
 
     cfg = compose_config([f"logging={name}", "logging.mode=disabled"])
-    logger = _build_logger(cfg, Path("."), is_main=True)
+    logger = build_logger(cfg, Path("."), is_main=True)
     assert hasattr(logger, "log") and hasattr(logger, "finish")
 
 
@@ -132,6 +132,11 @@ def test_contract_keys_exist():
     (["model.hidden_size=100"], "gives a head dim of 25; RoPE rotates pairs of features, so the head dim must be even"),
     (["data.seq_len=3"], "data.seq_len=3 is shorter than one TTT mini-batch (model.mini_batch_size=16)"),
     (["data.seq_len=1", "model.mini_batch_size=1"], "shorter than the causal conv window (model.conv_kernel=4)"),
+    (["distributed=single", "distributed.replicate=4"],
+     "distributed.replicate=4: tttexp.distributed.SingleDevice does not take it; only "
+     "tttexp.distributed.FullyShardedDataParallel does (distributed=fsdp)"),
+    (["model.base_model=x"], "model.base_model=x: tttexp.models.FromScratch does not take it; only "
+                             "tttexp.models.pretrained.FromBase does (strategy=from_pretrained)"),
 ])
 def test_bad_command_lines_give_one_line(argv, expected):
     problem = check(argv)
@@ -145,6 +150,7 @@ def test_good_command_lines_pass():
     assert check(["model=125m", "strategy=gpu_optimized", "logging=none"]) is None
     assert check(["model.hidden_size=104"]) is None  # head dim 26: even is all RoPE needs (kernels pad)
     assert check(["model.mixer=attention", "data.seq_len=3"]) is None  # no TTT layer, no mini-batch
+    assert check(["strategy=from_pretrained", "model.freeze=false"]) is None  # the option that reads it
 
 
 def test_only_project_targets_are_built():

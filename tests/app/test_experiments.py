@@ -7,9 +7,9 @@ import re
 import pytest
 from hydra.utils import instantiate
 
+from tttexp.app.build import build_strategy
 from tttexp.app.preflight import CONF_DIR, check, compose_config
 from tttexp.app.schemas import validate
-from tttexp.app.train import build_strategy
 from tttexp.distributed import Strategy
 
 RECIPES = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml") if re.match(r"[\d.]+[mb]_ttt_", p.stem))

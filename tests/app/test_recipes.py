@@ -41,7 +41,7 @@ def test_conservative_skips_a_nonfinite_step_and_keeps_weights(tmp_path, app_cac
     for k in before_opt:
         for name, value in before_opt[k].items():
             assert torch.equal(value, after_opt[k][name]) if torch.is_tensor(value) else value == after_opt[k][name]
-    assert trainer.counters["warnings/nonfinite_steps"] == 1
+    assert trainer.records.counters["warnings/nonfinite_steps"] == 1
     trainer.step = 3
     trainer.fit()
     _, state = latest_valid_checkpoint(tmp_path)
@@ -83,8 +83,8 @@ def test_gpu_optimized_on_cpu_falls_back_with_one_warning_and_times_inference(ru
 
 
 def test_gpu_optimized_can_refuse_to_run_without_a_gpu():
+    from tttexp.app.build import build_strategy
     from tttexp.app.preflight import compose_config
-    from tttexp.app.train import build_strategy
     from tttexp.errors import StrategyError
 
     strategy = build_strategy(compose_config(["strategy=gpu_optimized", "trainer.on_cpu=error"]))

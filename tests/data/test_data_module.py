@@ -73,6 +73,7 @@ def test_hydra_instantiates_it(tmp_path: Path) -> None:
         ({"source": "text_files"}, "paths"),
         ({"source": "hf"}, "hf_dataset"),
         ({"vocab_size": 200}, "vocab_size"),
+        ({"prefetch_depth": 0}, "prefetch_depth"),
     ],
 )
 def test_bad_arguments_fail_early(overrides: dict, word: str, one_line) -> None:

@@ -26,9 +26,9 @@ def train(args: list[str], run_dir: Path, cache: Path, resume: Path | None = Non
     """Train to the end (resuming from ``resume`` if given); returns the trainer and its loss per step."""
     trainer = build_trainer(args, run_dir, cache)
     if resume is not None:
-        trainer._restore(load_checkpoint(resume))
+        trainer.restore(load_checkpoint(resume))
     trainer.fit()
-    return trainer, {int(h["step"]): h["train/loss"] for h in trainer.history}
+    return trainer, {int(h["step"]): h["train/loss"] for h in trainer.records.history}
 
 
 def local_bytes(trainer) -> dict[str, int]:

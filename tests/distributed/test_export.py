@@ -68,9 +68,9 @@ def test_export_and_eval_apps(tmp_path, app_cache, one_thread):
     assert shipped.eos_token == "<|endoftext|>"
     assert not (tmp_path / "outputs").exists() and not (out / ".hydra").exists()
 
+    from tttexp.app.build import build, build_strategy
     from tttexp.app.eval import load_model
     from tttexp.app.preflight import compose_config
-    from tttexp.app.train import build, build_strategy
 
     cfg = compose_config(["experiment=smoke", "logging=none", f"checkpoint={out}"], config_name="eval")
     strategy = build_strategy(cfg)

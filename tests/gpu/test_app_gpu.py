@@ -94,7 +94,7 @@ def _bench(arm_args: list[str], cache_dir: Path) -> dict:
     from bench_train import time_steps
 
     from support import compose_config
-    from tttexp.app.train import build, build_model_and_data, build_strategy
+    from tttexp.app.build import build, build_model_and_data, build_strategy
 
     os.environ["TTTEXP_CACHE_DIR"] = str(cache_dir)
     cfg = compose_config([*COMMON, *FAST, *arm_args])

@@ -29,7 +29,7 @@ def test_injected_trouble_is_reported_in_metrics_and_in_wandb(tmp_path, app_cach
                              "trainer.log_every=2", "trainer.eval_every=0", "trainer.position_eval_sequences=0",
                              "trainer.plots=false", "trainer.progress=none", "optim.lr=1e-3"],
                             tmp_path, app_cache, logger=logger)
-    trainer.health = HealthMonitor(warmup=6, state_window=6)  # the app's monitor, scaled to a 16-step run
+    trainer.records.health = HealthMonitor(warmup=6, state_window=6)  # the app's monitor, scaled to a 16-step run
     final_norm = dict(trainer.raw_model.named_parameters())["model.norm.weight"]
     step_once = trainer._train_step
     took: list[float] = []

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tttexp.app.build import build, build_model_and_data, build_strategy
 from tttexp.app.preflight import compose_config
-from tttexp.app.train import build, build_model_and_data, build_strategy
 from tttexp.errors import ConfigError
 from tttexp.models.pretrained import load_base_config, load_base_tokenizer, resolve_base
 

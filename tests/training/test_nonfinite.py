@@ -100,8 +100,8 @@ def test_the_fast_path_skips_a_nonfinite_step_on_the_device(tmp_path, app_cache,
     assert trainer.optimizer.state[next(iter(trainer.raw_model.parameters()))]["step"] == 7  # 8 steps, 1 skipped
     assert summary["summary/warnings_nonfinite_steps"] == 1 and math.isfinite(summary["summary/final_loss"])
     assert "steps 1-4: 1 non-finite step(s) skipped" in capsys.readouterr().err
-    assert [h["train/nonfinite_steps"] for h in trainer.history] == [1, 0]  # the record says it
-    assert math.isfinite(trainer.history[0]["train/loss"])  # the mean of the three finite steps
+    assert [h["train/nonfinite_steps"] for h in trainer.records.history] == [1, 0]  # the record says it
+    assert math.isfinite(trainer.records.history[0]["train/loss"])  # the mean of the three finite steps
 
 
 def test_the_fast_path_stops_when_every_step_of_a_window_is_nonfinite(tmp_path, app_cache):

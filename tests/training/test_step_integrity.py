@@ -52,8 +52,8 @@ def test_compiled_ttt_mlp_never_recompiles_through_the_inner_lr_warmup(tmp_path,
     summary = trainer.fit()
     scales = {float(layer.inner_lr_scale) for layer in trainer.raw_model.ttt_layers()}
     assert scales == {1.0}  # the ramp ran: 0.28, 0.46, ... 1.0
-    assert trainer._frames_after_first_step > 0  # it did compile
-    assert trainer.counters["warnings/recompiles"] == 0
+    assert trainer.records.frames_after_first_step > 0  # it did compile
+    assert trainer.records.counters["warnings/recompiles"] == 0
     assert summary["summary/warnings_recompiles"] == 0
     phases = sum(summary[f"summary/{p}_time"] for p in ("compile", "train", "eval", "other"))
     assert phases == pytest.approx(summary["summary/total_time"], rel=1e-6)

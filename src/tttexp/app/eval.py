@@ -17,9 +17,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from tttexp.app.build import build, build_model_and_data, build_strategy
 from tttexp.app.schemas import register_configs, validate
-from tttexp.app.train import build, build_model_and_data, build_strategy
 from tttexp.errors import CheckpointError, ConfigError
+from tttexp.loggers import catalogue as C
 from tttexp.training import dcp
 from tttexp.training.checkpoint import load_checkpoint
 from tttexp.training.validation import mean_loss
@@ -63,8 +64,8 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     model = load_model(cfg, strategy, data).to(device)
     total, count = mean_loss(model, data.val_set.batches(cfg.data.batch_size), autocast=strategy.autocast())
     loss = total / max(count, 1)
-    result = {"checkpoint": str(cfg.checkpoint), "val/loss": loss, "val/ppl": math.exp(min(loss, 50.0)),
-              "val/tokens": count}
+    result = {"checkpoint": str(cfg.checkpoint), C.VAL_LOSS: loss, C.VAL_PPL: math.exp(min(loss, 50.0)),
+              C.VAL_TOKENS: count}
     from omegaconf import OmegaConf
 
     from tttexp.loggers import NullLogger
@@ -78,16 +79,16 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         batch_size=cfg.data.batch_size,
     )
     if rows:
-        result["val/ppl_by_position"] = rows
-    result.update({k.replace("summary/", "val/"): v for k, v in extras.items()})
+        result[C.VAL_PPL_BY_POSITION] = rows
+    result.update({k.replace(C.SUMMARY_PREFIX, C.VAL_PREFIX): v for k, v in extras.items()})
     if cfg.harness.tasks:  # lm-evaluation-harness (app/harness.py): harness.json, the Logger, the summary table
         result.update(harness.evaluate(cfg, model, data, out_dir, strategy.autocast(), result))
     (out_dir / "eval.json").write_text(json.dumps(result, indent=2))
-    print(f"val/loss {loss:.4f}  val/ppl {result['val/ppl']:.2f}  ({count:,} tokens)")
-    for row in result.get("val/ppl_by_position", []):
+    print(f"val/loss {loss:.4f}  val/ppl {result[C.VAL_PPL]:.2f}  ({count:,} tokens)")
+    for row in result.get(C.VAL_PPL_BY_POSITION, []):
         print(f"  positions {row['start']:>6}-{row['end']:<6} ppl {row['ppl']:10.2f}")
-    if "val/passkey_accuracy" in result:
-        print(f"  passkey accuracy {result['val/passkey_accuracy']:.1%} (passkey.csv, passkey.png)")
+    if C.VAL_PASSKEY_ACCURACY in result:
+        print(f"  passkey accuracy {result[C.VAL_PASSKEY_ACCURACY]:.1%} (passkey.csv, passkey.png)")
     print(f"written: {out_dir / 'eval.json'}", flush=True)
     return result
 
@@ -116,7 +117,7 @@ def hydra_main(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         with entry.own(run_dir):
-            return evaluate(cfg, run_dir)["val/loss"]
+            return evaluate(cfg, run_dir)[C.VAL_LOSS]
     except (ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(1)

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from tttexp.errors import ConfigError
+from tttexp.loggers import catalogue as C
 
 INSTALL_HINT = "the harness needs lm-eval: pip install -e '.[eval]' (or pip install 'lm-eval>=0.4,<0.5')"
 RESULTS_FILE = "harness.json"
-PREFIX = "harness/"
+PREFIX = C.HARNESS
 NOT_METRICS = ("alias", "name", "sample_len")  # entries of a task's results that are not metrics
 
 
@@ -191,7 +192,8 @@ def evaluate(cfg: Any, model: Any, data: Any, out_dir: Path, autocast: Any, own:
     results with the eval's own ones (``own``) through the Logger, print the table; returns the flat metrics."""
     from omegaconf import OmegaConf
 
-    from tttexp.app.train import _build_logger, print_summary
+    from tttexp.app.build import build_logger
+    from tttexp.app.table import print_summary
     from tttexp.training.checkpoint import step_of
 
     settings = check_config(cfg.harness)
@@ -200,17 +202,17 @@ def evaluate(cfg: Any, model: Any, data: Any, out_dir: Path, autocast: Any, own:
     flat = flat_metrics(results)
     write_results(results, out_dir)
     step = max(step_of(Path(cfg.checkpoint)), 0)
-    logger = _build_logger(cfg, out_dir, True)
+    logger = build_logger(cfg, out_dir, True)
     logger.start(out_dir, OmegaConf.to_container(cfg, resolve=True),
-                 {"checkpoint": str(cfg.checkpoint), "harness/tasks": ",".join(settings.tasks)})
+                 {"checkpoint": str(cfg.checkpoint), C.HARNESS_TASKS: ",".join(settings.tasks)})
     scalars = {k: v for k, v in own.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     summary = {**scalars, **flat}
     failed = True
     try:
         logger.log(summary, step)
-        logger.log_table("harness/results", *table(results), step)
+        logger.log_table(C.HARNESS_RESULTS, *table(results), step)
         failed = False
     finally:
         logger.finish(summary, failed=failed)
     print_summary(summary, out_dir)
-    return {**flat, "harness/results_file": RESULTS_FILE, "harness/settings": asdict(settings)}
+    return {**flat, C.HARNESS_RESULTS_FILE: RESULTS_FILE, C.HARNESS_SETTINGS: asdict(settings)}

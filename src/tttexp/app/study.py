@@ -32,6 +32,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from tttexp.app.sweep_summary import job_dirs
+from tttexp.loggers import catalogue as C
 
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -125,7 +126,7 @@ class Job:
 
     @property
     def ok(self) -> bool:
-        return _finite(self.summary.get("summary/final_val_loss"))
+        return _finite(self.summary.get(C.SUMMARY_FINAL_VAL_LOSS))
 
 
 def _finite(value: Any) -> bool:
@@ -141,7 +142,7 @@ def read_job(path: Path) -> Job | None:
     summary = _json(path / "summary.json") or {}
     job = Job(path=path, arm=str(arm), lr=float((cfg.get("optim") or {}).get("lr", float("nan"))),
               summary=summary, seq_len=int((cfg.get("data") or {}).get("seq_len") or 0))
-    steps, tokens = summary.get("summary/steps"), summary.get("summary/tokens_seen")
+    steps, tokens = summary.get(C.SUMMARY_STEPS), summary.get(C.SUMMARY_TOKENS_SEEN)
     per_step = tokens / steps if _finite(steps) and steps and _finite(tokens) else 0.0
     metrics = path / "metrics.jsonl"
     if metrics.is_file():
@@ -153,10 +154,10 @@ def read_job(path: Path) -> Job | None:
                 continue
             if row.get("_type") == "start":
                 job.facts = row.get("facts") or {}
-            elif "val/loss" in row:
-                curve[int(row["step"])] = float(row["val/loss"])
-            if "train/tokens_per_sec" in row:
-                job.train_tps.append(float(row["train/tokens_per_sec"]))
+            elif C.VAL_LOSS in row:
+                curve[int(row["step"])] = float(row[C.VAL_LOSS])
+            if C.TRAIN_TOKENS_PER_SEC in row:
+                job.train_tps.append(float(row[C.TRAIN_TOKENS_PER_SEC]))
         job.val_curve = [(step * per_step, loss) for step, loss in sorted(curve.items())]
     return job
 
@@ -195,7 +196,7 @@ def best_jobs(jobs: list[Job]) -> dict[str, tuple[Job | None, list[Job]]]:
     out = {}
     for arm, members in arms.items():
         ok = [j for j in members if j.ok]
-        out[arm] = (min(ok, key=lambda j: j.summary["summary/final_val_loss"]) if ok else None, members)
+        out[arm] = (min(ok, key=lambda j: j.summary[C.SUMMARY_FINAL_VAL_LOSS]) if ok else None, members)
     return out
 
 
@@ -205,32 +206,32 @@ def _median(values: list[float]) -> float | None:
 
 
 def compare_rows(jobs: list[Job]) -> list[dict[str, Any]]:
-    hashes = {j.summary.get("summary/data_hash") for j in jobs if j.ok}
-    tokens = {j.summary.get("summary/tokens_seen") for j in jobs if j.ok}
+    hashes = {j.summary.get(C.SUMMARY_DATA_HASH) for j in jobs if j.ok}
+    tokens = {j.summary.get(C.SUMMARY_TOKENS_SEEN) for j in jobs if j.ok}
     same = "yes" if len(hashes) == 1 and None not in hashes and len(tokens) == 1 else "NO"
     rows = []
     for arm, (best, members) in best_jobs(jobs).items():
-        grid = " ".join(f"{j.lr:g}:{j.summary['summary/final_val_loss']:.4f}" if j.ok else f"{j.lr:g}:failed"
+        grid = " ".join(f"{j.lr:g}:{j.summary[C.SUMMARY_FINAL_VAL_LOSS]:.4f}" if j.ok else f"{j.lr:g}:failed"
                         for j in sorted(members, key=lambda j: j.lr))
         row: dict[str, Any] = {c: "" for c in COLUMNS}
         row.update({"arm": arm, "lr_grid": grid, "same_data": same, "jobs": len(members)})
         if best is not None:
             s = best.summary
-            late_len = s.get("summary/position_eval_len")
+            late_len = s.get(C.SUMMARY_POSITION_EVAL_LEN)
             row.update({
                 "best_lr": f"{best.lr:g}",
-                "parameters": best.facts.get("model/total_parameters", ""),
-                "tokens": s.get("summary/tokens_seen", ""),
-                "train_flops": s.get("summary/train_flops", ""),
-                "final_train_loss": s.get("summary/final_loss", ""),
-                "val_loss": s.get("summary/final_val_loss", ""),
-                "val_ppl": s.get("summary/final_val_ppl", ""),
-                "ppl_within_train": s.get("summary/ppl_within_train", ""),
-                "ppl_late": s.get("summary/ppl_late", ""),
+                "parameters": best.facts.get(C.MODEL_TOTAL_PARAMETERS, ""),
+                "tokens": s.get(C.SUMMARY_TOKENS_SEEN, ""),
+                "train_flops": s.get(C.SUMMARY_TRAIN_FLOPS, ""),
+                "final_train_loss": s.get(C.SUMMARY_FINAL_LOSS, ""),
+                "val_loss": s.get(C.SUMMARY_FINAL_VAL_LOSS, ""),
+                "val_ppl": s.get(C.SUMMARY_FINAL_VAL_PPL, ""),
+                "ppl_within_train": s.get(C.SUMMARY_PPL_WITHIN_TRAIN, ""),
+                "ppl_late": s.get(C.SUMMARY_PPL_LATE, ""),
                 "late_positions": f"{int(0.75 * late_len)}-{int(late_len)}" if _finite(late_len) else "",
-                "passkey_accuracy": s.get("summary/passkey_accuracy", ""),
+                "passkey_accuracy": s.get(C.SUMMARY_PASSKEY_ACCURACY, ""),
                 # steady state: compile and evaluation left out (older runs: the median logged window)
-                "tokens_per_sec": s.get("summary/avg_tokens_per_sec") or _median(best.train_tps) or "",
+                "tokens_per_sec": s.get(C.SUMMARY_AVG_TOKENS_PER_SEC) or _median(best.train_tps) or "",
             })
         rows.append(row)
     return rows
@@ -272,7 +273,7 @@ def write_study(sweep_dir: Path) -> list[dict[str, Any]]:
     best = {arm: b for arm, (b, _) in best_jobs(jobs).items() if b is not None}
     label = {arm: f"{arm} (lr {b.lr:g})" for arm, b in best.items()}
     seq_len = next((b.seq_len for b in best.values() if b.seq_len), 0)
-    tokens = next((b.summary.get("summary/tokens_seen") for b in best.values()), None)
+    tokens = next((b.summary.get(C.SUMMARY_TOKENS_SEEN) for b in best.values()), None)
     budget = f"{int(tokens):,} tokens" if _finite(tokens) else "same tokens"
     same = rows[0]["same_data"] == "yes"
     fair = "same tokens, same order" if same else "DATA DIFFERED"

@@ -28,15 +28,17 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from tttexp.loggers import catalogue as C
+
 log = logging.getLogger(__name__)
 
 SUMMARY_CSV = "summary.csv"
 #: (column, key in summary.json, decimals in the printed table)
 METRICS: tuple[tuple[str, str, int], ...] = (
-    ("final_loss", "summary/final_loss", 4),
-    ("final_val_loss", "summary/final_val_loss", 4),
-    ("final_val_ppl", "summary/final_val_ppl", 2),
-    ("tokens_per_sec", "summary/avg_tokens_per_sec", 0),
+    ("final_loss", C.SUMMARY_FINAL_LOSS, 4),
+    ("final_val_loss", C.SUMMARY_FINAL_VAL_LOSS, 4),
+    ("final_val_ppl", C.SUMMARY_FINAL_VAL_PPL, 2),
+    ("tokens_per_sec", C.SUMMARY_AVG_TOKENS_PER_SEC, 0),
 )
 _SKIP_DIRS = {"checkpoints", "wandb", "elastic"}  # never hold job directories; can be large
 

@@ -1,7 +1,7 @@
 """The app: ``python -m tttexp.train [group=option ...] [key=value ...]`` (``-m`` for sweeps).
 
-Compose and check the config, seed, build the strategy, data, model and logger with ``hydra.utils.instantiate``,
-and hand them to the :class:`tttexp.trainer.Trainer`. No training logic lives here.
+Compose and check the config, set up the process layout, build the data, model and logger (app/build.py), and hand
+them to the :class:`tttexp.training.trainer.Trainer`. No training logic lives here.
 """
 
 from __future__ import annotations
@@ -15,15 +15,16 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.types import RunMode
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from tttexp.app.build import build, build_logger, build_model_and_data, build_strategy
 from tttexp.app.schemas import register_configs, validate
 from tttexp.app.security import check_config
+from tttexp.app.table import print_summary
 from tttexp.console import copy_console_to
-from tttexp.errors import ConfigError, TTTExpError
+from tttexp.errors import TTTExpError
+from tttexp.loggers import catalogue as C
 from tttexp.loggers.protocol import Resume
 from tttexp.training import rundir
 from tttexp.training.config import OptimConfig, TrainerConfig
@@ -129,7 +130,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
     data = build(cfg.data)
     model, extra_facts = build_model_and_data(cfg, strategy, data, resuming=resume_state is not None,
                                               resume_config=(resume_state or {}).get("model_config"))
-    logger = _build_logger(cfg, run_dir, strategy.is_main)
+    logger = build_logger(cfg, run_dir, strategy.is_main)
     facts = {**_facts(cfg, model, strategy, device), **extra_facts}
     resume = None if resume_state is None else Resume(int(resume_state["step"]), resume_state.get("wandb_run_id"))
     logger.start(run_dir, OmegaConf.to_container(cfg, resolve=True), facts, resume=resume)
@@ -150,67 +151,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
         strategy.teardown()
     if strategy.is_main:
         print_summary(summary, run_dir)
-    return summary.get("summary/final_val_loss")
-
-
-def build(node: DictConfig, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate``, with the project's one-line errors passed through unwrapped (Hydra wraps
-    whatever a target raises in a multi-line InstantiationException)."""
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as err:
-        cause = err.__cause__
-        if isinstance(cause, TTTExpError):
-            raise cause from None
-        if isinstance(cause, ValueError):  # the constructors' own argument checks: one line each
-            raise ConfigError(" ".join(str(cause).split())) from None
-        raise
-
-
-def build_strategy(cfg: DictConfig):
-    """The process/device layer from ``distributed``, with the numerics the ``trainer`` group owns."""
-    t = cfg.trainer
-    return build(cfg.distributed, precision=t.precision, compile=t.compile, tf32=t.tf32,
-                       deterministic=t.deterministic, on_cpu=t.on_cpu, label=f"strategy={cfg.recipe}")
-
-
-def build_model_and_data(cfg: DictConfig, strategy, data, resuming: bool = False,
-                         resume_config: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
-    """The model source (``model._target_``) names the tokenizer, the data is set up with it, then the model is
-    built on the strategy's device. Returns the model and the facts the source adds to the run's record."""
-    from tttexp.data.tokenizer import wrap_transformers_tokenizer
-    from tttexp.models.pretrained import peek_batches
-    from tttexp.training.validation import mean_loss
-
-    source = build(cfg.model, stream=cfg.data.stream)
-    base_tokenizer = source.tokenizer()
-    tokenizer = wrap_transformers_tokenizer(base_tokenizer, source.label) if base_tokenizer is not None else None
-    data.setup(rank=strategy.data_rank, world_size=strategy.data_world_size, mini_batch_size=cfg.model.mini_batch_size,
-               tokenizer=tokenizer, device=strategy.device, check_batches=cfg.trainer.check_batches)
-
-    def validation(model) -> float:
-        total, count = mean_loss(model, data.val_set.batches(data.batch_size), autocast=strategy.autocast())
-        return total / max(count, 1)
-
-    model, facts = source.build(
-        vocab_size=data.vocab_size, eos_token_id=data.tokenizer.eos_id,
-        calibration=lambda: peek_batches(data.train_loader, 16), validation=validation,
-        resuming=resuming, resume_config=resume_config, device=strategy.device,
-    )
-    if strategy.is_main and "model/base_val_loss" in facts:
-        print(f"base model {facts['model/base_model']}: val loss {facts['model/base_val_loss']:.4f}; converted "
-              f"({facts['model/num_converted_layers']} layers TTT): {facts['model/converted_val_loss']:.4f}",
-              flush=True)
-    return model, facts
-
-
-def _build_logger(cfg: DictConfig, run_dir: Path, is_main: bool):
-    from tttexp.loggers import JsonlLogger, LoggerGroup, NullLogger
-
-    if not is_main:
-        return NullLogger()
-    backend = build(cfg.logging) if cfg.logging._target_.endswith("WandbLogger") else NullLogger()
-    return LoggerGroup([JsonlLogger(run_dir / "metrics.jsonl"), backend])
+    return summary.get(C.SUMMARY_FINAL_VAL_LOSS)
 
 
 def _fill_logger_names(cfg: DictConfig) -> None:
@@ -241,18 +182,18 @@ def _health_monitor():
 
 def _facts(cfg: DictConfig, model, strategy, device) -> dict[str, Any]:
     return {
-        "model/total_parameters": sum(p.numel() for p in model.parameters()),
-        "model/hidden_size": model.config.hidden_size,
-        "model/num_layers": model.config.num_hidden_layers,
-        "model/ttt_layer": model.config.ttt_layer,
-        "model/mixer": cfg.model.mixer if cfg.model.mixer_types is None else ",".join(cfg.model.mixer_types),
-        "model/backbone": model.config.backbone,
-        "model/kernel": model.resolved_kernel(device.type),
-        "model/state_passing": bool(cfg.data.stream),
-        "model/preset": cfg.model.name,
+        C.MODEL_TOTAL_PARAMETERS: sum(p.numel() for p in model.parameters()),
+        C.MODEL_HIDDEN_SIZE: model.config.hidden_size,
+        C.MODEL_NUM_LAYERS: model.config.num_hidden_layers,
+        C.MODEL_TTT_LAYER: model.config.ttt_layer,
+        C.MODEL_MIXER: cfg.model.mixer if cfg.model.mixer_types is None else ",".join(cfg.model.mixer_types),
+        C.MODEL_BACKBONE: model.config.backbone,
+        C.MODEL_KERNEL: model.resolved_kernel(device.type),
+        C.MODEL_STATE_PASSING: bool(cfg.data.stream),
+        C.MODEL_PRESET: cfg.model.name,
         "recipe": cfg.recipe,
-        "trainer/precision": strategy.precision,
-        "trainer/compile": strategy.compile_label(model),  # auto resolved; "off" after a CPU fallback
+        C.TRAINER_PRECISION: strategy.precision,
+        C.TRAINER_COMPILE: strategy.compile_label(model),  # auto resolved; "off" after a CPU fallback
         "world_size": strategy.world_size,
         "device": str(device),
         "git_commit": _git_commit(),
@@ -267,16 +208,3 @@ def _git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
-    """The end-of-run table."""
-    rows = [(k.removeprefix("summary/"), v) for k, v in summary.items()]
-    width = max((len(k) for k, _ in rows), default=10)
-    print("\n" + "-" * (width + 20))
-    for key, value in rows:
-        text = f"{value:,.4f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value)
-        print(f"{key:<{width}}  {text:>16}")
-    print("-" * (width + 20))
-    print(f"run directory: {run_dir}", flush=True)
-

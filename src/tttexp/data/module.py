@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from tttexp.data.corpus import SOURCES, id_digest, shipped_files, text_files, val_mask
+from tttexp.data.config import DataConfig
+from tttexp.data.corpus import id_digest, shipped_files, text_files, val_mask
 from tttexp.data.pretokenize import Source, prepare, source_texts
 from tttexp.data.shards import PreparedCorpus
 from tttexp.data.tokenizer import Tokenizer, build_tokenizer
@@ -39,57 +40,21 @@ class DataModule:
     atomic and a prepare holds a lock on its corpus, so every rank may call `setup()` at once.
     """
 
-    def __init__(
-        self,
-        source: str = "shipped",
-        seq_len: int = 128,
-        batch_size: int = 8,
-        stream: bool = False,
-        prefetch: bool = False,
-        tokenizer: str = "bpe",
-        vocab_size: int = 4096,
-        val_fraction: float = 0.05,
-        val_windows: int = 32,
-        paths: list[str] | None = None,
-        hf_dataset: str | None = None,
-        hf_config: str | None = None,
-        hf_split: str = "train",
-        text_field: str = "text",
-        max_documents: int | None = None,
-        max_tokens: int | None = None,
-        cache_dir: str | None = None,
-        prepared_dir: str | None = None,
-        workers: int | None = None,
-        seed: int = 0,
-    ) -> None:
-        if source not in SOURCES:
-            raise ValueError(f"unknown data source {source!r}: use one of {', '.join(SOURCES)}")
-        for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("val_windows", val_windows)):
-            if value <= 0:
-                raise ValueError(f"data.{name} must be positive, got {value}")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be strictly between 0 and 1, got {val_fraction}")
-        if tokenizer == "bpe" and vocab_size <= 257:
-            raise ValueError(
-                f"data.vocab_size={vocab_size} is too small for byte-level BPE; use at least 258"
-            )
-        for name, limit in (("max_documents", max_documents), ("max_tokens", max_tokens), ("workers", workers)):
-            if limit is not None and limit <= 0:
-                raise ValueError(f"data.{name} must be positive or null, got {limit}")
-        if source == "text_files" and not paths:
-            raise ValueError("data.source=text_files needs data.paths (files, directories or globs)")
-        if source == "hf" and not hf_dataset:
-            raise ValueError("data.source=hf needs data.hf_dataset (a dataset name or local path)")
-        self.source, self.seq_len, self.batch_size = source, seq_len, batch_size
-        self.stream, self.prefetch = bool(stream), bool(prefetch)
-        self.tokenizer_kind, self.requested_vocab_size = tokenizer, vocab_size
-        self.val_fraction, self.val_windows = val_fraction, val_windows
-        self.paths = list(paths) if paths is not None else None
-        self.hf_dataset, self.hf_config, self.hf_split = hf_dataset, hf_config, hf_split
-        self.text_field = text_field
-        self.max_documents, self.max_tokens, self.workers, self.seed = max_documents, max_tokens, workers, seed
-        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-        self.prepared_dir = Path(prepared_dir).expanduser() if prepared_dir else self.cache_dir / "prepared"
+    def __init__(self, **settings: Any) -> None:
+        """``settings``: the fields of :class:`tttexp.data.config.DataConfig` (checked there)."""
+        config = self.config = DataConfig(**settings)
+        self.source, self.seq_len, self.batch_size = config.source, config.seq_len, config.batch_size
+        self.stream, self.prefetch = bool(config.stream), bool(config.prefetch)
+        self.tokenizer_kind, self.requested_vocab_size = config.tokenizer, config.vocab_size
+        self.val_fraction, self.val_windows = config.val_fraction, config.val_windows
+        self.paths = list(config.paths) if config.paths is not None else None
+        self.hf_dataset, self.hf_config, self.hf_split = config.hf_dataset, config.hf_config, config.hf_split
+        self.text_field = config.text_field
+        self.max_documents, self.max_tokens = config.max_documents, config.max_tokens
+        self.workers, self.seed = config.workers, config.seed
+        self.cache_dir = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
+        self.prepared_dir = (Path(config.prepared_dir).expanduser() if config.prepared_dir
+                             else self.cache_dir / "prepared")
         self._tokenizer: Tokenizer | None = None
         self._train_loader: Any = None
         self._val_set: ValidationSet | None = None
@@ -131,7 +96,7 @@ class DataModule:
             loader = integrity.Fingerprinted(loader)
         if self.prefetch:
             loader = Prefetcher(loader, torch.device(device) if device is not None else torch.device("cpu"),
-                                host_keys=(integrity.KEY,))
+                                depth=self.config.prefetch_depth, host_keys=(integrity.KEY,))
         self._train_loader = loader
 
     def prepare(self, tokenizer: Tokenizer | None = None, progress: bool = True) -> tuple[Path, Tokenizer]:

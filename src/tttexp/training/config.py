@@ -1,7 +1,8 @@
 """The training group's settings: the optimizer (``optim``) and the loop (``trainer``).
 
-Plain dataclasses, Hydra-free: the app registers them as the schema of their config groups and hands the trainer
-the same objects (``OmegaConf.to_object``), so each default is written once, here.
+Plain dataclasses, Hydra-free: the app registers them as the schema of their config groups and builds the trainer's
+objects of the same classes from the composed values (``OptimConfig(**values)``), so each default is written once,
+here.
 """
 
 from __future__ import annotations

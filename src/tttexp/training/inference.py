@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import time
+from typing import Any
 
 import torch
 
+from tttexp.loggers import catalogue as C
 from tttexp.models import TTTForCausalLM
 
 
@@ -24,8 +26,8 @@ def time_inference(
 ) -> tuple[dict[str, float], torch.Tensor]:
     """Prefill ``prompt [B, T]`` with a cache, then decode ``new_tokens`` greedily one token at a time.
 
-    Returns ``{"inference/prefill_ms", "inference/decode_tokens_per_sec", "inference/decode_ms_per_token"}`` and
-    the generated ids ``[B, new_tokens]``.
+    Returns the ``inference/`` record (prefill_ms, decode_tokens_per_sec, decode_ms_per_token) and the generated
+    ids ``[B, new_tokens]``.
     """
     was_training = model.training
     model.eval()
@@ -51,8 +53,20 @@ def time_inference(
         model.train(was_training)
     steps = max(1, new_tokens - 1)
     metrics = {
-        "inference/prefill_ms": 1000.0 * prefill,
-        "inference/decode_tokens_per_sec": prompt.shape[0] * steps / decode if decode > 0 else 0.0,
-        "inference/decode_ms_per_token": 1000.0 * decode / steps,
+        C.INFERENCE_PREFILL_MS: 1000.0 * prefill,
+        C.INFERENCE_DECODE_TOKENS_PER_SEC: prompt.shape[0] * steps / decode if decode > 0 else 0.0,
+        C.INFERENCE_DECODE_MS_PER_TOKEN: 1000.0 * decode / steps,
     }
     return metrics, torch.cat(generated, dim=1)
+
+
+def inference_report(model: TTTForCausalLM, data: Any, device: torch.device,
+                     autocast: contextlib.AbstractContextManager | None = None) -> tuple[dict[str, float], str | None]:
+    """Time inference on the first 64 tokens of the validation set: the timings as a record, and the prompt with
+    its greedy continuation as text (None without a tokenizer)."""
+    prompt = next(data.val_set.batches(1))["input_ids"][:, :64].to(device)
+    record, generated = time_inference(model, prompt, new_tokens=32, autocast=autocast)
+    tokenizer = getattr(data, "tokenizer", None)
+    if tokenizer is None:
+        return record, None
+    return record, tokenizer.decode(prompt[0].tolist()) + " ▶ " + tokenizer.decode(generated[0].tolist())

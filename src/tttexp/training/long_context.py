@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tttexp.loggers import catalogue as C
 from tttexp.training.validation import loss_by_position
 
 BYTES = 4  # fp32 activations
@@ -163,9 +164,9 @@ def context_reports(
                                         sequences=sequences, batch_size=batch_size, autocast=autocast)
     if result is not None:
         rows = result.rows
-        logger.log_table("val/ppl_by_position", *result.table(), step=step)
-        extras.update({"summary/ppl_late": result.late_ppl(), "summary/ppl_within_train": result.within_train_ppl(),
-                       "summary/position_eval_len": result.length})
+        logger.log_table(C.VAL_PPL_BY_POSITION, *result.table(), step=step)
+        extras.update({C.SUMMARY_PPL_LATE: result.late_ppl(), C.SUMMARY_PPL_WITHIN_TRAIN: result.within_train_ppl(),
+                       C.SUMMARY_POSITION_EVAL_LEN: result.length})
         if write:
             result.write_csv(out_dir / "ppl_by_position.csv")
         if plots:
@@ -173,18 +174,37 @@ def context_reports(
                      f"trained at {train_len})")
             png = P.plot_by_position(rows, out_dir / "ppl_by_position.png", title=title, train_len=train_len)
             if png is not None:
-                logger.log_image("plots/ppl_by_position", png, step=step)
+                logger.log_image(C.PLOTS_PPL_BY_POSITION, png, step=step)
     if passkey is not None and passkey.enabled:
         filler = filler_tokens(held_out_documents(data.val_set))
         found = run_passkey(model, data.tokenizer, filler, passkey, autocast=autocast)
-        logger.log_table("val/passkey", ["length", "depth", "trials", "correct", "accuracy"],
+        logger.log_table(C.VAL_PASSKEY, ["length", "depth", "trials", "correct", "accuracy"],
                          [[r[c] for c in ("length", "depth", "trials", "correct", "accuracy")] for r in found.rows],
                          step=step)
         if write:
             found.write_csv(out_dir / "passkey.csv")
-        extras["summary/passkey_accuracy"] = found.accuracy
+        extras[C.SUMMARY_PASSKEY_ACCURACY] = found.accuracy
         if plots:
             png = P.plot_passkey(found.rows, out_dir / "passkey.png")
             if png is not None:
-                logger.log_image("plots/passkey", png, step=step)
+                logger.log_image(C.PLOTS_PASSKEY, png, step=step)
     return rows, extras
+
+
+def final_reports(model: Any, data: Any, run_dir: Path, logger: Any, step: int, loop: Any, passkey: Any | None,
+                  autocast: contextlib.AbstractContextManager | None, main: bool) -> dict[str, float]:
+    """The trainer's end of run: :func:`context_reports` with the ``trainer`` group's settings (``loop``), then the
+    loss-curve plot. ``main``: this process writes files and plots. Returns the summary values."""
+    _rows, extras = context_reports(
+        model, data, run_dir, logger, step, length=loop.position_eval_len, sequences=loop.position_eval_sequences,
+        passkey=passkey, autocast=autocast, plots=loop.plots and main, write=main,
+        batch_size=data.train_loader.batch_size,
+    )
+    if loop.plots and main:
+        from tttexp.training import plots
+
+        metrics = run_dir / "metrics.jsonl"
+        loss_png = plots.plot_losses(metrics, run_dir / "loss.png") if metrics.exists() else None
+        if loss_png is not None:
+            logger.log_image(C.PLOTS_LOSS, loss_png, step=step)
+    return extras

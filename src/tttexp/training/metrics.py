@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from tttexp.loggers import catalogue as C
+
 # Dense bf16 peak FLOP/s by device-name fragment (datasheet figures, without sparsity).
 PEAK_BF16_FLOPS = {
     "H200": 989e12,
@@ -59,6 +61,17 @@ def train_flops_per_token(num_params: int, mixer_fwd_flops: float) -> float:
     return 6.0 * num_params + 3.0 * mixer_fwd_flops
 
 
+def model_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token of a TTT-family model at ``seq_len`` (its config names its mixers)."""
+    config = model.config
+    mixers = [config.mixer(i) for i in range(config.num_hidden_layers)]
+    return train_flops_per_token(
+        sum(p.numel() for p in model.parameters()),
+        mixer_flops_per_token(mixers, config.hidden_size, config.num_attention_heads, config.mini_batch_size,
+                              config.ttt_layer, seq_len),
+    )
+
+
 def peak_flops(device: torch.device) -> float | None:
     """The device's dense bf16 peak, when known (``None`` on the CPU or an unknown GPU)."""
     if device.type != "cuda":
@@ -81,12 +94,12 @@ def gpu_memory(device: torch.device) -> dict[str, float]:
     """Allocated, reserved and peak GPU memory in GiB; allocated is 0 where there is no GPU, so the series
     exists in every run."""
     if device.type != "cuda":
-        return {"system/gpu_memory_allocated": 0.0}
+        return {C.SYSTEM_GPU_MEMORY_ALLOCATED: 0.0}
     gib = 1024**3
     return {
-        "system/gpu_memory_allocated": torch.cuda.memory_allocated(device) / gib,
-        "system/gpu_memory_reserved": torch.cuda.memory_reserved(device) / gib,
-        "system/gpu_memory_peak": torch.cuda.max_memory_allocated(device) / gib,
+        C.SYSTEM_GPU_MEMORY_ALLOCATED: torch.cuda.memory_allocated(device) / gib,
+        C.SYSTEM_GPU_MEMORY_RESERVED: torch.cuda.memory_reserved(device) / gib,
+        C.SYSTEM_GPU_MEMORY_PEAK: torch.cuda.max_memory_allocated(device) / gib,
     }
 
 
@@ -96,12 +109,12 @@ def host_memory() -> dict[str, float]:
     out: dict[str, float] = {}
     try:
         pages = int(Path("/proc/self/statm").read_text().split()[1])
-        out["system/host_memory_rss"] = pages * os.sysconf("SC_PAGE_SIZE") / gib
+        out[C.SYSTEM_HOST_MEMORY_RSS] = pages * os.sysconf("SC_PAGE_SIZE") / gib
     except (OSError, ValueError, IndexError):
         pass
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    out["system/host_memory_peak"] = peak_kib * 1024 / gib
-    out.setdefault("system/host_memory_rss", out["system/host_memory_peak"])
+    out[C.SYSTEM_HOST_MEMORY_PEAK] = peak_kib * 1024 / gib
+    out.setdefault(C.SYSTEM_HOST_MEMORY_RSS, out[C.SYSTEM_HOST_MEMORY_PEAK])
     return out
 
 
@@ -206,13 +219,13 @@ class RunClock:
         total = self.elapsed()
         other = max(0.0, total - sum(self.seconds.values()))
         return {
-            "summary/total_time": total,
-            "summary/compile_time": self.seconds["compile"],
-            "summary/train_time": self.seconds["train"],
-            "summary/eval_time": self.seconds["eval"],
-            "summary/other_time": other,
-            "summary/avg_tokens_per_sec": self.steady_tokens_per_second(),
-            "summary/wall_tokens_per_sec": tokens_per_second(self.tokens, total),
+            C.SUMMARY_TOTAL_TIME: total,
+            C.SUMMARY_COMPILE_TIME: self.seconds["compile"],
+            C.SUMMARY_TRAIN_TIME: self.seconds["train"],
+            C.SUMMARY_EVAL_TIME: self.seconds["eval"],
+            C.SUMMARY_OTHER_TIME: other,
+            C.SUMMARY_AVG_TOKENS_PER_SEC: self.steady_tokens_per_second(),
+            C.SUMMARY_WALL_TOKENS_PER_SEC: tokens_per_second(self.tokens, total),
         }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from tttexp.loggers import catalogue as C
 from tttexp.loggers.jsonl import read_metrics
 
 
@@ -21,18 +22,18 @@ def plot_losses(metrics_path: Path, out: Path) -> Path | None:
     """Train and validation loss against the step (the last record of each step wins, so resumes overwrite)."""
     train, val = {}, {}
     for row in read_metrics(metrics_path):
-        if "train/loss" in row:
-            train[row["step"]] = row["train/loss"]
-        if "val/loss" in row:
-            val[row["step"]] = row["val/loss"]
+        if C.TRAIN_LOSS in row:
+            train[row["step"]] = row[C.TRAIN_LOSS]
+        if C.VAL_LOSS in row:
+            val[row["step"]] = row[C.VAL_LOSS]
     if not train and not val:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if train:
-        ax.plot(sorted(train), [train[s] for s in sorted(train)], label="train/loss")
+        ax.plot(sorted(train), [train[s] for s in sorted(train)], label=C.TRAIN_LOSS)
     if val:
-        ax.plot(sorted(val), [val[s] for s in sorted(val)], "o-", label="val/loss")
+        ax.plot(sorted(val), [val[s] for s in sorted(val)], "o-", label=C.VAL_LOSS)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)

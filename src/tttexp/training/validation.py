@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,13 @@ def mean_loss(
     finally:
         model.train(was_training)
     return total, count
+
+
+def mean_loss_all(model: TTTForCausalLM, batches, strategy: Any) -> float:
+    """:func:`mean_loss` token-weighted over all processes of ``strategy``."""
+    total, count = mean_loss(model, batches, autocast=strategy.autocast())
+    sums = strategy.all_reduce_mean(torch.tensor([total, float(count)], dtype=torch.float64, device=strategy.device))
+    return float(sums[0] / sums[1].clamp_min(1))
 
 
 @torch.no_grad()
