@@ -23,7 +23,7 @@ train: $(STAMP)
 	$(PY) -m tttexp.train
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-extended: $(STAMP)
 	$(PY) -m pytest -q -m extended

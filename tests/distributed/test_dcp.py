@@ -115,7 +115,7 @@ def test_a_different_model_shape_is_one_line_naming_both(tmp_path, app_cache, on
     other, _ = W.train(W.overrides("linear", 1, "single", "trainer.max_steps=1", "model.hidden_size=32"),
                        tmp_path / "other", app_cache)
     with pytest.raises(CheckpointError) as err:
-        other._restore(load_checkpoint(tmp_path / "run/checkpoints/step-00000001.dcp"))
+        other.restore(load_checkpoint(tmp_path / "run/checkpoints/step-00000001.dcp"))
     text = str(err.value)
     assert "\n" not in text and "hidden=64" in text and "hidden=32" in text
     assert "is [4096, 64] there and [4096, 32] here" in text

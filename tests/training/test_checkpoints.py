@@ -43,19 +43,19 @@ def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float =
                                     ["strategy=multi_gpu_state_passing", "distributed.nproc_per_node=1"]])
 def test_kill_9_then_resume_gives_the_uninterrupted_loss_curve(run_app, app_cache, tmp_path, recipe):
     steps = [*FAST, *recipe, "trainer.max_steps=40", "trainer.ckpt_every=5", "trainer.keep_last=2"]
-    ref = run_app(*steps, f"hydra.run.dir={tmp_path}/ref")
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    reference = last_by_step(tmp_path / "ref", "train/loss")
-
+    ref = start(app_cache, tmp_path, *steps, f"hydra.run.dir={tmp_path}/ref")  # beside the killed run
     run = tmp_path / "killed"
     proc = start(app_cache, tmp_path, *steps, f"hydra.run.dir={run}")
     try:
         wait_for_step(run, 12, proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
+        assert ref.wait(timeout=300) == 0, ref.stderr.read()[-3000:]
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        for p in (proc, ref):
+            if p.poll() is None:
+                p.kill()
+    reference = last_by_step(tmp_path / "ref", "train/loss")
     assert max(last_by_step(run, "train/loss")) < 40
     resumed = run_app(*steps, "resume=auto", f"hydra.run.dir={run}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
