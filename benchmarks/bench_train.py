@@ -1,8 +1,11 @@
-"""Training throughput, MFU and peak memory: TTT models against a same-width Llama (SDPA), in one run.
+"""Training throughput, MFU and peak memory: TTT models against same-width baselines, in one run.
 
     python benchmarks/bench_train.py --sizes 125m --contexts 2048,8192,32768 --tokens 16384
 Each row times full optimizer steps (forward, backward, fused AdamW) in bf16 autocast, median over timed steps
-after warm-up; the Llama runs eager and, with --compile-llama, compiled; the ratio uses the faster Llama.
+after warm-up. Two baselines: transformers' Llama (SDPA), eager and, with --compile-llama, compiled; and the
+project's own Transformer++ arm (``model.mixer=attention``: the Llama block in this code base), run in each of the
+TTT rows' modes, so it gets the same compile. The ratio is against the fastest baseline of the same size and
+context.
 TTT models run eager, compiled whole ("compiled") or compiled one block at a time ("blocks": every block shares
 one compiled graph, so large models compile in a fraction of the time; the head and loss stay eager).
 """
@@ -16,12 +19,13 @@ import statistics
 from pathlib import Path
 
 import torch
-from common import VOCAB, commit, llama, ttt
+from common import VOCAB, arm, commit, llama, ttt
 
 from tttexp.models import SIZE_PRESETS
 from tttexp.training.metrics import PEAK_BF16_FLOPS, train_flops_per_token, ttt_flops_per_token
 
 MODES = {"eager": False, "compiled": True, "blocks": "blocks"}
+MODE_NAMES = {False: "eager", True: "compiled", "blocks": "blocks"}
 
 
 def time_steps(model, batch: int, ctx: int, steps: int, warmup: int, compiled: bool | str,
@@ -77,7 +81,7 @@ def profile_steps(call, opt, ids, path: Path, steps: int = 2) -> Path:
 
 def flops_per_token(kind: str, size: str, ctx: int, layer: str, n_params: int) -> float:
     p = SIZE_PRESETS[size]
-    if kind == "llama":  # 6N plus causal attention: 6 * layers * ctx * hidden (QK^T and AV, fwd+bwd, halved)
+    if kind in ("llama", "attention"):  # 6N + causal attention: 6 * layers * ctx * hidden (QK^T, AV; fwd+bwd; halved)
         return 6.0 * n_params + 6.0 * p["num_hidden_layers"] * ctx * p["hidden_size"]
     return train_flops_per_token(n_params, ttt_flops_per_token(p["hidden_size"], p["num_attention_heads"],
                                                                p["num_hidden_layers"], 16, layer))
@@ -88,16 +92,17 @@ def measure(kind: str, size: str, ctx: int, batch: int, layer: str, args, compil
     torch.manual_seed(0)
     row = {"model": kind, "size": size, "context": ctx, "batch": batch, "ttt_layer": layer if kind == "ttt" else None,
            "kernel": kernel if kind == "ttt" else None, "compiled": compiled,
-           "checkpointing": bool(args.checkpointing if kind == "ttt" else args.llama_checkpointing)}
+           "checkpointing": bool(args.llama_checkpointing if kind == "llama" else args.checkpointing)}
     model = None
     try:
-        model = ttt(size, layer, args.checkpointing, kernel) if kind == "ttt" else llama(size)
+        model = (ttt(size, layer, args.checkpointing, kernel) if kind == "ttt" else
+                 arm(size, args.checkpointing) if kind == "attention" else llama(size))
         if kind == "llama" and args.llama_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         n_params = sum(p.numel() for p in model.parameters())
         prof = None
         if args.profile:
-            tag = f"{kind}-{layer if kind == 'ttt' else ''}-{size}-{ctx}{'-compiled' if compiled else ''}"
+            tag = f"{kind}-{layer if kind == 'ttt' else ''}-{size}-{ctx}-{MODE_NAMES[compiled]}"
             prof = Path(args.profile) / f"{tag}.txt"
         row.update(time_steps(model, batch, ctx, args.steps, args.warmup, compiled, prof))
         peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name()), None)
@@ -127,7 +132,8 @@ def main() -> None:
     parser.add_argument("--compile-llama-max-context", type=int, default=1 << 30,
                         help="compile the Llama only up to this context (compiled SDPA is slower at 32k)")
     parser.add_argument("--ttt-modes", default="eager", help="eager,compiled,blocks: how to run the TTT models")
-    parser.add_argument("--skip-llama", action="store_true", help="TTT rows only (Llama measured in another run)")
+    parser.add_argument("--skip-llama", action="store_true", help="no Llama rows (measured in another run)")
+    parser.add_argument("--skip-arm", action="store_true", help="no Transformer++ arm rows")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing for TTT")
     parser.add_argument("--llama-checkpointing", action="store_true", help="activation checkpointing for the Llama")
     parser.add_argument("--profile", default=None, help="folder for a kernel-time table of each row")
@@ -157,6 +163,9 @@ def main() -> None:
                 for mode in args.ttt_modes.split(","):
                     for kernel in args.kernels.split(","):
                         add(measure("ttt", size, ctx, batch, layer, args, MODES[mode], kernel))
+            if not args.skip_arm:
+                for mode in args.ttt_modes.split(","):
+                    add(measure("attention", size, ctx, batch, "", args, MODES[mode]))
             if not args.skip_llama:
                 add(measure("llama", size, ctx, batch, "", args))
             if args.compile_llama and not args.skip_llama and ctx <= args.compile_llama_max_context:
@@ -164,26 +173,35 @@ def main() -> None:
     print_table(rows)
 
 
-def print_table(rows: list[dict]) -> None:
-    llama_best: dict[tuple, float] = {}
+def fastest_baseline(rows: list[dict]) -> dict[tuple, float]:
+    """Per (size, context): the tokens/s of the fastest baseline row (any Llama or Transformer++ arm mode)."""
+    best: dict[tuple, float] = {}
     for r in rows:
-        if r["model"] == "llama" and "tokens_per_sec" in r:
+        if r["model"] in ("llama", "attention") and "tokens_per_sec" in r:
             key = (r["size"], r["context"])
-            llama_best[key] = max(llama_best.get(key, 0.0), r["tokens_per_sec"])
-    print(f"{'model':<18}{'size':<6}{'ctx':>7}{'batch':>6}{'tok/s':>12}{'vs llama':>10}{'mfu':>7}{'mem GiB':>9}")
+            best[key] = max(best.get(key, 0.0), r["tokens_per_sec"])
+    return best
+
+
+def row_name(r: dict) -> str:
+    mode = {"blocks": "-blocks", True: "-compiled"}.get(r["compiled"], "")
+    if r["model"] == "ttt":
+        return f"ttt-{r['ttt_layer']}" + ("" if r["kernel"] == "triton" else f"-{r['kernel']}") + mode
+    return ("transformer++" if r["model"] == "attention" else "llama") + mode
+
+
+def print_table(rows: list[dict]) -> None:
+    best = fastest_baseline(rows)
+    print(f"{'model':<22}{'size':<6}{'ctx':>7}{'batch':>6}{'tok/s':>12}{'vs best':>9}{'mfu':>7}{'mem GiB':>9}")
     for r in rows:
-        if r["ttt_layer"]:
-            name = f"ttt-{r['ttt_layer']}" + ("" if r["kernel"] == "triton" else f"-{r['kernel']}") + \
-                ("-blocks" if r["compiled"] == "blocks" else "-compiled" if r["compiled"] else "")
-        else:
-            name = "llama" + ("-compiled" if r["compiled"] else "")
+        name = row_name(r)
         if "error" in r:
-            print(f"{name:<18}{r['size']:<6}{r['context']:>7}{r['batch']:>6}  {r['error'][:40]}")
+            print(f"{name:<22}{r['size']:<6}{r['context']:>7}{r['batch']:>6}  {r['error'][:40]}")
             continue
-        ratio = r["tokens_per_sec"] / llama_best.get((r["size"], r["context"]), float("nan"))
+        ratio = r["tokens_per_sec"] / best.get((r["size"], r["context"]), float("nan"))
         mfu = f"{r['mfu']:.2f}" if r.get("mfu") else "-"
-        print(f"{name:<18}{r['size']:<6}{r['context']:>7}{r['batch']:>6}{r['tokens_per_sec']:>12,.0f}"
-              f"{ratio:>10.2f}{mfu:>7}{r['peak_memory_gib']:>9.1f}")
+        print(f"{name:<22}{r['size']:<6}{r['context']:>7}{r['batch']:>6}{r['tokens_per_sec']:>12,.0f}"
+              f"{ratio:>9.2f}{mfu:>7}{r['peak_memory_gib']:>9.1f}")
 
 
 if __name__ == "__main__":

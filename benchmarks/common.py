@@ -76,3 +76,9 @@ def op_fns(op, layer: str, inputs: list, **kw):
         torch.autograd.backward([out, fin[0]], [dout, torch.ones_like(fin[0])])
 
     return fwd, fwd_bwd, leaves
+
+
+def arm(size: str, checkpointing: bool = False):
+    """The project's own Transformer++ (``model.mixer=attention``): the Llama block, built as the app builds it."""
+    return build_model(vocab_size=VOCAB, **SIZE_PRESETS[size], mixer="attention",
+                       gradient_checkpointing=checkpointing)

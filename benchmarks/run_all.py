@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench_train import fastest_baseline
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -32,8 +34,9 @@ RUNS = [
 
 
 def newest(prefix: str) -> dict | None:
-    files = sorted(RESULTS.glob(f"{prefix}*.json"), key=lambda p: p.stat().st_mtime)
-    return json.loads(files[-1].read_text()) if files else None
+    """The result file of ``prefix`` with the latest date inside it (file times are checkout times in a clone)."""
+    found = [json.loads(p.read_text()) for p in sorted(RESULTS.glob(f"{prefix}*.json"))]
+    return max(found, key=lambda d: d.get("date", "")) if found else None
 
 
 def table() -> str:
@@ -46,25 +49,21 @@ def table() -> str:
     for (device, date, commit), train in sorted(runs.items(), key=lambda kv: (kv[0][1], kv[0][2]), reverse=True):
         train.sort(key=lambda r: (order.get(r["size"], 9), r["context"], r["model"] != "ttt"))
         lines += ["" if lines else None, f"Training, {device}, {date}, commit {commit} (bf16, fused AdamW; ratio "
-                  "against the faster of the eager and compiled Llama of the same width, measured on the same "
-                  "GPU in the same run):", "",
-                  "| model | size | context | batch | tokens/s | × Llama | MFU | peak GiB |",
+                  "against the fastest baseline of the same width measured on the same GPU in the same run: "
+                  "transformers' Llama eager or compiled, or the project's Transformer++ arm; runs before "
+                  "2026-12 had no arm row):", "",
+                  "| model | size | context | batch | tokens/s | × fastest baseline | MFU | peak GiB |",
                   "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         lines = [x for x in lines if x is not None]
-        best: dict[tuple, float] = {}
+        best = fastest_baseline(train)
         for r in train:
-            if r["model"] == "llama" and "tokens_per_sec" in r:
-                key = (r["size"], r["context"])
-                best[key] = max(best.get(key, 0.0), r["tokens_per_sec"])
-        for r in train:
+            mode = {"blocks": " compiled per block", True: " compiled"}.get(r["compiled"], "")
             if r["ttt_layer"]:
                 kernel = f" ({r['kernel']})" if r.get("kernel") not in (None, "triton") else ""
-                mode = {"blocks": " compiled per block", True: " compiled"}.get(r["compiled"], "")
-                name = f"TTT-{r['ttt_layer']}{kernel}{mode}" + (" + activation checkpointing"
-                                                                 if r.get("checkpointing") else "")
+                name = f"TTT-{r['ttt_layer']}{kernel}{mode}"
             else:
-                name = "Llama" + (" compiled" if r["compiled"] else "") + (" + activation checkpointing"
-                                                                          if r.get("checkpointing") else "")
+                name = ("Transformer++ arm" if r["model"] == "attention" else "Llama") + mode
+            name += " + activation checkpointing" if r.get("checkpointing") else ""
             if "error" in r:
                 lines.append(f"| {name} | {r['size']} | {r['context']} | {r['batch']} | {r['error']} | | | |")
                 continue
