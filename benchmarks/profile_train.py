@@ -165,18 +165,20 @@ def profile_model(name: str, model, batch: int, ctx: int, dims: dict[str, int], 
         if device == "cuda":
             torch.cuda.synchronize()
     by_class: dict[str, float] = defaultdict(float)
-    kernels: dict[str, float] = defaultdict(float)
+    kernels: dict[tuple[str, str], float] = defaultdict(float)
     for launch in launches(prof, device):
-        by_class[classify(launch, dims)] += launch.us / 1000 / args.steps
-        kernels[launch.kernel] += launch.us / 1000 / args.steps
+        kind = classify(launch, dims)
+        by_class[kind] += launch.us / 1000 / args.steps
+        kernels[(kind, launch.kernel)] += launch.us / 1000 / args.steps
     step_ms = statistics.median(times)
     busy = sum(by_class.values())
     by_class["idle (no kernel running)"] = max(0.0, step_ms - busy)
-    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
+    every = [{"class": kind, "kernel": name, "ms": ms}
+             for (kind, name), ms in sorted(kernels.items(), key=lambda kv: -kv[1])]
     print(f"{name}: step {step_ms:.2f} ms, kernels {busy:.2f} ms, {batch * ctx / step_ms * 1000:,.0f} tokens/s",
           flush=True)
     return {"model": name, "step_ms": step_ms, "kernel_ms": busy, "tokens_per_sec": batch * ctx / step_ms * 1000,
-            "classes": dict(sorted(by_class.items())), "top_kernels": dict(top)}
+            "classes": dict(sorted(by_class.items())), "kernels": every}
 
 
 def build(name: str, size: str, layer: str):
