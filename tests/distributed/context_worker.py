@@ -183,8 +183,11 @@ def saved_bytes(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
+    held = []  # every storage seen stays alive until the end, so no address is reused for another
+
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
+        held.append(storage)
         if storage.data_ptr() not in params:
             saved[storage.data_ptr()] = storage.nbytes()
         return t
