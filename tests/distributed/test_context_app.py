@@ -1,5 +1,5 @@
 """distributed.context_parallel in the app: 10 steps with each sequence split over 2 gloo ranks log the losses of one
-process (DDP and FSDP); unfit settings are refused in one line."""
+process (DDP, FSDP, and state passing: strategy=multi_gpu_state_passing); unfit settings are refused in one line."""
 
 from __future__ import annotations
 
@@ -22,10 +22,12 @@ def losses(result, tmp_path) -> dict[int, float]:
 
 
 @pytest.mark.extended
-@pytest.mark.parametrize("layout", ["ddp", "fsdp"])
+@pytest.mark.parametrize("layout", ["ddp", "fsdp", "state_passing"])
 def test_context_parallel_run_matches_one_process(run_app, tmp_path, layout):
-    one = losses(run_app(*COMMON, "distributed=single", "hydra.run.dir=one"), tmp_path)
-    split = losses(run_app(*COMMON, f"distributed={layout}", "distributed.nproc_per_node=2",
+    recipe = ["strategy=multi_gpu_state_passing"] if layout == "state_passing" else []
+    layout = "ddp" if layout == "state_passing" else layout
+    one = losses(run_app(*COMMON, *recipe, "distributed=single", "hydra.run.dir=one"), tmp_path)
+    split = losses(run_app(*COMMON, *recipe, f"distributed={layout}", "distributed.nproc_per_node=2",
                            "distributed.context_parallel=2", "hydra.run.dir=split"), tmp_path)
     assert sorted(split) == sorted(one) == list(range(1, 11))
     worst = max(abs(split[s] - one[s]) / abs(one[s]) for s in one)
@@ -43,3 +45,8 @@ def test_context_parallel_refusals_come_before_any_process_starts(capsys):
     code = exit_code_of_the_app([*COMMON, "distributed=ddp", "distributed.nproc_per_node=2",
                                  "distributed.context_parallel=2", "data.seq_len=48"])
     assert code == 2 and "must be a multiple of 32" in capsys.readouterr().err
+    code = exit_code_of_the_app([*COMMON, "distributed=ddp", "distributed.nproc_per_node=2",
+                                 "distributed.context_parallel=2", "trainer.position_eval_sequences=2",
+                                 "trainer.position_eval_len=48"])
+    err = capsys.readouterr().err
+    assert code == 2 and "trainer.position_eval_len=48 must be a multiple of 32" in err

@@ -343,10 +343,18 @@ def _long_context_checks(cfg: DictConfig) -> None:
     common = {"hidden": m.hidden_size, "vocab": m.vocab_size or d.vocab_size, "heads": m.num_attention_heads,
               "device": cfg.device}
     checks = []
+    cp = cfg.distributed.context_parallel  # > 1: each rank evaluates its slice of every sequence
+    mixers = list(m.mixer_types) if m.mixer_types is not None else [m.mixer]
+    step = cp * (m.mini_batch_size if "ttt" in mixers else 1)
     if t.position_eval_sequences > 0:
-        checks.append(("trainer.position_eval_len", d.batch_size, t.position_eval_len or 4 * d.seq_len))
-    if cfg.passkey.enabled:
-        checks.append(("passkey.lengths", cfg.passkey.trials, max(cfg.passkey.lengths)))
+        length = t.position_eval_len or 4 * d.seq_len
+        if cp > 1 and length % step:
+            raise ConfigError(f"trainer.position_eval_len={length} must be a multiple of {step} under "
+                              f"distributed.context_parallel={cp} (each rank evaluates whole mini-batches)")
+        checks.append(("trainer.position_eval_len", d.batch_size, length // cp))
+    if cfg.passkey.enabled:  # the prompt's longest prefix of whole mini-batches is split, the rest runs whole
+        longest = max(cfg.passkey.lengths)
+        checks.append(("passkey.lengths", cfg.passkey.trials, longest if cp == 1 else longest // cp + step))
     for what, batch, length in checks:
         problem = check_fits(what=what, batch=batch, length=length, **common)
         if problem:

@@ -10,11 +10,17 @@ rank's slice: a halo, passed as the conv's carried tail.
 The collectives are torch's functional ones (``all_to_all_single``, ``all_gather_single_autograd``): differentiable,
 so the backward runs the reverse exchange. Per layer and per direction each rank sends and receives
 ``(cp - 1) / cp`` of its ``B * T/cp * H * c`` values, ``c`` the channels per head exchanged.
+
+Training always runs the split (the model is in training mode). Evaluation runs whole sequences unless it asks for
+the split inside :meth:`ContextParallel.split_evaluation`. With a cache (state passing, a split prefill) each rank
+keeps the state of the heads it computes: the TTT inner states and attention keys/values of its ``H / cp`` heads;
+the conv tails and ``seqlen_offset`` are the whole sequence's, the same on every rank of the group.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -32,6 +38,20 @@ class ContextParallel:
         self.group = group
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
+        self._evaluating = False
+
+    def active(self, training: bool) -> bool:
+        """Does a module in this mode take a slice (training, or evaluation inside :meth:`split_evaluation`)?"""
+        return training or self._evaluating
+
+    @contextlib.contextmanager
+    def split_evaluation(self) -> Iterator[None]:
+        """Evaluation calls inside take this rank's slice of each sequence, as training does."""
+        before, self._evaluating = self._evaluating, True
+        try:
+            yield
+        finally:
+            self._evaluating = before
 
     # --- the exchange ----------------------------------------------------------------------------------------------
 
@@ -60,15 +80,20 @@ class ContextParallel:
 
     # --- the sequence around the exchange ------------------------------------------------------------------------
 
-    def halo(self, x: Tensor, width: int) -> Tensor:
-        """The ``width`` inputs before this rank's slice ``x [B, T/cp, C]`` (zeros on the first rank): the carried
-        tail of a causal conv, so that it computes on its slice what it computes on the whole sequence."""
+    def halo(self, x: Tensor, width: int, carried: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The ``width`` inputs before this rank's slice ``x [B, T/cp, C]``: the carried tail of a causal conv, so
+        that it computes on its slice what it computes on the whole sequence. The first rank takes ``carried`` (the
+        previous chunk's tail, under state passing) or zeros. Also returns the whole sequence's last ``width``
+        inputs (detached): the tail a cache carries to the next chunk, the same on every rank."""
         if width == 0:
-            return x[:, :0]
+            return x[:, :0], x[:, :0].detach()
         tails = funcol.all_gather_single_autograd(x[:, -width:].contiguous(), 0, self.group)
         tails = _wait(tails).view(self.size, *x.shape[:1], width, x.shape[2])
         # the first rank takes zeros through the same graph: every rank must run the gather's backward
-        return tails[self.rank - 1] * (1.0 if self.rank > 0 else 0.0)
+        past = tails[self.rank - 1] * (1.0 if self.rank > 0 else 0.0)
+        if self.rank == 0 and carried is not None:
+            past = past + carried.to(past.dtype)
+        return past, tails[-1].detach()
 
     def gather_seq(self, x: Tensor | None) -> Tensor | None:
         """The whole sequence of a ``[B, T/cp, ...]`` tensor that needs no gradient (document starts)."""
@@ -77,6 +102,28 @@ class ContextParallel:
         parts = [torch.empty_like(x, dtype=torch.uint8) for _ in range(self.size)]
         dist.all_gather(parts, x.to(torch.uint8).contiguous(), group=self.group)
         return torch.cat(parts, dim=1).to(x.dtype)
+
+    def gather_heads(self, cache) -> None:
+        """Make a cache whose TTT states and attention keys/values hold this rank's heads (after a split forward)
+        whole again, in place: every rank then holds every head and can continue the sequence on its own."""
+        for layer in cache.layers:
+            if layer.ttt is not None:
+                layer.ttt = tuple(self._all_heads(t) for t in layer.ttt)
+            if layer.pending is not None:
+                layer.pending = tuple(self._all_heads(t) for t in layer.pending)
+            if layer.keys is not None:
+                layer.keys, layer.values = self._all_heads(layer.keys), self._all_heads(layer.values)
+
+    def _all_heads(self, t: Tensor) -> Tensor:
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        dist.all_gather(parts, t.detach().contiguous(), group=self.group)
+        return torch.cat(parts, dim=1)
+
+    def sum_over_group(self, t: Tensor) -> Tensor:
+        """The sum of ``t`` over the context group (a new tensor; no gradient)."""
+        out = t.detach().clone()
+        dist.all_reduce(out, group=self.group)
+        return out
 
     def token_mean_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """This rank's share of the whole sequence's mean cross-entropy, scaled by ``cp``: the mean over the group
@@ -101,12 +148,13 @@ class ContextParallel:
         """The absolute position of this rank's first token (slices are equal and in rank order)."""
         return self.rank * local_len
 
-    def check_slice(self, local_len: int, cached: bool, config, mixers: list[str]) -> None:
-        """Refuse, in one line, what the split cannot compute exactly: a cache (decoding carries state on one
-        process), heads that ``cp`` does not divide, a slice that is not whole mini-batches."""
-        if cached:
-            raise StrategyError("distributed.context_parallel > 1 runs whole sequences: no cache (decoding)")
+    def check_slice(self, local_len: int, offset: int, config, mixers: list[str]) -> None:
+        """Refuse, in one line, what the split cannot compute exactly: heads that ``cp`` does not divide, a slice
+        that is not whole mini-batches, a cached sequence that stopped inside a mini-batch (``offset`` tokens)."""
         multiple = config.mini_batch_size if "ttt" in mixers else 1
+        if offset % multiple:
+            raise StrategyError(f"distributed.context_parallel > 1 continues a cached sequence only at a mini-batch "
+                                f"boundary ({offset} tokens are not a multiple of {multiple})")
         check_split(self.size, config.num_attention_heads, config.num_key_value_heads, local_len * self.size,
                     multiple)
 

@@ -45,13 +45,16 @@ class Attention(nn.Module):
         q = self.q_proj(hidden).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
-        cp = self.context if self.training else None  # evaluation runs whole sequences
+        # this rank's slice (training, or a split evaluation); otherwise whole sequences
+        cp = self.context if self.context is not None and self.context.active(self.training) else None
         first = offset if cp is None else offset + cp.position_offset(seq)
         positions = torch.arange(seq, device=hidden.device) + first
         cos, sin = rotary_tables(positions, self.head_dim, self.config.rope_theta, q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cp is not None:
-            return self.o_proj(self._context_attention(cp, q, k, v, starts).reshape(bsz, seq, -1))
+        local = seq
+        if cp is not None:  # Ulysses: from here on all tokens of this rank's heads (its K/V heads in the cache)
+            q, k, v = self._to_heads(cp, q, k, v)
+            seq, starts = q.shape[2], cp.gather_seq(starts)
 
         past = 0
         if cache is not None:
@@ -65,23 +68,17 @@ class Attention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1, scale=self.head_dim**-0.5,
             enable_gqa=self.kv_heads != self.heads,
         )
+        if cp is not None:  # all-to-all back: this rank's tokens, all heads
+            return self.o_proj(cp.heads_to_seq(out.transpose(1, 2)).reshape(bsz, local, -1))
         return self.o_proj(out.transpose(1, 2).reshape(bsz, seq, -1))
 
-    def _context_attention(self, cp: ContextParallel, q: Tensor, k: Tensor, v: Tensor, starts: Tensor | None) -> Tensor:
-        """Ulysses: all-to-all to all tokens of this rank's heads, causal attention over them, all-to-all back.
-        ``q [B, H, T/cp, D]``, ``k, v [B, H_kv, T/cp, D]``; returns ``[B, T/cp, H, D]``."""
-        bsz = q.shape[0]
+    def _to_heads(self, cp: ContextParallel, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``q [B, H, T/cp, D]``, ``k, v [B, H_kv, T/cp, D]`` (this rank's tokens) -> the same for all ``T`` tokens
+        of this rank's ``H / cp`` heads and ``H_kv / cp`` K/V heads (K and V in one exchange)."""
         d = self.head_dim
         q = cp.seq_to_heads(q.transpose(1, 2)).transpose(1, 2)
         kv = cp.seq_to_heads(torch.cat([k, v], dim=-1).transpose(1, 2)).transpose(1, 2)
-        k, v = kv[..., :d], kv[..., d:]
-        seq = q.shape[2]
-        mask = self._mask(bsz, seq, 0, cp.gather_seq(starts), None, q.device)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1, scale=d**-0.5,
-            enable_gqa=self.kv_heads != self.heads,
-        )
-        return cp.heads_to_seq(out.transpose(1, 2))
+        return q, kv[..., :d], kv[..., d:]
 
     @staticmethod
     def _mask(

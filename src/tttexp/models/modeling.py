@@ -63,9 +63,12 @@ class TTTBlock(nn.Module):
         if self.pre_conv:
             normed = self.conv_norm(x)
             past = cache.convs.get("pre") if cache else None
-            if self.context is not None and self.training:  # the previous rank's last inputs: a whole-sequence conv
-                past = self.context.halo(normed, self.conv.width - 1)
+            cp = self.context if self.context is not None and self.context.active(self.training) else None
+            if cp is not None:  # the previous rank's last inputs: a whole-sequence conv; the cache keeps its tail
+                past, whole_tail = cp.halo(normed, self.conv.width - 1, past)
             h, tail = self.conv(normed, past, starts)
+            if cp is not None:
+                tail = whole_tail
             if cache is not None:
                 cache.convs["pre"] = tail
             x = x + h
@@ -134,8 +137,9 @@ class TTTModel(TTTPreTrainedModel):
         bsz, seq = input_ids.shape
         k = self.config.mini_batch_size
         offset = cache_params.seqlen_offset if cache_params is not None else 0
-        if self.context is not None and self.training:
-            self.context.check_slice(seq, cache_params is not None, self.config, [b.mixer for b in self.layers])
+        split = self.context is not None and self.context.active(self.training)  # input_ids: this rank's slice
+        if split:
+            self.context.check_slice(seq, offset, self.config, [b.mixer for b in self.layers])
         starts = None
         if doc_starts is not None:
             if offset % k or (cache_params is not None and seq % k):
@@ -150,7 +154,7 @@ class TTTModel(TTTPreTrainedModel):
             else:
                 x = block(x, layer_cache, offset, starts, doc_starts)
         if cache_params is not None:
-            cache_params.seqlen_offset += seq
+            cache_params.seqlen_offset += seq * (self.context.size if split else 1)  # the whole sequence's tokens
         return self.norm(x)
 
 
@@ -223,8 +227,8 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         hidden = self.model(input_ids, cache_params=cache_params, doc_starts=doc_starts)
         logits = self.lm_head(hidden)
         loss = None
-        context = self.model.context if self.training else None
-        if labels is not None and context is not None:
+        context = self.model.context
+        if labels is not None and context is not None and context.active(self.training):
             loss = context.token_mean_loss(logits, labels)
         elif labels is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)

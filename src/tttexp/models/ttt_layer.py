@@ -93,16 +93,20 @@ class TTTLayer(nn.Module):
         """``hidden [B, T, width]`` after the pre-norm; ``offset`` = tokens already consumed (for RoPE and the
         position inside the current mini-batch); ``starts [B, T]`` / ``reset [B, N]`` mark document starts."""
         bsz, seq, _ = hidden.shape
-        cp = self.context if self.training else None  # evaluation runs whole sequences
+        # this rank's slice (training, or a split evaluation); otherwise whole sequences
+        cp = self.context if self.context is not None and self.context.active(self.training) else None
         proj = self._project(hidden)
         xq = proj["q"]
         convs = cache.convs if cache is not None else {}
         if self.config.share_qk:
             past_q, past_k = convs.get("q"), convs.get("k")
             if cp is not None:  # the previous rank's last inputs: the convs see the whole sequence
-                past_q = past_k = cp.halo(xq, self.config.conv_kernel - 1)
+                past_q, whole_tail = cp.halo(xq, self.config.conv_kernel - 1, past_q)
+                past_k = past_q  # both convs read xq: their carried tails are the same
             XQ, tail_q = self.conv_q(xq, past_q, starts)
             XK, tail_k = self.conv_k(xq, past_k, starts)
+            if cp is not None:
+                tail_q = tail_k = whole_tail
             if cache is not None:
                 cache.convs["q"], cache.convs["k"] = tail_q, tail_k
         else:
@@ -125,7 +129,7 @@ class TTTLayer(nn.Module):
         if cp is None:
             out = self._inner(XQ, XK, XV, lr, tok, cache, offset, reset)
         else:
-            out = self._inner_context(cp, XQ, XK, XV, lr, tok, reset)
+            out = self._inner_context(cp, XQ, XK, XV, lr, tok, reset, cache)
         out = out.transpose(1, 2).reshape(bsz, seq, self.width)
         out = self.post_norm(out)
         if self.config.use_gate:
@@ -178,10 +182,12 @@ class TTTLayer(nn.Module):
         return torch.cat(outs, dim=2)
 
     def _inner_context(
-        self, cp: ContextParallel, XQ: Tensor, XK: Tensor, XV: Tensor, lr: Tensor, tok: Tensor, reset: Tensor | None
+        self, cp: ContextParallel, XQ: Tensor, XK: Tensor, XV: Tensor, lr: Tensor, tok: Tensor,
+        reset: Tensor | None, cache: LayerState | None,
     ) -> Tensor:
         """The inner loop with the sequence split over ``cp``: all-to-all to all tokens of this rank's heads, the
-        unchanged op on them, all-to-all back. ``[B, H, T/cp, F]`` in and out."""
+        unchanged op on them, all-to-all back. ``[B, H, T/cp, F]`` in and out. With a cache the inner state of this
+        rank's heads continues from ``cache.ttt`` and its final state goes back there: it stays on this rank."""
         f = self.head_dim
         parts = [XQ, XK, XV]
         if lr.dtype == XQ.dtype:  # one exchange for all four (lr is fp32 beside bf16 q/k/v under autocast)
@@ -194,8 +200,11 @@ class TTTLayer(nn.Module):
             lr = cp.seq_to_heads(lr[..., None].transpose(1, 2)).transpose(1, 2)[..., 0]
         hs = cp.head_slice(self.heads)
         init = tuple(s[hs] for s in self.init_state())
-        out, _ = ops.ttt(self.layer, xq, xk, xv, lr, tok, self.ttt_norm_weight[hs], self.ttt_norm_bias[hs], init,
-                         reset=cp.gather_seq(reset), kernel=self.config.kernel)
+        state = cache.ttt if cache is not None else None
+        out, state = ops.ttt(self.layer, xq, xk, xv, lr, tok, self.ttt_norm_weight[hs], self.ttt_norm_bias[hs],
+                             init, state=state, reset=cp.gather_seq(reset), kernel=self.config.kernel)
+        if cache is not None:
+            cache.ttt = state
         return cp.heads_to_seq(out.transpose(1, 2)).transpose(1, 2)
 
     def _partial(

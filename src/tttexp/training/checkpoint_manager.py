@@ -54,7 +54,8 @@ class CheckpointManager:
             "step": loop["step"],
             "tokens_seen": loop["tokens_seen"],
             "world_size": self.strategy.world_size,
-            "global_rows": self.loader.batch_size * self.strategy.world_size,  # for resharding
+            "context_parallel": self.strategy.context_parallel,  # ranks per sequence: each holds H / cp heads' state
+            "global_rows": self.loader.batch_size * self.strategy.data_world_size,  # for resharding
             "model_config": self.model.config.to_dict(),  # export rebuilds the model from it
             **({"model": model, "optimizer": optimizer} if weights else {}),
             "ranks": ranks,
@@ -134,7 +135,8 @@ class CheckpointManager:
                                            "written with") from None
         loader = self.loader
         mine = reshard.rank_state(state, self.strategy.rank, self.strategy.world_size, rows_per_rank=loader.batch_size,
-                                  stream=stream, batches_per_epoch=getattr(loader, "batches_per_epoch", None))
+                                  stream=stream, batches_per_epoch=getattr(loader, "batches_per_epoch", None),
+                                  context_parallel=self.strategy.context_parallel)
         loader.load_state_dict(mine["data"])
         if mine["rng"] is not None:
             ckpt.restore_rng_state(mine["rng"])

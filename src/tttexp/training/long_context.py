@@ -78,8 +78,10 @@ def eval_length(val_set: Any, train_len: int, factor: int = 4, requested: int = 
 def perplexity_by_position(
     model: Any, val_set: Any, train_len: int, *, factor: int = 4, length: int = 0, sequences: int = 8,
     buckets: int = 16, batch_size: int = 4, autocast: contextlib.AbstractContextManager | None = None,
+    context: Any | None = None,
 ) -> LongContextResult | None:
-    """Loss by position up to ``factor`` x ``train_len`` (or exactly ``length``); None without a long document."""
+    """Loss by position up to ``factor`` x ``train_len`` (or exactly ``length``); None without a long document.
+    ``context``: each sequence split over that context group (:func:`tttexp.training.validation.loss_by_position`)."""
     chosen = eval_length(val_set, train_len, factor, length)
     if chosen is None:
         return None
@@ -87,7 +89,7 @@ def perplexity_by_position(
         seqs = val_set.long_sequences(chosen, sequences)
     except ValueError:
         return None
-    rows = loss_by_position(model, seqs, buckets=buckets, batch_size=batch_size, autocast=autocast)
+    rows = loss_by_position(model, seqs, buckets=buckets, batch_size=batch_size, autocast=autocast, context=context)
     return LongContextResult(rows=rows, length=chosen, train_len=train_len, sequences=int(seqs.shape[0]))
 
 
@@ -144,10 +146,11 @@ def held_out_documents(val_set: Any) -> list:
 def context_reports(
     model: Any, data: Any, out_dir: Path, logger: Any, step: int, *, factor: int = 4, length: int = 0,
     sequences: int = 8, passkey: Any | None = None, autocast: contextlib.AbstractContextManager | None = None,
-    plots: bool = True, write: bool = True, batch_size: int = 4,
+    plots: bool = True, write: bool = True, batch_size: int = 4, context: Any | None = None,
 ) -> tuple[list[dict[str, float]], dict[str, float]]:
     """Perplexity by position (``ppl_by_position.csv`` / ``.png``, table ``val/ppl_by_position``) and, when
-    ``passkey.enabled``, passkey retrieval (``passkey.csv`` / ``passkey.png``, table ``val/passkey``).
+    ``passkey.enabled``, passkey retrieval (``passkey.csv`` / ``passkey.png``, table ``val/passkey``). With
+    ``context`` (a ``distributed.context.ContextParallel``) both run each sequence split over its group.
 
     Returns the position rows and the summary values (``summary/ppl_late``, ``summary/passkey_accuracy``, ...).
     """
@@ -161,7 +164,8 @@ def context_reports(
     result = None
     if sequences > 0:
         result = perplexity_by_position(model, data.val_set, train_len, factor=factor, length=length,
-                                        sequences=sequences, batch_size=batch_size, autocast=autocast)
+                                        sequences=sequences, batch_size=batch_size, autocast=autocast,
+                                        context=context)
     if result is not None:
         rows = result.rows
         logger.log_table(C.VAL_PPL_BY_POSITION, *result.table(), step=step)
@@ -177,7 +181,7 @@ def context_reports(
                 logger.log_image(C.PLOTS_PPL_BY_POSITION, png, step=step)
     if passkey is not None and passkey.enabled:
         filler = filler_tokens(held_out_documents(data.val_set))
-        found = run_passkey(model, data.tokenizer, filler, passkey, autocast=autocast)
+        found = run_passkey(model, data.tokenizer, filler, passkey, autocast=autocast, context=context)
         logger.log_table(C.VAL_PASSKEY, ["length", "depth", "trials", "correct", "accuracy"],
                          [[r[c] for c in ("length", "depth", "trials", "correct", "accuracy")] for r in found.rows],
                          step=step)
@@ -192,13 +196,15 @@ def context_reports(
 
 
 def final_reports(model: Any, data: Any, run_dir: Path, logger: Any, step: int, loop: Any, passkey: Any | None,
-                  autocast: contextlib.AbstractContextManager | None, main: bool) -> dict[str, float]:
+                  autocast: contextlib.AbstractContextManager | None, main: bool,
+                  context: Any | None = None) -> dict[str, float]:
     """The trainer's end of run: :func:`context_reports` with the ``trainer`` group's settings (``loop``), then the
-    loss-curve plot. ``main``: this process writes files and plots. Returns the summary values."""
+    loss-curve plot. ``main``: this process writes files and plots; ``context``: sequences split over that context
+    group. Returns the summary values."""
     _rows, extras = context_reports(
         model, data, run_dir, logger, step, length=loop.position_eval_len, sequences=loop.position_eval_sequences,
         passkey=passkey, autocast=autocast, plots=loop.plots and main, write=main,
-        batch_size=data.train_loader.batch_size,
+        batch_size=data.train_loader.batch_size, context=context,
     )
     if loop.plots and main:
         from tttexp.training import plots

@@ -109,10 +109,15 @@ def build_prompts(
 
 @torch.no_grad()
 def greedy(model: Any, ids: torch.Tensor, new_tokens: int,
-           autocast: contextlib.AbstractContextManager | None = None) -> torch.Tensor:
-    """Greedy continuation ``[B, new_tokens]``: one prefill, then one token at a time through the model's cache."""
+           autocast: contextlib.AbstractContextManager | None = None, context: Any | None = None) -> torch.Tensor:
+    """Greedy continuation ``[B, new_tokens]``: one prefill, then one token at a time through the model's cache.
+    With ``context`` (a ``distributed.context.ContextParallel``; every rank of its group calls this with the same
+    ids) most of the prompt is prefilled split over the group (:func:`split_prefill`)."""
     with autocast or contextlib.nullcontext():
-        out = model(ids, use_cache=True)
+        cache = None
+        if context is not None:
+            cache, ids = split_prefill(model, ids, context)
+        out = model(ids, cache=cache, use_cache=True)
         cache = out.cache
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         generated = [token]
@@ -124,6 +129,25 @@ def greedy(model: Any, ids: torch.Tensor, new_tokens: int,
     return torch.cat(generated, dim=1)
 
 
+def split_prefill(model: Any, ids: torch.Tensor, context: Any) -> tuple[Any, torch.Tensor]:
+    """Prefill the longest prefix of ``ids`` that splits into whole mini-batches over the context group (at least
+    one token is left), each rank its slice, as in training; then make the cache whole (every head on every rank).
+    Returns the cache (None when no prefix splits) and the tokens still to run, which every rank runs whole."""
+    from tttexp.models import TTTCache
+
+    config = model.config
+    step = context.size * config.mini_batch_size
+    n = (ids.shape[1] - 1) // step * step
+    if n == 0:
+        return None, ids
+    part = n // context.size
+    cache = TTTCache(config.num_hidden_layers)
+    with context.split_evaluation():
+        model(ids[:, context.rank * part : (context.rank + 1) * part], cache=cache, use_cache=True)
+    context.gather_heads(cache)
+    return cache, ids[:, n:]
+
+
 def answer(text: str) -> str:
     """The first run of digits in ``text`` ("" when there is none): what the model said the key is."""
     match = re.search(r"\d+", text)
@@ -132,9 +156,10 @@ def answer(text: str) -> str:
 
 def run_passkey(
     model: Any, tokenizer: Any, filler: np.ndarray, cfg: PasskeyConfig,
-    autocast: contextlib.AbstractContextManager | None = None,
+    autocast: contextlib.AbstractContextManager | None = None, context: Any | None = None,
 ) -> PasskeyResult:
-    """Accuracy by (length, depth) with exact-match scoring of the generated digits."""
+    """Accuracy by (length, depth) with exact-match scoring of the generated digits (``context``: the prompts are
+    prefilled split over its group; see :func:`greedy`)."""
     problem = check_settings(cfg)
     if problem:
         raise ValueError(problem)
@@ -147,7 +172,7 @@ def run_passkey(
             for d, depth in enumerate(cfg.depths):
                 ids, keys = build_prompts(tokenizer, filler, int(length), float(depth), cfg.trials, cfg.digits,
                                           cfg.seed, depth_index=d)
-                out = greedy(model, ids.to(device), cfg.digits + 4, autocast)
+                out = greedy(model, ids.to(device), cfg.digits + 4, autocast, context)
                 correct = 0
                 for key, row in zip(keys, out.tolist(), strict=True):
                     said = answer(tokenizer.decode(row))

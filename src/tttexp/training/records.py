@@ -126,12 +126,16 @@ class Records:
         self.history = list(state.get("history", []))
 
 
-def state_record(carry: Any, resets: Any) -> dict[str, float]:
-    """The carried TTT state under state passing: resets so far and the mean norm of the fast weights."""
+def state_record(carry: Any, resets: Any, context: Any | None = None) -> dict[str, float]:
+    """The carried TTT state under state passing: resets so far and the mean norm of the fast weights. Under
+    context parallelism (``context``) each rank holds its heads' states: the mean is taken over the group."""
     norms = [layer.ttt[0].float().norm(dim=(-2, -1)).mean() for layer in carry.layers if layer.ttt]
     record = {C.STATE_RESETS: int(resets)}
     if norms:
-        record[C.STATE_W_NORM] = float(torch.stack(norms).mean())
+        mean = torch.stack(norms).mean()
+        if context is not None:  # every rank holds H / cp heads of every layer: equal shares
+            mean = context.sum_over_group(mean) / context.size
+        record[C.STATE_W_NORM] = float(mean)
     return record
 
 

@@ -14,6 +14,12 @@ The model and the optimizer reshard by themselves (sharded checkpoints are read 
   global rows must stay the same (change ``data.batch_size`` with the world size); the carried state of each
   global row (rank r holds rows ``r*batch_size ...``) is concatenated over the saved ranks and split again over
   the new ones, so each row continues its own stream with its own state.
+- **Context parallelism** (``distributed.context_parallel=cp``): the ``cp`` consecutive ranks of a context group
+  read the same rows, so "global rows" counts data groups (``world / cp``), and each rank carries the state of the
+  heads it computes (the TTT inner states and attention keys/values of heads ``c*H/cp ...``; conv tails and the
+  offset are the group's, the same on each of its ranks). A resume at another ``cp`` (or world size) joins each
+  saved group's heads in rank order, joins the groups' rows as above, takes this data group's rows and splits the
+  heads again over the new group: the same rule along the head dimension as along the rows.
 - **RNG**: each rank reseeds every generator from (seed, step, rank); deterministic, and independent of how
   the checkpoint was written.
 """
@@ -30,21 +36,23 @@ from tttexp.errors import CheckpointError
 
 
 def rank_state(state: dict[str, Any], rank: int, world_size: int, *, rows_per_rank: int, stream: bool,
-               batches_per_epoch: int | None = None) -> dict[str, Any]:
+               batches_per_epoch: int | None = None, context_parallel: int = 1) -> dict[str, Any]:
     """This rank's ``data`` position, ``rng`` (None: reseed with :func:`reseed`) and ``carry`` from a checkpoint
-    written by any world size."""
+    written by any world size and context-parallel degree."""
     saved_world = int(state.get("world_size", 1))
+    saved_cp = int(state.get("context_parallel", 1))
     ranks = state["ranks"]
-    saved_rows = int(state.get("global_rows") or rows_per_rank * saved_world)
-    rows = rows_per_rank * world_size
-    if saved_world == world_size and saved_rows == rows:
+    groups = world_size // context_parallel  # data groups: the ranks that read different rows
+    saved_rows = int(state.get("global_rows") or rows_per_rank * saved_world // saved_cp)
+    rows = rows_per_rank * groups
+    if saved_world == world_size and saved_cp == context_parallel and saved_rows == rows:
         return ranks[rank]
     if stream and saved_rows != rows:
         raise CheckpointError(
             f"the checkpoint carries {saved_rows} document streams ({saved_world} processes) and this run has "
-            f"{rows} ({world_size} x data.batch_size={rows_per_rank}); set data.batch_size={saved_rows // world_size}"
-            if saved_rows % world_size == 0 else
-            f"the checkpoint carries {saved_rows} document streams, which {world_size} processes cannot share "
+            f"{rows} ({groups} x data.batch_size={rows_per_rank}); set data.batch_size={saved_rows // groups}"
+            if saved_rows % groups == 0 else
+            f"the checkpoint carries {saved_rows} document streams, which {groups} processes cannot share "
             "equally; use a world size that divides it"
         )
     data = dict(ranks[0]["data"])
@@ -53,7 +61,9 @@ def rank_state(state: dict[str, Any], rank: int, world_size: int, *, rows_per_ra
     carries = [r.get("carry") for r in ranks]
     carry = None
     if any(c is not None for c in carries):
-        carry = split_rows(concat_rows(carries), world_size, rank)
+        saved_groups = [join_heads(carries[g * saved_cp:(g + 1) * saved_cp]) for g in range(saved_world // saved_cp)]
+        mine = split_rows(concat_rows(saved_groups), groups, rank // context_parallel)
+        carry = split_heads(mine, context_parallel, rank % context_parallel)
     return {"data": data, "rng": None, "carry": carry}
 
 
@@ -102,3 +112,52 @@ def split_rows(state: Any, world_size: int, rank: int) -> Any:
     if isinstance(state, list | tuple):
         return [split_rows(v, world_size, rank) for v in state]
     return state
+
+
+HEAD_SPLIT = ("ttt", "pending", "keys", "values")  # per-layer entries of a carried state with heads at dim 1
+
+
+def join_heads(parts: list[Any]) -> Any:
+    """The carried states (``TTTCache.state_dict()``) of one context group's ranks, in rank order, as one state
+    with every head; the other entries are the group's, the same on each rank."""
+    first = parts[0]
+    if first is None or len(parts) == 1:
+        return first
+    layers = []
+    for per_rank in zip(*[p["layers"] for p in parts], strict=True):
+        layer = dict(per_rank[0])
+        for key in HEAD_SPLIT:
+            layer[key] = _map_heads([entry[key] for entry in per_rank], lambda ts: torch.cat(ts, dim=1))
+        layers.append(layer)
+    return {**first, "layers": layers}
+
+
+def split_heads(state: Any, context_parallel: int, rank: int) -> Any:
+    """Context rank ``rank``'s share of the heads of a carried state with every head."""
+    if state is None or context_parallel == 1:
+        return state
+
+    def share(ts: list[torch.Tensor]) -> torch.Tensor:
+        heads = ts[0].shape[1]
+        if heads % context_parallel:
+            raise CheckpointError(f"{heads} carried heads cannot be split over context_parallel={context_parallel}")
+        per = heads // context_parallel
+        return ts[0][:, rank * per:(rank + 1) * per].clone()
+
+    layers = []
+    for layer in state["layers"]:
+        layer = dict(layer)
+        for key in HEAD_SPLIT:
+            layer[key] = _map_heads([layer[key]], share)
+        layers.append(layer)
+    return {**state, "layers": layers}
+
+
+def _map_heads(values: list[Any], fn: Any) -> Any:
+    """``fn`` over the tensors of equal entries (a tensor, a list of tensors, or None) of several ranks."""
+    first = values[0]
+    if first is None:
+        return None
+    if isinstance(first, torch.Tensor):
+        return fn(values)
+    return [fn(list(items)) for items in zip(*values, strict=True)]

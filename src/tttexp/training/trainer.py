@@ -113,7 +113,9 @@ class Trainer:
                 if self.step % self.loop.log_every == 0 or self.step == self.loop.max_steps:
                     seconds = watch.lap()
                     records.clock.window(records.window.tokens - (tokens_per_step if first_seconds else 0), seconds)
-                    state = state_record(self.carry, self.resets) if self.stream and self.carry is not None else None
+                    state = None
+                    if self.stream and self.carry is not None:
+                        state = state_record(self.carry, self.resets, self.strategy.context)
                     record = records.train(records.window, lr, seconds + first_seconds, step=self.step,
                                            tokens_seen=self.tokens_seen, state=state)
                     first_seconds = 0.0
@@ -181,6 +183,8 @@ class Trainer:
             self.token_hash.update(raw["input_ids"])
             whole = {k: v.to(self.device, non_blocking=True) for k, v in raw.items()}
             batch = self.strategy.local_batch(whole)  # this rank's slice of each sequence under context parallel
+            if self.stream and self.loop.reset_on_document and "doc_start" in whole:
+                self.resets = self.resets + whole["doc_start"].sum()  # the whole sequences' document starts
             with self.strategy.no_sync(self.model, last_micro_batch=micro == accum - 1), self.strategy.autocast():
                 loss = self._forward_loss(batch)
             (loss / accum).backward()
@@ -211,11 +215,12 @@ class Trainer:
             return self.model(batch["input_ids"], labels=batch["labels"], use_cache=False).loss
         cache = self.carry if self.carry is not None else TTTCache(self.raw_model.config.num_hidden_layers)
         starts = batch.get("doc_start") if self.loop.reset_on_document else None
-        if starts is not None:
-            self.resets = self.resets + starts.sum()
         out = self.model(batch["input_ids"], labels=batch["labels"], cache=cache, use_cache=True, doc_starts=starts)
+        # Under context parallelism the carried TTT states and keys are this rank's heads (it computed them) and
+        # batch is this rank's slice of each chunk.
         self.carry = out.cache.detach()
-        self.carry.keep_last_keys(batch["input_ids"].shape[1])  # attention layers carry one chunk of keys, not all
+        chunk = batch["input_ids"].shape[1] * self.strategy.context_parallel
+        self.carry.keep_last_keys(chunk)  # attention layers carry one chunk of keys, not all
         return out.loss
 
     def _skips_on_device(self) -> bool:
@@ -234,7 +239,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Mean loss over the fixed validation windows (token-weighted, over all processes), and its perplexity."""
         mean = mean_loss_all(self.raw_model, self.data.val_set.batches(self.data.train_loader.batch_size),
-                             self.strategy)
+                             self.strategy)  # split over the context group like training
         return self.records.validation(mean, math.exp(min(mean, 50.0)))
 
     def _time_inference(self) -> None:
@@ -246,11 +251,14 @@ class Trainer:
                 self.logger.log_text(C.INFERENCE_SAMPLE, sample, step=self.step)
 
     def _final_reports(self) -> None:
-        """Perplexity by position, passkey retrieval and the plots (training/long_context.py)."""
-        if self.strategy.is_main or self.strategy.shards_parameters:  # sharded: every rank runs the model
+        """Perplexity by position, passkey retrieval and the plots (training/long_context.py). Sharded parameters:
+        every rank runs the model; context parallel: the first data group runs it with each sequence split."""
+        strategy = self.strategy
+        split = strategy.context is not None and strategy.data_rank == 0
+        if strategy.is_main or strategy.shards_parameters or split:
             self.records.final_extras = final_reports(self.raw_model, self.data, self.run_dir, self.logger, self.step,
-                                                      self.loop, self.passkey, self.strategy.autocast(),
-                                                      main=self.strategy.is_main)
+                                                      self.loop, self.passkey, strategy.autocast(),
+                                                      main=strategy.is_main, context=strategy.context)
 
     def _log(self, record: Mapping[str, Any]) -> None:  # rank 0 only
         self.records.log(record, self.step)
