@@ -1,5 +1,9 @@
 """The builders the entry points share (train, eval and its harness, the tests): each instantiates one config group
-with ``hydra.utils.instantiate``, the project's one-line errors passed through."""
+with ``hydra.utils.instantiate``, the project's one-line errors passed through.
+
+``cfg`` is the job's built config (:func:`tttexp.app.schemas.validate`'s, whose checks ran once) or a composed one
+(its sections' checks then run as they are built); both are read by attribute.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +12,12 @@ from typing import Any
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig
 
 from tttexp.errors import ConfigError, TTTExpError
 from tttexp.loggers import catalogue as C
 
 
-def build(node: DictConfig, **kwargs: Any) -> Any:
+def build(node: Any, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate``, with the project's one-line errors passed through unwrapped (Hydra wraps
     whatever a target raises in a multi-line InstantiationException)."""
     try:
@@ -28,14 +31,23 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
         raise
 
 
-def build_strategy(cfg: DictConfig) -> Any:
+def build_strategy(cfg: Any) -> Any:
     """The process/device layer from ``distributed``, with the numerics the ``trainer`` group owns."""
     t = cfg.trainer
     return build(cfg.distributed, precision=t.precision, compile=t.compile, tf32=t.tf32,
-                       deterministic=t.deterministic, on_cpu=t.on_cpu, label=f"strategy={cfg.recipe}")
+                 deterministic=t.deterministic, on_cpu=t.on_cpu, label=f"strategy={cfg.recipe}")
 
 
-def build_model_and_data(cfg: DictConfig, strategy: Any, data: Any, resuming: bool = False,
+def build_data(data: Any) -> Any:
+    """The DataModule: from a built :class:`~tttexp.data.config.DataConfig` as it is (checked once, when built), or
+    from a composed ``data`` node (checked as the module builds its config)."""
+    from tttexp.data.config import DataConfig
+    from tttexp.data.module import DataModule
+
+    return DataModule(data) if isinstance(data, DataConfig) else build(data)
+
+
+def build_model_and_data(cfg: Any, strategy: Any, data: Any, resuming: bool = False,
                          resume_config: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
     """The model source (``model._target_``) names the tokenizer, the data is set up with it, then the model is
     built on the strategy's device. Returns the model and the facts the source adds to the run's record."""
@@ -65,7 +77,7 @@ def build_model_and_data(cfg: DictConfig, strategy: Any, data: Any, resuming: bo
     return model, facts
 
 
-def build_logger(cfg: DictConfig, run_dir: Path, is_main: bool) -> Any:
+def build_logger(cfg: Any, run_dir: Path, is_main: bool) -> Any:
     from tttexp.loggers import JsonlLogger, LoggerGroup, NullLogger
 
     if not is_main:

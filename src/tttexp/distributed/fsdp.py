@@ -14,15 +14,36 @@ matmuls in bf16). Sharded parameters, gradients and the optimizer state are fp32
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from tttexp.distributed.ddp import DistributedDataParallel
+from tttexp.configs import positive
+from tttexp.distributed.ddp import DDPConfig, DistributedDataParallel
 from tttexp.distributed.strategy import warn
-from tttexp.errors import StrategyError
+from tttexp.distributed.world import in_existing_world
+from tttexp.errors import ConfigError, StrategyError
+
+
+@dataclass
+class FSDPConfig(DDPConfig):
+    """``distributed=fsdp``: DDP's keys, and how the parameters are sharded."""
+
+    _target_: str = "tttexp.distributed.FullyShardedDataParallel"
+    replicate: int = 1  # HSDP: R replicas x (world / R) shards; must divide the world size; 1: plain FSDP
+    reshard_after_forward: bool = True  # free gathered parameters after each block's forward (less memory)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        positive("distributed.replicate", self.replicate)
+        if isinstance(self.nproc_per_node, int) and not in_existing_world():  # else the world is known later
+            try:
+                check_mesh(self.replicate, self.nproc_per_node)
+            except StrategyError as err:  # the same line as at run time, before any process starts
+                raise ConfigError(str(err)) from None
 
 
 class FullyShardedDataParallel(DistributedDataParallel):

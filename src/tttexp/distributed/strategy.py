@@ -6,13 +6,32 @@ import contextlib
 import os
 import random
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from tttexp.configs import choice
 from tttexp.distributed.world import process_rank
-from tttexp.errors import StrategyError
+from tttexp.errors import ConfigError, StrategyError
+
+
+@dataclass
+class LayoutConfig:
+    """What every option of the ``distributed`` group takes (``conf/distributed/*.yaml``); each option's own
+    dataclass (``SingleDeviceConfig``, ``DDPConfig``, ``FSDPConfig``) adds the keys its class reads."""
+
+    _target_: str  # the class built: tttexp.distributed.SingleDevice | DistributedDataParallel | ...
+    nproc_per_node: Any = 1  # processes on this machine: an int or "auto" (one per GPU); DDP/FSDP self-launch
+    checkpoint: str = "auto"  # auto (dcp under FSDP, pt otherwise) | dcp (sharded directory) | pt (one file)
+    async_checkpoint: bool = False  # dcp: write shards in the background; marked complete when written
+
+    def __post_init__(self) -> None:
+        nproc = self.nproc_per_node
+        if not (nproc == "auto" or (isinstance(nproc, int) and not isinstance(nproc, bool) and nproc > 0)):
+            raise ConfigError(f"distributed.nproc_per_node={nproc!r} must be a positive integer or 'auto'")
+        choice("distributed.checkpoint", self.checkpoint, ("auto", "dcp", "pt"))
 
 
 def warn(message: str) -> None:

@@ -23,13 +23,13 @@ from tttexp.loggers.protocol import Logger
 from tttexp.models import TTTCache, TTTForCausalLM
 from tttexp.training import metrics as M
 from tttexp.training.checkpoint_manager import CheckpointManager
-from tttexp.training.config import OptimConfig, TrainerConfig
+from tttexp.training.config import TrainerConfig
 from tttexp.training.fairness import TokenHash
 from tttexp.training.guards import BatchCheck, NonfiniteGuard
 from tttexp.training.inference import inference_report
 from tttexp.training.long_context import final_reports
 from tttexp.training.metrics import Window
-from tttexp.training.optimizer import build_optimizer
+from tttexp.training.optimizer import OptimConfig, build_optimizer
 from tttexp.training.preemption import Preempted, PreemptionFlag, requeue_slurm_job
 from tttexp.training.records import Progress, Records, state_record
 from tttexp.training.schedule import lr_at
