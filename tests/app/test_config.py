@@ -137,6 +137,12 @@ def test_contract_keys_exist():
      "tttexp.distributed.FullyShardedDataParallel does (distributed=fsdp)"),
     (["model.base_model=x"], "model.base_model=x: tttexp.models.FromScratch does not take it; only "
                              "tttexp.models.pretrained.FromBase does (strategy=from_pretrained)"),
+    (["+distributed.replicate=4"], "distributed.replicate=4: tttexp.distributed.SingleDevice does not take it"),
+    (["distributed.context_parallel=2"],
+     "only tttexp.distributed.DistributedDataParallel and tttexp.distributed.FullyShardedDataParallel do "
+     "(distributed=ddp, distributed=fsdp)"),
+    (["distributed=fsdp", "distributed.replicat=2"], "distributed.replicat: no such config key (did you mean "
+                                                     "distributed.replicate?)"),
 ])
 def test_bad_command_lines_give_one_line(argv, expected):
     problem = check(argv)
