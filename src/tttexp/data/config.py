@@ -1,8 +1,9 @@
 """The data group's settings: one dataclass, the only place a data key, its default and its own checks are written.
 
-:class:`tttexp.data.DataModule` is built from it (``DataModule(**settings)`` makes a :class:`DataConfig` first, so a
-key it does not know is refused), and the app registers it as the ``data`` group's schema (app/schemas.py). Checks
-that involve other groups (the model's mini-batch, the passkey lengths) are the app's (app/schemas.py: validate).
+:class:`tttexp.data.DataModule` is built from it: ``DataModule(config)`` takes a checked one (the app builds it once
+per job), ``DataModule(**settings)`` makes one first, so a key it does not know is refused. The app registers it as
+the ``data`` group's schema (app/schemas.py); checks that involve other groups (the model's mini-batch, the passkey
+lengths) are the app's (app/schemas.py: validate).
 """
 
 from __future__ import annotations
