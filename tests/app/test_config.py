@@ -53,7 +53,7 @@ def test_model_yamls_agree_with_the_size_table():
 def test_recipes_compose_into_a_process_layer(name):
     cfg = compose_config([f"strategy={name}"])
     validate(cfg)
-    assert cfg.recipe == name
+    assert cfg.strategy == name
     strategy = build_strategy(cfg)
     assert isinstance(strategy, Strategy)
     assert strategy.precision == cfg.trainer.precision and strategy.compile == cfg.trainer.compile

@@ -35,7 +35,7 @@ def build_strategy(cfg: Any) -> Any:
     """The process/device layer from ``distributed``, with the numerics the ``trainer`` group owns."""
     t = cfg.trainer
     return build(cfg.distributed, precision=t.precision, compile=t.compile, tf32=t.tf32,
-                 deterministic=t.deterministic, on_cpu=t.on_cpu, label=f"strategy={cfg.recipe}")
+                 deterministic=t.deterministic, on_cpu=t.on_cpu, label=f"strategy={cfg.strategy}")
 
 
 def build_data(data: Any) -> Any:

@@ -208,7 +208,17 @@ def _override_error(err: Exception, overrides: list[str]) -> str:
     boolean = re.search(r"Value '([^']*)' is not a valid bool", text)
     if boolean and override:
         return f"{override.group(1)}={boolean.group(1)}: expected a boolean (true or false)"
+    if override and "." in override.group(1) and not _is_section(override.group(1).rsplit(".", 1)[0]):
+        return f"{override.group(1)}: no such config key"  # under a plain value (strategy.compile: strategy is a name)
     return _first_line(err)
+
+
+def _is_section(key: str) -> bool:
+    """Whether ``key`` is a section (not a plain value) of the config as composed by default."""
+    try:
+        return isinstance(OmegaConf.select(compose_config([]), key), DictConfig)
+    except Exception:  # noqa: BLE001 - only decides how a message reads
+        return True
 
 
 def _written_value(key: str, overrides: list[str]) -> str:

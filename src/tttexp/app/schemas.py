@@ -54,7 +54,7 @@ class LoggingConfig:
 
     _target_: str = "tttexp.loggers.WandbLogger"  # WandbLogger | NullLogger (wandb never imported)
     project: str = "tttexp"  # wandb project
-    run_name: str | None = None  # None: <model>-<ttt_layer>-<recipe>-<time>
+    run_name: str | None = None  # None: <model>-<ttt_layer>-<strategy>-<time>
     entity: str | None = None  # wandb team or user
     group: str | None = None  # None: the sweep's directory name under -m
     tags: list[str] = field(default_factory=list)  # wandb tags
@@ -92,7 +92,7 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     passkey: PasskeyConfig = field(default_factory=PasskeyConfig)  # passkey retrieval (training/passkey.py)
     study: StudyConfig = field(default_factory=StudyConfig)  # the comparison study's labels
-    recipe: str = "custom"  # the recipe's name (strategy=...), set by conf/strategy/*.yaml; a label for logs
+    strategy: str = "custom"  # the recipe's name (strategy=...), set by conf/strategy/*.yaml; for logs and records
     seed: int = field(default=0, metadata=RESUME)  # seeds every generator (offset by rank) and the data split
     device: str = "auto"  # auto | cpu | cuda
     resume: str | None = None  # None | auto (newest valid checkpoint of the run directory) | a checkpoint path
@@ -177,6 +177,11 @@ def schemas_of(section: str) -> list[type]:
     found = [o.schema for o in OPTIONS if (o.node or o.group) == section]
     default = _section_type(section)
     return ([default] if default is not None and default not in found else []) + found
+
+
+def option_of(section: str, config: Any) -> str | None:
+    """The option a built section comes from (``distributed`` -> ``single``), None where no option has its type."""
+    return next((o.name for o in OPTIONS if (o.node or o.group) == section and type(config) is o.schema), None)
 
 
 def refusal(section: str, key: str, value: Any, current: str) -> str | None:

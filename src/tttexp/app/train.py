@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tttexp.app import preflight
 from tttexp.app.build import build_data, build_logger, build_model_and_data, build_strategy
-from tttexp.app.schemas import TrainConfig, fingerprint, register_configs, validate
+from tttexp.app.schemas import TrainConfig, fingerprint, option_of, register_configs, validate
 from tttexp.app.security import check_config
 from tttexp.app.table import print_summary
 from tttexp.console import copy_console_to
@@ -153,7 +153,7 @@ def run(cfg: DictConfig, run_dir: Path, job: TrainConfig | None = None) -> float
 
 
 def _fill_logger_names(cfg: DictConfig, job: TrainConfig) -> None:
-    """Default run name ``<model>-<layer>-<recipe>-<time>``; under ``-m`` the group is the sweep's folder. Set in
+    """Default run name ``<model>-<layer>-<strategy>-<time>``; under ``-m`` the group is the sweep's folder. Set in
     both the record (``cfg``) and the built config the logger is made from."""
     names = {}
     if job.logging.run_name is None:
@@ -161,7 +161,7 @@ def _fill_logger_names(cfg: DictConfig, job: TrainConfig) -> None:
         base = getattr(job.model, "base_model", None)
         model = Path(str(base)).stem if base else job.model.name
         layer = job.model.ttt_layer if job.model.mixer == "ttt" else job.model.mixer
-        names["run_name"] = f"{model}-{layer}-{job.recipe}-{stamp}"
+        names["run_name"] = f"{model}-{layer}-{job.strategy}-{stamp}"
     if job.logging.group is None and _is_multirun():
         sweep = Path(HydraConfig.get().sweep.dir)
         names["group"] = f"{sweep.parent.name}-{sweep.name}"
@@ -194,7 +194,8 @@ def _facts(cfg: TrainConfig, model, strategy, device) -> dict[str, Any]:
         C.MODEL_KERNEL: model.resolved_kernel(device.type),
         C.MODEL_STATE_PASSING: bool(cfg.data.stream),
         C.MODEL_PRESET: cfg.model.name,
-        "recipe": cfg.recipe,
+        "strategy": cfg.strategy,  # the recipe
+        C.SYSTEM_DISTRIBUTED: option_of("distributed", cfg.distributed),  # the process layout
         C.TRAINER_PRECISION: strategy.precision,
         C.TRAINER_COMPILE: strategy.compile_label(model),  # auto resolved; "off" after a CPU fallback
         "world_size": strategy.world_size,
