@@ -120,8 +120,11 @@ SAVED_SMOKE = {
 }
 
 
-def test_the_marked_fields_give_the_fingerprint_existing_checkpoints_hold():
-    assert fingerprint(compose_config(["experiment=smoke", "logging=none"])) == SAVED_SMOKE
+def test_the_marked_fields_give_the_fingerprint_existing_checkpoints_hold(tmp_path):
+    current = fingerprint(compose_config(["experiment=smoke", "logging=none"]))
+    assert {key: current.get(key, "absent") for key in SAVED_SMOKE} == SAVED_SMOKE
+    ckpt.save_checkpoint(tmp_path, 6, _state(6, SAVED_SMOKE))
+    assert rundir.resume_state("auto", tmp_path, current)["step"] == 6  # a key marked since (data.shuffle) is no bar
 
 
 def test_a_resume_on_fewer_processes_names_the_setting_that_keeps_the_global_batch(tmp_path):

@@ -27,6 +27,8 @@ class DataConfig:
     batch_size: int = 8  # sequences per micro-batch, per process (the fingerprint holds the global batch)
     # per-row contiguous document streams; the trainer carries each row's TTT state
     stream: bool = field(default=False, metadata=RESUME)
+    # windows in a new seeded order each epoch; false: in corpus order, the same every epoch (a curriculum)
+    shuffle: bool = field(default=True, metadata=RESUME)
     prefetch: bool = False  # prepare batches on a background thread into pinned memory
     prefetch_depth: int = 2  # with prefetch: batches prepared ahead of the step (more hides slow batches)
     # bpe (trained on the corpus, cached) | sentencepiece | a transformers tokenizer
@@ -68,6 +70,9 @@ class DataConfig:
             limit = getattr(self, name)
             if limit is not None and limit <= 0:
                 raise ConfigError(f"data.{name} must be positive or null, got {limit}")
+        if self.stream and not self.shuffle:
+            raise ConfigError("data.shuffle=false orders the windows of data.stream=false; streams deal documents to "
+                              "rows by data.seed")
         if self.source == "text_files":
             for spec in self.paths or []:
                 expand_path(str(spec))  # a missing path or a binary file: one line now, not after loading

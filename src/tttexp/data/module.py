@@ -173,6 +173,7 @@ class DataModule:
                 seed=self.seed,
                 rank=rank,
                 world_size=world_size,
+                shuffle=self.config.shuffle,
             )
         self._val_set = ValidationSet(_spread(corpus, is_val, VAL_TOKENS), tokenizer.eos_id, self.seq_len,
                                       self.val_windows)
