@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from hydra.utils import instantiate
 
-from tttexp.app.build import build_strategy
+from tttexp.app.build import build_layout
 from tttexp.app.preflight import CONF_DIR, check, compose_config
 from tttexp.app.schemas import validate
-from tttexp.distributed import Strategy
+from tttexp.distributed import ProcessLayout
 from tttexp.errors import ConfigError
 
 
@@ -54,9 +54,9 @@ def test_recipes_compose_into_a_process_layer(name):
     cfg = compose_config([f"strategy={name}"])
     validate(cfg)
     assert cfg.strategy == name
-    strategy = build_strategy(cfg)
-    assert isinstance(strategy, Strategy)
-    assert strategy.precision == cfg.trainer.precision and strategy.compile == cfg.trainer.compile
+    layout = build_layout(cfg)
+    assert isinstance(layout, ProcessLayout)
+    assert layout.precision == cfg.trainer.precision and layout.compile == cfg.trainer.compile
 
 
 def test_recipes_show_the_values_that_run():

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from tttexp.distributed import context
-from tttexp.errors import StrategyError
+from tttexp.errors import LayoutError
 from tttexp.models import build_model
 
 VOCAB, BATCH, SEQ = 97, 2, 64
@@ -103,13 +103,13 @@ def run_rank(rank: int, world: int, cp_size: int, port: int, out_dir: str) -> No
     for settings in ({"num_attention_heads": 3 * cp_size + 1, "hidden_size": 8 * (3 * cp_size + 1)},):
         try:
             context.enable(build_model(vocab_size=VOCAB, **{**TINY, **settings}), cp)
-        except StrategyError as exc:
+        except LayoutError as exc:
             refusals.append(str(exc))
     model = build_model(vocab_size=VOCAB, **TINY)
     context.enable(model, cp)
     try:  # a slice of 8 tokens is half a mini-batch
         model(torch.zeros(1, 8, dtype=torch.long), use_cache=False)
-    except StrategyError as exc:
+    except LayoutError as exc:
         refusals.append(str(exc))
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"results": results, "refusals": refusals}))
     dist.destroy_process_group()

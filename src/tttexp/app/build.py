@@ -31,7 +31,7 @@ def build(node: Any, **kwargs: Any) -> Any:
         raise
 
 
-def build_strategy(cfg: Any) -> Any:
+def build_layout(cfg: Any) -> Any:
     """The process/device layer from ``distributed``, with the numerics the ``trainer`` group owns."""
     t = cfg.trainer
     return build(cfg.distributed, precision=t.precision, compile=t.compile, tf32=t.tf32,
@@ -47,10 +47,10 @@ def build_data(data: Any) -> Any:
     return DataModule(data) if isinstance(data, DataConfig) else build(data)
 
 
-def build_model_and_data(cfg: Any, strategy: Any, data: Any, resuming: bool = False,
+def build_model_and_data(cfg: Any, layout: Any, data: Any, resuming: bool = False,
                          resume_config: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
     """The model source (``model._target_``) names the tokenizer, the data is set up with it, then the model is
-    built on the strategy's device. Returns the model and the facts the source adds to the run's record."""
+    built on the process layout's device. Returns the model and the facts the source adds to the run's record."""
     from tttexp.data.tokenizer import wrap_transformers_tokenizer
     from tttexp.models.pretrained import peek_batches
     from tttexp.training.validation import mean_loss
@@ -58,19 +58,19 @@ def build_model_and_data(cfg: Any, strategy: Any, data: Any, resuming: bool = Fa
     source = build(cfg.model, stream=cfg.data.stream)
     base_tokenizer = source.tokenizer()
     tokenizer = wrap_transformers_tokenizer(base_tokenizer, source.label) if base_tokenizer is not None else None
-    data.setup(rank=strategy.data_rank, world_size=strategy.data_world_size, mini_batch_size=cfg.model.mini_batch_size,
-               tokenizer=tokenizer, device=strategy.device, check_batches=cfg.trainer.check_batches)
+    data.setup(rank=layout.data_rank, world_size=layout.data_world_size, mini_batch_size=cfg.model.mini_batch_size,
+               tokenizer=tokenizer, device=layout.device, check_batches=cfg.trainer.check_batches)
 
     def validation(model) -> float:
-        total, count = mean_loss(model, data.val_set.batches(data.batch_size), autocast=strategy.autocast())
+        total, count = mean_loss(model, data.val_set.batches(data.batch_size), autocast=layout.autocast())
         return total / max(count, 1)
 
     model, facts = source.build(
         vocab_size=data.vocab_size, eos_token_id=data.tokenizer.eos_id,
         calibration=lambda: peek_batches(data.train_loader, 16), validation=validation,
-        resuming=resuming, resume_config=resume_config, device=strategy.device,
+        resuming=resuming, resume_config=resume_config, device=layout.device,
     )
-    if strategy.is_main and C.MODEL_BASE_VAL_LOSS in facts:
+    if layout.is_main and C.MODEL_BASE_VAL_LOSS in facts:
         print(f"base model {facts[C.MODEL_BASE_MODEL]}: val loss {facts[C.MODEL_BASE_VAL_LOSS]:.4f}; converted "
               f"({facts[C.MODEL_NUM_CONVERTED_LAYERS]} layers TTT): {facts[C.MODEL_CONVERTED_VAL_LOSS]:.4f}",
               flush=True)

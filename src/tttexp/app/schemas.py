@@ -28,8 +28,8 @@ from tttexp.configs import RESUME, choice, resume_fields
 from tttexp.data.config import DataConfig
 from tttexp.distributed.ddp import DDPConfig
 from tttexp.distributed.fsdp import FSDPConfig
+from tttexp.distributed.layout import LayoutConfig
 from tttexp.distributed.single import SingleDeviceConfig
-from tttexp.distributed.strategy import LayoutConfig
 from tttexp.errors import ConfigError
 from tttexp.models.build import FromScratchConfig
 from tttexp.models.pretrained import FromBaseConfig

@@ -20,7 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from tttexp.app import preflight
-from tttexp.app.build import build_data, build_logger, build_model_and_data, build_strategy
+from tttexp.app.build import build_data, build_layout, build_logger, build_model_and_data
 from tttexp.app.schemas import TrainConfig, fingerprint, option_of, register_configs, validate
 from tttexp.app.security import check_config
 from tttexp.app.table import print_summary
@@ -121,21 +121,21 @@ def run(cfg: DictConfig, run_dir: Path, job: TrainConfig | None = None) -> float
     config :func:`validate` built from ``cfg`` (built here when not given); ``cfg`` itself is the run's record."""
     job = job if job is not None else validate(cfg)
     log.debug("the config that runs:\n%s", OmegaConf.to_yaml(cfg, resolve=True))  # hydra.verbose=tttexp
-    strategy = build_strategy(job)
-    device = strategy.setup(job.device, job.seed)
-    resume_key = fingerprint(job, world_size=strategy.world_size)
+    layout = build_layout(job)
+    device = layout.setup(job.device, job.seed)
+    resume_key = fingerprint(job, world_size=layout.world_size)
     resume_state = rundir.resume_state(job.resume, run_dir, resume_key,
-                                       rows=job.data.batch_size * strategy.world_size)
+                                       rows=job.data.batch_size * layout.world_size)
 
     data = build_data(job.data)
-    model, extra_facts = build_model_and_data(job, strategy, data, resuming=resume_state is not None,
+    model, extra_facts = build_model_and_data(job, layout, data, resuming=resume_state is not None,
                                               resume_config=(resume_state or {}).get("model_config"))
-    logger = build_logger(job, run_dir, strategy.is_main)
-    facts = {**_facts(job, model, strategy, device), **extra_facts}
+    logger = build_logger(job, run_dir, layout.is_main)
+    facts = {**_facts(job, model, layout, device), **extra_facts}
     resume = None if resume_state is None else Resume(int(resume_state["step"]), resume_state.get("wandb_run_id"))
     logger.start(run_dir, OmegaConf.to_container(cfg, resolve=True), facts, resume=resume)
     trainer = Trainer(
-        model=model, data=data, strategy=strategy, logger=logger, optim=job.optim, loop=job.trainer,
+        model=model, data=data, layout=layout, logger=logger, optim=job.optim, loop=job.trainer,
         run_dir=run_dir, health=_health_monitor(), resume_state=resume_state, fingerprint=resume_key,
         passkey=job.passkey,
     )
@@ -146,8 +146,8 @@ def run(cfg: DictConfig, run_dir: Path, job: TrainConfig | None = None) -> float
         failed = False
     finally:  # a failed run's summary: its real time and throughput up to the failure
         logger.finish(summary or trainer.summary(), failed=failed)
-        strategy.teardown()
-    if strategy.is_main:
+        layout.teardown()
+    if layout.is_main:
         print_summary(summary, run_dir)
     return summary.get(C.SUMMARY_FINAL_VAL_LOSS)
 
@@ -183,7 +183,7 @@ def _health_monitor():
     return HealthMonitor()
 
 
-def _facts(cfg: TrainConfig, model, strategy, device) -> dict[str, Any]:
+def _facts(cfg: TrainConfig, model, layout, device) -> dict[str, Any]:
     return {
         C.MODEL_TOTAL_PARAMETERS: sum(p.numel() for p in model.parameters()),
         C.MODEL_HIDDEN_SIZE: model.config.hidden_size,
@@ -196,9 +196,9 @@ def _facts(cfg: TrainConfig, model, strategy, device) -> dict[str, Any]:
         C.MODEL_PRESET: cfg.model.name,
         "strategy": cfg.strategy,  # the recipe
         C.SYSTEM_DISTRIBUTED: option_of("distributed", cfg.distributed),  # the process layout
-        C.TRAINER_PRECISION: strategy.precision,
-        C.TRAINER_COMPILE: strategy.compile_label(model),  # auto resolved; "off" after a CPU fallback
-        "world_size": strategy.world_size,
+        C.TRAINER_PRECISION: layout.precision,
+        C.TRAINER_COMPILE: layout.compile_label(model),  # auto resolved; "off" after a CPU fallback
+        "world_size": layout.world_size,
         "device": str(device),
         "git_commit": _git_commit(),
         "seed": cfg.seed,

@@ -15,9 +15,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from tttexp.configs import choice, positive
 from tttexp.distributed.context import ContextParallel, build_mesh, enable
-from tttexp.distributed.strategy import LayoutConfig, Strategy, compile_blocks
+from tttexp.distributed.layout import LayoutConfig, ProcessLayout, compile_blocks
 from tttexp.distributed.world import slurm_rendezvous, world_from_env
-from tttexp.errors import StrategyError
+from tttexp.errors import LayoutError
 
 
 @dataclass
@@ -36,7 +36,7 @@ class DDPConfig(LayoutConfig):
         positive("distributed.context_parallel", self.context_parallel)
 
 
-class DistributedDataParallel(Strategy):
+class DistributedDataParallel(ProcessLayout):
     """DDP over the processes of the current world (a world of one when started alone)."""
 
     def __init__(self, backend: str = "auto", timeout_s: int = 600, **kwargs: Any) -> None:
@@ -54,7 +54,7 @@ class DistributedDataParallel(Strategy):
             store = None
             if "MASTER_PORT" not in os.environ:
                 if self.world_size > 1:
-                    raise StrategyError("a multi-process world needs MASTER_ADDR and MASTER_PORT (torchrun sets them)")
+                    raise LayoutError("a multi-process world needs MASTER_ADDR and MASTER_PORT (torchrun sets them)")
                 store = dist.HashStore()  # a world of one rendezvous in memory: no port to pick, none to lose
             else:
                 os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

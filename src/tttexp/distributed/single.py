@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from tttexp.distributed.strategy import LayoutConfig, Strategy
+from tttexp.distributed.layout import LayoutConfig, ProcessLayout
 from tttexp.errors import ConfigError
 
 
@@ -19,5 +19,5 @@ class SingleDeviceConfig(LayoutConfig):
                               "process; use distributed=ddp or distributed=fsdp for more")
 
 
-class SingleDevice(Strategy):
-    """Everything in :class:`Strategy` on one device; no collectives."""
+class SingleDevice(ProcessLayout):
+    """Everything in :class:`ProcessLayout` on one device; no collectives."""
