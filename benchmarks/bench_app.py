@@ -61,11 +61,11 @@ def main() -> None:
     base = ["model=125m", "data.seq_len=2048", "data.batch_size=8", "data.vocab_size=32000", "data.val_windows=16",
             f"trainer.max_steps={args.steps}", f"trainer.log_every={args.log_every}",
             f"trainer.eval_every={args.steps}", "trainer.position_eval_sequences=2", "optim.warmup_steps=10"]
-    gpu = ["strategy=gpu_optimized", "strategy.inference_every=25"]
+    gpu = ["strategy=gpu_optimized", "trainer.inference_every=25"]
     plans = {
-        "eager": [*base, *gpu, "strategy.compile=false", "logging=none"],
-        "compiled": [*base, *gpu, "strategy.compile=true", "logging=none"],
-        "compiled_wandb": [*base, *gpu, "strategy.compile=true", "logging=wandb", "logging.mode=offline"],
+        "eager": [*base, *gpu, "trainer.compile=false", "logging=none"],
+        "compiled": [*base, *gpu, "trainer.compile=true", "logging=none"],
+        "compiled_wandb": [*base, *gpu, "trainer.compile=true", "logging=wandb", "logging.mode=offline"],
         "state_passing": [*base, "strategy=multi_gpu_state_passing", "distributed.nproc_per_node=1", "logging=none"],
     }
     runs = {name: run_app(name, work, *plans[name]) for name in args.runs.split(",")}

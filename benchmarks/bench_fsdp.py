@@ -47,25 +47,25 @@ def main() -> None:
     from tttexp.distributed import FullyShardedDataParallel
 
     compile_setting = {"true": True, "false": False}.get(args.compile, args.compile)
-    strategy = FullyShardedDataParallel(precision="bf16", compile=compile_setting, tf32=True,
-                                        reshard_after_forward=not args.no_reshard, label="bench_fsdp")
-    device = strategy.setup(args.device, seed=0)
+    layout = FullyShardedDataParallel(precision="bf16", compile=compile_setting, tf32=True,
+                                      reshard_after_forward=not args.no_reshard, label="bench_fsdp")
+    device = layout.setup(args.device, seed=0)
     cuda = device.type == "cuda"
     model = ttt(args.size, args.layer, args.checkpointing, args.kernel)
     params = sum(p.numel() for p in model.parameters())
-    wrapped = strategy.prepare_model(model)
+    wrapped = layout.prepare_model(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     ids = torch.randint(0, VOCAB, (args.batch, args.context + 1), device=device)
     inputs, labels = ids[:, :-1], ids[:, 1:]
 
     def step() -> float:
-        with strategy.autocast():
+        with layout.autocast():
             loss = wrapped(inputs, labels=labels, use_cache=False).loss
         loss.backward()
-        strategy.grad_norm([p for p in model.parameters() if p.grad is not None], 1.0)
+        layout.grad_norm([p for p in model.parameters() if p.grad is not None], 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(strategy.all_reduce_mean(loss.detach()))
+        return float(layout.all_reduce_mean(loss.detach()))
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -78,7 +78,7 @@ def main() -> None:
     losses = [step() for _ in range(args.steps)]
     _sync(cuda)
     seconds = time.perf_counter() - start
-    tokens = args.batch * args.context * args.steps * strategy.world_size
+    tokens = args.batch * args.context * args.steps * layout.world_size
     result = {
         "benchmark": "fsdp",
         "device": torch.cuda.get_device_name() if cuda else "cpu",
@@ -88,11 +88,11 @@ def main() -> None:
         "size": args.size,
         "ttt_layer": args.layer,
         "parameters": params,
-        "world_size": strategy.world_size,
+        "world_size": layout.world_size,
         "batch_per_rank": args.batch,
         "context": args.context,
-        "compile": str(strategy.compile),
-        "precision": strategy.precision,
+        "compile": str(layout.compile),
+        "precision": layout.precision,
         "kernel": model.resolved_kernel(device.type),
         "activation_checkpointing": args.checkpointing,
         "reshard_after_forward": not args.no_reshard,
@@ -104,7 +104,7 @@ def main() -> None:
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "losses": losses,
     }
-    if strategy.is_main:
+    if layout.is_main:
         print(json.dumps({k: v for k, v in result.items() if k != "losses"}, indent=2))
         if args.out:
             card = result["device"].replace("NVIDIA ", "").split()[0]
@@ -113,7 +113,7 @@ def main() -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(result, indent=2) + "\n")
             print(f"written: {path}")
-    strategy.teardown()
+    layout.teardown()
 
 
 def _sync(cuda: bool) -> None:

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from tttexp.app.build import build, build_model_and_data, build_strategy
+from tttexp.app.build import build, build_layout, build_model_and_data
 from tttexp.app.preflight import compose_config
 from tttexp.training.trainer import Trainer
 
@@ -23,12 +23,12 @@ def build_trainer(overrides: list[str], run_dir: Path, cache_dir: Path, logger=N
 
     os.environ["TTTEXP_CACHE_DIR"] = str(cache_dir)
     cfg = compose_config(["experiment=smoke", "logging=none", *overrides])
-    strategy = build_strategy(cfg)
-    strategy.setup(cfg.device, cfg.seed)
+    layout = build_layout(cfg)
+    layout.setup(cfg.device, cfg.seed)
     data = build(cfg.data)
-    model, _ = build_model_and_data(cfg, strategy, data)
+    model, _ = build_model_and_data(cfg, layout, data)
     return Trainer(
-        model=model, data=data, strategy=strategy, logger=logger or NullLogger(),
+        model=model, data=data, layout=layout, logger=logger or NullLogger(),
         optim=OmegaConf.to_object(cfg.optim), loop=OmegaConf.to_object(cfg.trainer),
         run_dir=run_dir,
     )

@@ -17,7 +17,7 @@ class CheckpointError(TTTExpError, RuntimeError):
     """A checkpoint that is missing, damaged, not a checkpoint, or from another run."""
 
 
-class StrategyError(TTTExpError, ValueError):
+class LayoutError(TTTExpError, ValueError):
     """The process/device layer cannot run here as configured."""
 
 

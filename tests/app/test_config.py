@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from hydra.utils import instantiate
 
-from tttexp.app.build import build_strategy
+from tttexp.app.build import build_layout
 from tttexp.app.preflight import CONF_DIR, check, compose_config
 from tttexp.app.schemas import validate
-from tttexp.distributed import Strategy
+from tttexp.distributed import ProcessLayout
 from tttexp.errors import ConfigError
 
 
@@ -53,10 +53,10 @@ def test_model_yamls_agree_with_the_size_table():
 def test_recipes_compose_into_a_process_layer(name):
     cfg = compose_config([f"strategy={name}"])
     validate(cfg)
-    assert cfg.recipe == name
-    strategy = build_strategy(cfg)
-    assert isinstance(strategy, Strategy)
-    assert strategy.precision == cfg.trainer.precision and strategy.compile == cfg.trainer.compile
+    assert cfg.strategy == name
+    layout = build_layout(cfg)
+    assert isinstance(layout, ProcessLayout)
+    assert layout.precision == cfg.trainer.precision and layout.compile == cfg.trainer.compile
 
 
 def test_recipes_show_the_values_that_run():
@@ -137,6 +137,12 @@ def test_contract_keys_exist():
      "tttexp.distributed.FullyShardedDataParallel does (distributed=fsdp)"),
     (["model.base_model=x"], "model.base_model=x: tttexp.models.FromScratch does not take it; only "
                              "tttexp.models.pretrained.FromBase does (strategy=from_pretrained)"),
+    (["+distributed.replicate=4"], "distributed.replicate=4: tttexp.distributed.SingleDevice does not take it"),
+    (["distributed.context_parallel=2"],
+     "only tttexp.distributed.DistributedDataParallel and tttexp.distributed.FullyShardedDataParallel do "
+     "(distributed=ddp, distributed=fsdp)"),
+    (["distributed=fsdp", "distributed.replicat=2"], "distributed.replicat: no such config key (did you mean "
+                                                     "distributed.replicate?)"),
 ])
 def test_bad_command_lines_give_one_line(argv, expected):
     problem = check(argv)

@@ -83,16 +83,34 @@ def test_no_route_runs_code_in_any_app(tmp_path, monkeypatch, capsys, route):
     assert not (tmp_path / "outputs").exists()  # refused before Hydra made a directory
 
 
+BUILT: list[object] = []  # each config the training app's validate built while `finished` ran
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, app_cache) -> Path:
     """A finished training run with checkpoints (trained in this process)."""
     import os
 
+    from tttexp.app import train
+
+    def counted(cfg):
+        BUILT.append(check(cfg))
+        return BUILT[-1]
+
     os.environ["TTTEXP_CACHE_DIR"] = str(app_cache)
     run = tmp_path_factory.mktemp("finished") / "run"
-    code = exit_code_of_the_app([*FAST, "trainer.max_steps=2", "trainer.ckpt_every=1", f"hydra.run.dir={run}"])
+    check, train.validate = train.validate, counted
+    try:
+        code = exit_code_of_the_app([*FAST, "trainer.max_steps=2", "trainer.ckpt_every=1", f"hydra.run.dir={run}"])
+    finally:
+        train.validate = check
     assert code in (0, None) and list_checkpoints(run)
     return run
+
+
+def test_a_job_is_checked_once(finished):
+    """Preflight builds the job's configs (every section's checks run then) and the job goes on with them."""
+    assert len(BUILT) == 1 and BUILT[0].trainer.max_steps == 2
 
 
 @pytest.mark.parametrize("app, argv, expected", [

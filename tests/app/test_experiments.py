@@ -7,10 +7,10 @@ import re
 import pytest
 from hydra.utils import instantiate
 
-from tttexp.app.build import build_strategy
+from tttexp.app.build import build_layout
 from tttexp.app.preflight import CONF_DIR, check, compose_config
 from tttexp.app.schemas import validate
-from tttexp.distributed import Strategy
+from tttexp.distributed import ProcessLayout
 
 RECIPES = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml") if re.match(r"[\d.]+[mb]_ttt_", p.stem))
 GPUS = 8  # the recipes' assumption: batch_size x grad_accum_steps x 8 GPUs sequences per optimizer step
@@ -65,8 +65,8 @@ def test_recipe_builds_its_model_strategy_and_data(name):
     assert model.config.hidden_size == cfg.model.hidden_size
     assert model.config.ttt_layer == cfg.model.ttt_layer
     assert model.config.ttt_base_lr == {"linear": 1.0, "mlp": 0.1}[cfg.model.ttt_layer]
-    strategy = build_strategy(cfg)
-    assert isinstance(strategy, Strategy) and strategy.precision == "bf16"
+    layout = build_layout(cfg)
+    assert isinstance(layout, ProcessLayout) and layout.precision == "bf16"
     data = instantiate(cfg.data)  # the constructor only checks its arguments: nothing is fetched
     assert (data.seq_len, data.batch_size, data.hf_dataset) == (cfg.data.seq_len, cfg.data.batch_size,
                                                                 cfg.data.hf_dataset)

@@ -36,7 +36,7 @@ def test_cfg_job_prints_the_config_that_runs(monkeypatch, flag):
     code, out, _ = cli(monkeypatch, flag, "job", "strategy=gpu_optimized", "optim.lr=1e-3")
     cfg = yaml.safe_load(out)
     assert code == 0 and "hydra" not in cfg
-    assert cfg["optim"]["lr"] == 1e-3 and cfg["trainer"]["precision"] == "bf16" and cfg["recipe"] == "gpu_optimized"
+    assert cfg["optim"]["lr"] == 1e-3 and cfg["trainer"]["precision"] == "bf16" and cfg["strategy"] == "gpu_optimized"
 
 
 def test_cfg_hydra_and_all_with_resolve(monkeypatch):

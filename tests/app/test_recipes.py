@@ -64,7 +64,7 @@ def test_consecutive_bad_steps_stop_with_the_last_good_weights(tmp_path, app_cac
 def test_conservative_runs_fp32_reference_kernels(tmp_path, app_cache):
     trainer = build_trainer(["strategy=conservative"], tmp_path, app_cache)
     assert trainer.raw_model.resolved_kernel("cpu") == "torch"
-    assert trainer.strategy.precision == "fp32" and not trainer.strategy.compile
+    assert trainer.layout.precision == "fp32" and not trainer.layout.compile
     assert trainer.optim.lr < 3e-3 and trainer.optim.max_grad_norm < 1.0 and trainer.loop.skip_nonfinite
     assert torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(False)
@@ -83,11 +83,11 @@ def test_gpu_optimized_on_cpu_falls_back_with_one_warning_and_times_inference(ru
 
 
 def test_gpu_optimized_can_refuse_to_run_without_a_gpu():
-    from tttexp.app.build import build_strategy
+    from tttexp.app.build import build_layout
     from tttexp.app.preflight import compose_config
-    from tttexp.errors import StrategyError
+    from tttexp.errors import LayoutError
 
-    strategy = build_strategy(compose_config(["strategy=gpu_optimized", "trainer.on_cpu=error"]))
-    with pytest.raises(StrategyError, match="needs a CUDA GPU") as err:
-        strategy.setup("auto", 0)
+    layout = build_layout(compose_config(["strategy=gpu_optimized", "trainer.on_cpu=error"]))
+    with pytest.raises(LayoutError, match="needs a CUDA GPU") as err:
+        layout.setup("auto", 0)
     assert "\n" not in str(err.value)

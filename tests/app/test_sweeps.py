@@ -298,18 +298,19 @@ def test_optuna_sweep_minimises_the_validation_loss_the_app_returns(run_app, tmp
 
 
 def test_a_failing_trial_is_reported_and_the_search_goes_on(run_app, tmp_path):
-    # data.val_windows=0 passes the command-line checks (it is a search dimension) and fails inside the job.
+    # data.seq_len=4194304 passes the command-line checks and fails inside the job: the corpus holds fewer windows
+    # of that length than one batch needs, which only reading it tells.
     out = run_app("-m", "hparams_search=optuna_lr", *FAST, "hydra.sweeper.n_trials=2", "trainer.max_steps=1",
-                  "data.val_windows=choice(0,4)", f"hydra.sweep.dir={tmp_path}/sweep")
+                  "data.seq_len=choice(64,4194304)", f"hydra.sweep.dir={tmp_path}/sweep")
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout + out.stderr
-    failures = [line for line in text.splitlines() if "failed: ConfigError: data.val_windows must be positive" in line]
+    failures = [line for line in text.splitlines() if "failed: ValueError: the training split gives 0" in line]
     assert len(failures) == 1, text[-3000:]
-    assert "data.val_windows=0" in failures[0] and "optim.lr=" in failures[0]
+    assert "data.seq_len=4194304" in failures[0] and "optim.lr=" in failures[0]
     sweep = tmp_path / "sweep"
-    rows = {r["data.val_windows"]: r for r in read_csv(sweep / SUMMARY_CSV)}
-    assert rows["0"]["status"] == "failed" and rows["4"]["status"] == "ok"
-    assert OmegaConf.load(sweep / "optimization_results.yaml").best_params["data.val_windows"] == 4
+    rows = {r["data.seq_len"]: r for r in read_csv(sweep / SUMMARY_CSV)}
+    assert rows["4194304"]["status"] == "failed" and rows["64"]["status"] == "ok"
+    assert OmegaConf.load(sweep / "optimization_results.yaml").best_params["data.seq_len"] == 64
 
 
 def test_multirun_writes_summary_csv_and_prints_the_table(run_app, tmp_path):

@@ -52,7 +52,7 @@ def test_what_wandb_recorded_equals_metrics_jsonl(run_app, tmp_path):
                 assert logged[key] == value, key
 
     assert recorded.config["model"]["hidden_size"] == 64
-    assert recorded.config["recipe"] == "gpu_optimized"
+    assert recorded.config["strategy"] == "gpu_optimized" and recorded.config["system/distributed"] == "single"
     assert recorded.config["optim"]["lr"] == pytest.approx(3e-3)
     assert recorded.config["model/total_parameters"] > 0
     # what is logged is what ran: gpu_optimized fell back to the CPU equivalent, and the facts say so

@@ -74,6 +74,7 @@ def test_hydra_instantiates_it(tmp_path: Path) -> None:
         ({"source": "hf"}, "hf_dataset"),
         ({"vocab_size": 200}, "vocab_size"),
         ({"prefetch_depth": 0}, "prefetch_depth"),
+        ({"stream": True, "shuffle": False}, "data.shuffle=false"),
     ],
 )
 def test_bad_arguments_fail_early(overrides: dict, word: str, one_line) -> None:

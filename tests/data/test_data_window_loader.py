@@ -84,6 +84,20 @@ def test_resume_continues_with_the_same_batches(small_tokens: list[np.ndarray], 
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
 
 
+def test_without_shuffle_each_epoch_reads_the_windows_in_corpus_order(small_tokens: list[np.ndarray],
+                                                                      bpe: Tokenizer) -> None:
+    stream = _stream(small_tokens, bpe.eos_id)
+    windows = stream[: len(stream) // (SEQ + 1) * (SEQ + 1)].reshape(-1, SEQ + 1)
+    ranks = [WindowLoader(small_tokens, bpe.eos_id, seq_len=SEQ, batch_size=BATCH, seed=3, rank=r, world_size=2,
+                          shuffle=False) for r in range(2)]
+    per_epoch = ranks[0].batches_per_epoch
+    for rank, loader in enumerate(ranks):
+        batches = itertools.islice(loader, 2 * per_epoch)
+        rows = [torch.cat([b["input_ids"], b["labels"][:, -1:]], dim=1) for b in batches]
+        first = list(range(rank, 2 * per_epoch * BATCH, 2))  # every rank its every other window
+        assert np.array_equal(torch.cat(rows).numpy(), windows[first + first])  # and the next epoch the same again
+
+
 def test_too_small_corpus_and_bad_arguments(small_tokens: list[np.ndarray], bpe: Tokenizer, one_line) -> None:
     with pytest.raises(ValueError) as excinfo:
         WindowLoader(small_tokens[:1], bpe.eos_id, seq_len=4096, batch_size=8, seed=0, world_size=2)

@@ -46,7 +46,7 @@ def train(args: list[str], run_dir: Path, cache: Path, resume: Path | None = Non
         for row in (r for r in records(run_dir) if "step" in r and "_type" not in r):
             keep = {k: row[k] for k in ("train/loss", "state/w_norm", "state/resets", "val/loss") if k in row}
             steps.setdefault(int(row["step"]), {}).update(keep)
-    trainer.strategy.teardown()
+    trainer.layout.teardown()
     return {"steps": steps, "summary": {k: v for k, v in summary.items() if k.startswith("summary/")}}
 
 

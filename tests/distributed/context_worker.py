@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from tttexp.distributed import context
-from tttexp.errors import StrategyError
+from tttexp.errors import LayoutError
 from tttexp.models import TTTCache, build_model
 from tttexp.training.passkey import greedy, split_prefill
 from tttexp.training.validation import loss_by_position, mean_loss
@@ -246,19 +246,19 @@ def run_rank(rank: int, world: int, cp_size: int, port: int, out_dir: str, cache
     for settings in ({"num_attention_heads": 3 * cp_size + 1, "hidden_size": 8 * (3 * cp_size + 1)},):
         try:
             context.enable(build_model(vocab_size=VOCAB, **{**TINY, **settings}), cp)
-        except StrategyError as exc:
+        except LayoutError as exc:
             refusals.append(str(exc))
     model = build_model(vocab_size=VOCAB, **TINY)
     context.enable(model, cp)
     try:  # a slice of 8 tokens is half a mini-batch
         model(torch.zeros(1, 8, dtype=torch.long), use_cache=False)
-    except StrategyError as exc:
+    except LayoutError as exc:
         refusals.append(str(exc))
     stopped = TTTCache(len(model.blocks()))
     stopped.seqlen_offset = 8
     try:  # a cached sequence that stopped inside a mini-batch
         model(torch.zeros(1, 16, dtype=torch.long), cache=stopped, use_cache=True)
-    except StrategyError as exc:
+    except LayoutError as exc:
         refusals.append(str(exc))
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"results": results, "stream": stream, "evals": evals,
                                                                "memory": memory, "refusals": refusals}))

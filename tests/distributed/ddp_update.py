@@ -33,13 +33,13 @@ def run_rank(rank: int, world: int, port: int, out: str) -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from tttexp.distributed import DistributedDataParallel
 
-    strategy = DistributedDataParallel(backend="gloo", timeout_s=60)
-    strategy.setup("cpu", seed=0)
+    layout = DistributedDataParallel(backend="gloo", timeout_s=60)
+    layout.setup("cpu", seed=0)
     model = small_model()
-    wrapped = strategy.prepare_model(model)
+    wrapped = layout.prepare_model(model)
     ids, labels = batch()
     half = ids.shape[0] // world
     step(wrapped, ids[rank * half : (rank + 1) * half], labels[rank * half : (rank + 1) * half])
     if rank == 0:
         torch.save({k: v.detach() for k, v in model.state_dict().items()}, Path(out))
-    strategy.teardown()
+    layout.teardown()

@@ -59,9 +59,9 @@ def bf16_step(rank: int, world: int) -> dict:
     each part computes with, the gradients' dtype, and the loss on this rank's row."""
     from tttexp.distributed import FullyShardedDataParallel
 
-    strategy = FullyShardedDataParallel(backend="gloo")
-    strategy.setup("cpu", seed=0)
-    strategy.precision = "bf16"
+    layout = FullyShardedDataParallel(backend="gloo")
+    layout.setup("cpu", seed=0)
+    layout.precision = "bf16"
     model = tiny_mlp_model()
     block = model.blocks()[0]
     seen: dict[str, str] = {}
@@ -73,13 +73,13 @@ def bf16_step(rank: int, world: int) -> dict:
         return inner(*args, **kwargs)
 
     block.ttt._inner = spy
-    wrapped = strategy.prepare_model(model)
+    wrapped = layout.prepare_model(model)
     ids = bf16_batch()[rank:rank + 1]
-    with strategy.autocast():
+    with layout.autocast():
         loss = wrapped(ids[:, :-1], labels=ids[:, 1:], use_cache=False).loss
     loss.backward()
     grads = sorted({str(p.grad.dtype) for p in model.parameters() if p.grad is not None})
-    return {**seen, "grads": grads, "loss": float(strategy.all_reduce_mean(loss.detach()))}
+    return {**seen, "grads": grads, "loss": float(layout.all_reduce_mean(loss.detach()))}
 
 
 def run_rank(rank: int, world: int, port: int, root: str, cache: str) -> None:
@@ -105,4 +105,4 @@ def run_rank(rank: int, world: int, port: int, root: str, cache: str) -> None:
                                     resume=root_path / "ddp/checkpoints/step-00000010.pt")
     out["bf16"] = bf16_step(rank, world)
     (root_path / f"rank{rank}.json").write_text(json.dumps(out))
-    fsdp_linear.strategy.teardown()
+    fsdp_linear.layout.teardown()

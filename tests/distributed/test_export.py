@@ -68,19 +68,19 @@ def test_export_and_eval_apps(tmp_path, app_cache, one_thread):
     assert shipped.eos_token == "<|endoftext|>"
     assert not (tmp_path / "outputs").exists() and not (out / ".hydra").exists()
 
-    from tttexp.app.build import build, build_strategy
+    from tttexp.app.build import build, build_layout
     from tttexp.app.eval import load_model
     from tttexp.app.preflight import compose_config
 
     cfg = compose_config(["experiment=smoke", "logging=none", f"checkpoint={out}"], config_name="eval")
-    strategy = build_strategy(cfg)
-    strategy.setup("cpu", cfg.seed)
-    model = load_model(cfg, strategy, build(cfg.data))
+    layout = build_layout(cfg)
+    layout.setup("cpu", cfg.seed)
+    model = load_model(cfg, layout, build(cfg.data))
     assert isinstance(model, TTTForCausalLM) and model.config.hidden_size == 64
     # the sharded checkpoint itself evaluates too, with the same weights as its export
     cfg = compose_config(["experiment=smoke", "logging=none", f"checkpoint={tmp_path}/run/checkpoints/"
                           "step-00000001.dcp"], config_name="eval")
-    direct = load_model(cfg, strategy, build(cfg.data))
+    direct = load_model(cfg, layout, build(cfg.data))
     exported = model.state_dict()
     assert all(torch.equal(value, exported[name]) for name, value in direct.state_dict().items())
 

@@ -10,8 +10,8 @@ import torch
 import torch.multiprocessing as mp
 
 from tttexp.distributed.fsdp import FullyShardedDataParallel, check_mesh
-from tttexp.distributed.strategy import BLOCKS_FROM, Strategy
-from tttexp.errors import StrategyError
+from tttexp.distributed.layout import BLOCKS_FROM, ProcessLayout
+from tttexp.errors import LayoutError
 from tttexp.training import reshard
 
 from . import fsdp_worker as W
@@ -81,7 +81,7 @@ def test_two_process_fsdp_matches_one_process_shards_and_reshards(tmp_path, app_
 
 def test_replicate_must_divide_the_world():
     check_mesh(2, 4)
-    with pytest.raises(StrategyError, match=r"distributed.replicate=3 does not divide the world size 4"):
+    with pytest.raises(LayoutError, match=r"distributed.replicate=3 does not divide the world size 4"):
         check_mesh(3, 4)
 
 
@@ -99,7 +99,7 @@ def test_bf16_keeps_the_ttt_layers_fp32_and_reduces_in_fp32():
 ])
 def test_compile_rule(setting, parameters, expected):
     model = torch.nn.Linear(1, parameters, bias=False, device="meta")
-    assert Strategy(compile=setting).compile_mode(model) == expected
+    assert ProcessLayout(compile=setting).compile_mode(model) == expected
 
 
 def test_carried_rows_are_re_split_by_global_row():

@@ -94,13 +94,13 @@ def _bench(arm_args: list[str], cache_dir: Path) -> dict:
     from bench_train import time_steps
 
     from support import compose_config
-    from tttexp.app.build import build, build_model_and_data, build_strategy
+    from tttexp.app.build import build, build_layout, build_model_and_data
 
     os.environ["TTTEXP_CACHE_DIR"] = str(cache_dir)
     cfg = compose_config([*COMMON, *FAST, *arm_args])
-    strategy = build_strategy(cfg)
-    strategy.setup(cfg.device, cfg.seed)
-    model, _ = build_model_and_data(cfg, strategy, build(cfg.data))
+    layout = build_layout(cfg)
+    layout.setup(cfg.device, cfg.seed)
+    model, _ = build_model_and_data(cfg, layout, build(cfg.data))
     try:
         return time_steps(model, cfg.data.batch_size, cfg.data.seq_len, steps=20, warmup=5, compiled=True,
                           vocab=model.config.vocab_size)

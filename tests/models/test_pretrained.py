@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tttexp.app.build import build, build_model_and_data, build_strategy
+from tttexp.app.build import build, build_layout, build_model_and_data
 from tttexp.app.preflight import compose_config
 from tttexp.errors import ConfigError
 from tttexp.models.pretrained import load_base_config, resolve_base
@@ -18,9 +18,9 @@ from tttexp.models.pretrained import load_base_config, resolve_base
 def prepare(base_model: str, *extra: str):
     """Run the recipe's preparation in this process with the real config, strategy and data objects."""
     cfg = compose_config(["strategy=from_pretrained", f"model.base_model={base_model}", "logging=none", *extra])
-    strategy = build_strategy(cfg)
-    strategy.setup("cpu", 0)
-    return build_model_and_data(cfg, strategy, build(cfg.data))
+    layout = build_layout(cfg)
+    layout.setup("cpu", 0)
+    return build_model_and_data(cfg, layout, build(cfg.data))
 
 
 def one_line_error(base_model: str, *extra: str) -> str:

@@ -13,12 +13,12 @@ from torch import nn
 
 from tttexp.app import preflight
 from tttexp.data import build_tokenizer, load_documents, tokenize_documents
+from tttexp.errors import ConfigError
 from tttexp.models import build_model
 from tttexp.training.passkey import (
     NEEDLE,
     PasskeyConfig,
     build_prompts,
-    check_settings,
     filler_tokens,
     run_passkey,
 )
@@ -107,7 +107,8 @@ def test_csv_and_heatmap_are_written(text, tmp_path: Path) -> None:
 
 
 def test_bad_settings_get_one_line_before_training() -> None:
-    assert "[0, 1]" in check_settings(PasskeyConfig(depths=[0.5, 1.5]))
+    with pytest.raises(ConfigError, match=r"passkey.depths=\[0.5, 1.5\]: every depth must be in \[0, 1\]"):
+        PasskeyConfig(depths=[0.5, 1.5])
     line = preflight.check(["experiment=smoke", "passkey.enabled=true", "passkey.depths=[0.0,1.2]"])
     assert line is not None and "passkey.depths" in line and "[0, 1]" in line and "\n" not in line
     line = preflight.check(["experiment=smoke", "passkey.lengths=[32]"])

@@ -14,6 +14,7 @@ import torch
 
 from support import exit_code_of_the_app
 from tttexp.app.preflight import compose_config
+from tttexp.app.schemas import fingerprint
 from tttexp.errors import CheckpointError, ConfigError
 from tttexp.loggers import JsonlLogger, Resume, find_run_files, read_metrics, read_run
 from tttexp.training import checkpoint as ckpt
@@ -85,11 +86,11 @@ def test_a_fresh_run_never_adopts_another_runs_checkpoints(tmp_path):
 
 def test_resume_refuses_other_math_and_allows_other_lengths(tmp_path):
     base = ["experiment=smoke", "logging=none"]
-    mine = rundir.fingerprint(compose_config([*base, "seed=0"]))
+    mine = fingerprint(compose_config([*base, "seed=0"]))
     ckpt.save_checkpoint(tmp_path, 6, _state(6, mine))
-    longer = rundir.fingerprint(compose_config([*base, "seed=0", "trainer.max_steps=50", "trainer.log_every=1"]))
+    longer = fingerprint(compose_config([*base, "seed=0", "trainer.max_steps=50", "trainer.log_every=1"]))
     assert rundir.resume_state("auto", tmp_path, longer)["step"] == 6
-    other = rundir.fingerprint(compose_config([*base, "seed=1", "model.hidden_size=128"]))
+    other = fingerprint(compose_config([*base, "seed=1", "model.hidden_size=128"]))
     with pytest.raises(CheckpointError) as refused:
         rundir.resume_state("auto", tmp_path, other)
     message = str(refused.value)
@@ -100,13 +101,39 @@ def test_resume_refuses_other_math_and_allows_other_lengths(tmp_path):
         rundir.resume_state(str(ckpt.checkpoint_path(tmp_path, 6)), tmp_path, other)
 
 
+# The fingerprint of `experiment=smoke` on one process as checkpoints already on disk hold it (written when the keys
+# were a hand-kept list): the fields marked RESUME must give the same keys and values, or those runs cannot resume.
+SAVED_SMOKE = {
+    "seed": 0, "global_batch": 4,
+    "model._target_": "tttexp.models.FromScratch", "model.hidden_size": 64, "model.num_hidden_layers": 2,
+    "model.num_attention_heads": 2, "model.intermediate_size": 176, "model.mixer": "ttt", "model.mixer_types": None,
+    "model.num_key_value_heads": None, "model.ttt_layer": "linear", "model.backbone": "mamba",
+    "model.mini_batch_size": 16, "model.ttt_base_lr": None, "model.rope_theta": 10000.0, "model.conv_kernel": 4,
+    "model.vocab_size": None, "model.base_model": None, "model.convert_layers": "all", "model.freeze": False,
+    "data.source": "shipped", "data.paths": None, "data.hf_dataset": None, "data.hf_config": None,
+    "data.hf_split": "train", "data.text_field": "text", "data.max_documents": None, "data.max_tokens": None,
+    "data.tokenizer": "bpe", "data.vocab_size": 4096, "data.seq_len": 64, "data.stream": False,
+    "data.val_fraction": 0.05, "data.seed": 0,
+    "optim.lr": 0.0015, "optim.betas": [0.9, 0.95], "optim.weight_decay": 0.1, "optim.eps": 1e-08,
+    "optim.warmup_steps": 20, "optim.min_lr_ratio": 0.1, "optim.max_grad_norm": 0.5,
+    "trainer.precision": "fp32", "trainer.reset_on_document": True,
+}
+
+
+def test_the_marked_fields_give_the_fingerprint_existing_checkpoints_hold(tmp_path):
+    current = fingerprint(compose_config(["experiment=smoke", "logging=none"]))
+    assert {key: current.get(key, "absent") for key in SAVED_SMOKE} == SAVED_SMOKE
+    ckpt.save_checkpoint(tmp_path, 6, _state(6, SAVED_SMOKE))
+    assert rundir.resume_state("auto", tmp_path, current)["step"] == 6  # a key marked since (data.shuffle) is no bar
+
+
 def test_a_resume_on_fewer_processes_names_the_setting_that_keeps_the_global_batch(tmp_path):
     config = compose_config(["experiment=smoke", "logging=none"])  # data.batch_size=4
-    ckpt.save_checkpoint(tmp_path, 6, _state(6, rundir.fingerprint(config, world_size=2)))
+    ckpt.save_checkpoint(tmp_path, 6, _state(6, fingerprint(config, world_size=2)))
     with pytest.raises(CheckpointError, match=r"global_batch 8 -> 4.*set trainer\.grad_accum_steps=2 to keep"):
-        rundir.resume_state("auto", tmp_path, rundir.fingerprint(config, world_size=1), rows=4)
+        rundir.resume_state("auto", tmp_path, fingerprint(config, world_size=1), rows=4)
     with pytest.raises(CheckpointError, match=r"data\.batch_size x trainer\.grad_accum_steps x processes = 8"):
-        rundir.resume_state("auto", tmp_path, rundir.fingerprint(config, world_size=3), rows=12)
+        rundir.resume_state("auto", tmp_path, fingerprint(config, world_size=3), rows=12)
 
 
 def test_resume_auto_stops_when_every_checkpoint_is_damaged(tmp_path):

@@ -35,7 +35,7 @@ class App:
 
     name: str  # the app (``tttexp.<name>``), its primary config and Hydra's job name
     hydra_main: Callable[[], Any]  # the app's @hydra.main function
-    validate: Callable[[DictConfig], None]  # its check of a composed config (the allowlist included)
+    validate: Callable[[DictConfig], Any]  # its check of a composed config (the allowlist included); the built config
     owns_run_dir: bool = True  # whether it writes into hydra.run.dir (export writes only its ``out``)
     claim: Callable[[DictConfig, Path], None] | None = None  # its own rules for the run directory, under the lock
 

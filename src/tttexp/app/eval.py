@@ -12,13 +12,15 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from tttexp.app.build import build, build_model_and_data, build_strategy
-from tttexp.app.schemas import register_configs, validate
+from tttexp.app import preflight
+from tttexp.app.build import build_data, build_layout, build_model_and_data
+from tttexp.app.schemas import TrainConfig, register_configs, validate
 from tttexp.errors import CheckpointError, ConfigError
 from tttexp.loggers import catalogue as C
 from tttexp.training import dcp
@@ -28,7 +30,7 @@ from tttexp.training.validation import mean_loss
 register_configs()
 
 
-def load_model(cfg: DictConfig, strategy, data) -> object:
+def load_model(cfg: Any, layout: Any, data: Any) -> object:
     """A model from a run checkpoint (rebuilt from ``cfg.model``) or from a ``save_pretrained`` directory; sets up
     ``data`` with the tokenizer the model was trained on."""
     source = Path(cfg.checkpoint)
@@ -40,7 +42,7 @@ def load_model(cfg: DictConfig, strategy, data) -> object:
         data.setup(mini_batch_size=cfg.model.mini_batch_size)
         return TTTForCausalLM.from_pretrained(source)
     state = load_checkpoint(source)
-    model, _ = build_model_and_data(cfg, strategy, data, resuming=True)
+    model, _ = build_model_and_data(cfg, layout, data, resuming=True)
     if state.get("format") == "dcp":  # a sharded directory, read whole on this one process
         dcp.full_model_state(source, model)
         return model
@@ -52,37 +54,35 @@ def load_model(cfg: DictConfig, strategy, data) -> object:
     return model
 
 
-def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
-    validate(cfg)
-    if cfg.harness.tasks:  # before the model is loaded: lm-eval installed, settings sane
+def evaluate(cfg: DictConfig, out_dir: Path, job: TrainConfig | None = None) -> dict:
+    """Evaluate ``cfg.checkpoint`` into ``out_dir``; ``job``: the config :func:`validate` built from ``cfg`` (built
+    here when not given)."""
+    job = job if job is not None else validate(cfg)
+    if job.harness.tasks:  # before the model is loaded: lm-eval installed, settings sane
         from tttexp.app import harness
 
         harness.check_config(cfg.harness)
-    strategy = build_strategy(cfg)
-    device = strategy.setup(cfg.device, cfg.seed)
-    data = build(cfg.data)
-    model = load_model(cfg, strategy, data).to(device)
-    total, count = mean_loss(model, data.val_set.batches(cfg.data.batch_size), autocast=strategy.autocast())
+    layout = build_layout(job)
+    device = layout.setup(job.device, job.seed)
+    data = build_data(job.data)
+    model = load_model(job, layout, data).to(device)
+    total, count = mean_loss(model, data.val_set.batches(job.data.batch_size), autocast=layout.autocast())
     loss = total / max(count, 1)
-    result = {"checkpoint": str(cfg.checkpoint), C.VAL_LOSS: loss, C.VAL_PPL: math.exp(min(loss, 50.0)),
+    result = {"checkpoint": str(job.checkpoint), C.VAL_LOSS: loss, C.VAL_PPL: math.exp(min(loss, 50.0)),
               C.VAL_TOKENS: count}
-    from omegaconf import OmegaConf
-
     from tttexp.loggers import NullLogger
     from tttexp.training.long_context import context_reports
-    from tttexp.training.passkey import PasskeyConfig
 
-    passkey = PasskeyConfig(**OmegaConf.to_container(cfg.passkey, resolve=True))
     rows, extras = context_reports(
-        model, data, out_dir, NullLogger(), 0, length=cfg.trainer.position_eval_len,
-        sequences=cfg.trainer.position_eval_sequences or 8, passkey=passkey, autocast=strategy.autocast(),
-        batch_size=cfg.data.batch_size,
+        model, data, out_dir, NullLogger(), 0, length=job.trainer.position_eval_len,
+        sequences=job.trainer.position_eval_sequences or 8, passkey=job.passkey, autocast=layout.autocast(),
+        batch_size=job.data.batch_size,
     )
     if rows:
         result[C.VAL_PPL_BY_POSITION] = rows
     result.update({k.replace(C.SUMMARY_PREFIX, C.VAL_PREFIX): v for k, v in extras.items()})
     if cfg.harness.tasks:  # lm-evaluation-harness (app/harness.py): harness.json, the Logger, the summary table
-        result.update(harness.evaluate(cfg, model, data, out_dir, strategy.autocast(), result))
+        result.update(harness.evaluate(cfg, model, data, out_dir, layout.autocast(), result))
     (out_dir / "eval.json").write_text(json.dumps(result, indent=2))
     print(f"val/loss {loss:.4f}  val/ppl {result[C.VAL_PPL]:.2f}  ({count:,} tokens)")
     for row in result.get(C.VAL_PPL_BY_POSITION, []):
@@ -117,7 +117,7 @@ def hydra_main(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         with entry.own(run_dir):
-            return evaluate(cfg, run_dir)[C.VAL_LOSS]
+            return evaluate(cfg, run_dir, preflight.checked(cfg, validate))[C.VAL_LOSS]
     except (ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(1)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -19,6 +21,7 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from tttexp.app import schemas
 from tttexp.app.schemas import register_configs, validate
 from tttexp.errors import ConfigError
 
@@ -117,13 +120,18 @@ def _primary_dir(config_path: str | None) -> str:
     return f"file://{where if where.is_absolute() else (Path(__file__).resolve().parent / where).resolve()}"
 
 
-def check(argv: list[str], *, app: str = "train", validate: Callable[[DictConfig], None] = validate) -> str | None:
+_CHECKED: dict[str, Any] = {}  # the built config of the one job a command line runs here, by its composed text
+
+
+def check(argv: list[str], *, app: str = "train", validate: Callable[[DictConfig], Any] = validate) -> str | None:
     """None when the command line composes and validates; otherwise the one-line reason.
 
     Every run is composed here, a custom ``--config-dir``/``--config-path``/``--config-name`` included, with
     its ``hydra`` node: Hydra builds ``hydra.callbacks``, the launcher and the sweeper before the job starts,
     so what a config may run (app/security.py) is checked now or never. ``app`` names the app (its primary
-    config and job name); ``validate`` is its check of a composed config."""
+    config and job name); ``validate`` is its check of a composed config, which returns the built config: for a
+    command line that runs one job here, the job takes it (:func:`checked`) instead of checking again."""
+    _CHECKED.clear()
     line = CommandLine(argv, default_config=app)
     if line.stand_aside:
         return None
@@ -136,14 +144,29 @@ def check(argv: list[str], *, app: str = "train", validate: Callable[[DictConfig
         return f"cannot parse the overrides: {_first_line(err)}"
     for variant in variants:
         try:
-            validate(compose_line(line, variant, app))
+            cfg = compose_line(line, variant, app)
+            built = validate(cfg)
+            if line.single_job and len(variants) == 1:
+                _CHECKED[_job_text(cfg)] = built
         except ConfigError as err:
             return str(err)
         except MissingConfigException as err:
             return _missing_option(err, variant)
         except (HydraException, OmegaConfBaseException) as err:
-            return _override_error(err)
+            return _override_error(err, variant)
     return None
+
+
+def checked(cfg: DictConfig, validate: Callable[[DictConfig], Any] = validate) -> Any:
+    """The config ``validate`` builds from the job's ``cfg``: the one preflight built, when it checked this very job
+    in this process (each check then runs once per job), otherwise built now."""
+    built = _CHECKED.pop(_job_text(cfg), None)
+    return built if built is not None else validate(cfg)
+
+
+def _job_text(cfg: DictConfig) -> str:
+    """The job's config as written (interpolations unresolved), without the ``hydra`` node."""
+    return OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, [str(k) for k in cfg if k != "hydra"]))
 
 
 def compose_line(line: CommandLine, overrides: list[str], app: str = "train") -> DictConfig:
@@ -162,13 +185,20 @@ def _missing_option(err: MissingConfigException, overrides: list[str]) -> str:
     return _first_line(err)
 
 
-def _override_error(err: Exception) -> str:
+def _override_error(err: Exception, overrides: list[str]) -> str:
     text = f"{err}\n{err.__cause__ or ''}"
     key = re.search(r"Key '([^']+)' is not in struct", text) or re.search(r"Key '([^']+)' not in '", text)
     override = re.search(r"Could not override '([^']+)'", text) or re.search(r"Error merging override ([^=\s]+)", text)
     if key and override:
         full = override.group(1)
         parent = full.rsplit(".", 1)[0] if "." in full else ""
+        typed = re.search(r"object_type=(\w+)", text)
+        current = [s for s in schemas.schemas_of(parent) if typed and s.__name__ == typed.group(1)] if parent else []
+        target = {f.name: f.default for f in fields(current[0])}.get("_target_") if current else None
+        if target:  # a key another option of the group takes: say which
+            line = schemas.refusal(parent, key.group(1), _written_value(full, overrides), target)
+            if line:
+                return line
         return f"{full}: no such config key{_suggest(parent, key.group(1))}"
     conversion = re.search(r"Value '([^']*)' (?:of type '\w+' )?could not be converted to (\w+)", text)
     if conversion:
@@ -178,10 +208,30 @@ def _override_error(err: Exception) -> str:
     boolean = re.search(r"Value '([^']*)' is not a valid bool", text)
     if boolean and override:
         return f"{override.group(1)}={boolean.group(1)}: expected a boolean (true or false)"
+    if override and "." in override.group(1) and not _is_section(override.group(1).rsplit(".", 1)[0]):
+        return f"{override.group(1)}: no such config key"  # under a plain value (strategy.compile: strategy is a name)
     return _first_line(err)
 
 
+def _is_section(key: str) -> bool:
+    """Whether ``key`` is a section (not a plain value) of the config as composed by default."""
+    try:
+        return isinstance(OmegaConf.select(compose_config([]), key), DictConfig)
+    except Exception:  # noqa: BLE001 - only decides how a message reads
+        return True
+
+
+def _written_value(key: str, overrides: list[str]) -> str:
+    """The value ``key`` is given on the command line, as written."""
+    for text in overrides:
+        name, _, value = text.partition("=")
+        if name.lstrip("+~") == key:
+            return value
+    return "?"
+
+
 def _suggest(parent: str, key: str) -> str:
+    """A close key: of the section as composed by default, or of any option's schema for it."""
     try:
         node = compose_config([])
         if parent:
@@ -189,6 +239,7 @@ def _suggest(parent: str, key: str) -> str:
         keys = [str(k) for k in node] if isinstance(node, DictConfig) else []
     except Exception:  # noqa: BLE001 - suggestions are best effort
         keys = []
+    keys += [f.name for schema in schemas.schemas_of(parent) for f in fields(schema) if f.name not in keys]
     close = difflib.get_close_matches(key, keys, n=1)
     return f" (did you mean {parent + '.' if parent else ''}{close[0]}?)" if close else ""
 

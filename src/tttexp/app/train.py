@@ -6,6 +6,7 @@ them to the :class:`tttexp.training.trainer.Trainer`. No training logic lives he
 
 from __future__ import annotations
 
+import functools
 import logging
 import subprocess
 import sys
@@ -18,8 +19,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from tttexp.app.build import build, build_logger, build_model_and_data, build_strategy
-from tttexp.app.schemas import register_configs, validate
+from tttexp.app import preflight
+from tttexp.app.build import build_data, build_layout, build_logger, build_model_and_data
+from tttexp.app.schemas import TrainConfig, fingerprint, option_of, register_configs, validate
 from tttexp.app.security import check_config
 from tttexp.app.table import print_summary
 from tttexp.console import copy_console_to
@@ -27,8 +29,6 @@ from tttexp.errors import TTTExpError
 from tttexp.loggers import catalogue as C
 from tttexp.loggers.protocol import Resume
 from tttexp.training import rundir
-from tttexp.training.config import OptimConfig, TrainerConfig
-from tttexp.training.passkey import PasskeyConfig
 from tttexp.training.preemption import EXIT_PREEMPTED, Preempted, requeue_slurm_job
 from tttexp.training.trainer import Trainer
 
@@ -54,8 +54,7 @@ def claim(cfg: DictConfig, run_dir: Path) -> None:
         world = launch.resolve_nproc(cfg.distributed.nproc_per_node, quiet=True)
     else:
         world = 1
-    rundir.check_claim(cfg.resume, run_dir, rundir.fingerprint(cfg, world_size=world),
-                       rows=cfg.data.batch_size * world)
+    rundir.check_claim(cfg.resume, run_dir, fingerprint(cfg, world_size=world), rows=cfg.data.batch_size * world)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
@@ -67,12 +66,12 @@ def hydra_main(cfg: DictConfig) -> float | None:
     copy_console_to(run_dir / f"{HydraConfig.get().job.name}.log")  # step lines, warnings, summary: in the log too
     try:
         check_config(HydraConfig.get(), "hydra")  # preflight checked it before Hydra built anything; again here
-        validate(cfg)
-        _fill_logger_names(cfg)
+        job = preflight.checked(cfg, validate)  # preflight's, when it checked this very job; else built now
+        _fill_logger_names(cfg, job)
         with entry.own(run_dir):
             if launch.needs_launch(cfg):
-                return _launched(cfg, run_dir)
-            return run(cfg, run_dir)
+                return _launched(cfg, run_dir, job)
+            return run(cfg, run_dir, job)
     except TTTExpError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         if _is_multirun():
@@ -94,13 +93,13 @@ def hydra_main(cfg: DictConfig) -> float | None:
         raise
 
 
-def _launched(cfg: DictConfig, run_dir: Path) -> float | None:
-    """Run the job in self-launched workers; a preemption signal reaches them, they checkpoint, and the job
-    ends as preempted (status 3), requeued where a scheduler can."""
+def _launched(cfg: DictConfig, run_dir: Path, job: TrainConfig) -> float | None:
+    """Run the job in self-launched workers (each receives the built config); a preemption signal reaches them,
+    they checkpoint, and the job ends as preempted (status 3), requeued where a scheduler can."""
     from tttexp.distributed import launch
 
     forwarder = launch.SignalForwarder(run_dir)
-    result = launch.launch(cfg, run_dir, run_worker, forwarder=forwarder)
+    result = launch.launch(cfg, run_dir, functools.partial(run_worker, job=job), forwarder=forwarder)
     if isinstance(result, dict) and "preempted" in result:
         message = result["preempted"]
         if forwarder.hand_over() or requeue_slurm_job():
@@ -109,37 +108,36 @@ def _launched(cfg: DictConfig, run_dir: Path) -> float | None:
     return result
 
 
-def run_worker(cfg: DictConfig, run_dir: Path) -> Any:
+def run_worker(cfg: DictConfig, run_dir: Path, job: TrainConfig) -> Any:
     """The job of a launched worker: :func:`run`, with a preemption returned to the launcher as a result."""
     try:
-        return run(cfg, run_dir)
+        return run(cfg, run_dir, job)
     except Preempted as err:
         return {"preempted": str(err)}
 
 
-def run(cfg: DictConfig, run_dir: Path) -> float | None:
-    """Train one job into ``run_dir``; returns the final validation loss (the sweepers' objective)."""
-    validate(cfg)
+def run(cfg: DictConfig, run_dir: Path, job: TrainConfig | None = None) -> float | None:
+    """Train one job into ``run_dir``; returns the final validation loss (the sweepers' objective). ``job``: the
+    config :func:`validate` built from ``cfg`` (built here when not given); ``cfg`` itself is the run's record."""
+    job = job if job is not None else validate(cfg)
     log.debug("the config that runs:\n%s", OmegaConf.to_yaml(cfg, resolve=True))  # hydra.verbose=tttexp
-    strategy = build_strategy(cfg)
-    device = strategy.setup(cfg.device, cfg.seed)
-    fingerprint = rundir.fingerprint(cfg, world_size=strategy.world_size)
-    resume_state = rundir.resume_state(cfg.resume, run_dir, fingerprint,
-                                       rows=cfg.data.batch_size * strategy.world_size)
+    layout = build_layout(job)
+    device = layout.setup(job.device, job.seed)
+    resume_key = fingerprint(job, world_size=layout.world_size)
+    resume_state = rundir.resume_state(job.resume, run_dir, resume_key,
+                                       rows=job.data.batch_size * layout.world_size)
 
-    data = build(cfg.data)
-    model, extra_facts = build_model_and_data(cfg, strategy, data, resuming=resume_state is not None,
+    data = build_data(job.data)
+    model, extra_facts = build_model_and_data(job, layout, data, resuming=resume_state is not None,
                                               resume_config=(resume_state or {}).get("model_config"))
-    logger = build_logger(cfg, run_dir, strategy.is_main)
-    facts = {**_facts(cfg, model, strategy, device), **extra_facts}
+    logger = build_logger(job, run_dir, layout.is_main)
+    facts = {**_facts(job, model, layout, device), **extra_facts}
     resume = None if resume_state is None else Resume(int(resume_state["step"]), resume_state.get("wandb_run_id"))
     logger.start(run_dir, OmegaConf.to_container(cfg, resolve=True), facts, resume=resume)
     trainer = Trainer(
-        model=model, data=data, strategy=strategy, logger=logger,
-        optim=OptimConfig(**OmegaConf.to_container(cfg.optim, resolve=True)),
-        loop=TrainerConfig(**OmegaConf.to_container(cfg.trainer, resolve=True)),
-        run_dir=run_dir, health=_health_monitor(), resume_state=resume_state, fingerprint=fingerprint,
-        passkey=PasskeyConfig(**OmegaConf.to_container(cfg.passkey, resolve=True)),
+        model=model, data=data, layout=layout, logger=logger, optim=job.optim, loop=job.trainer,
+        run_dir=run_dir, health=_health_monitor(), resume_state=resume_state, fingerprint=resume_key,
+        passkey=job.passkey,
     )
     summary: dict[str, Any] = {}
     failed = True
@@ -148,23 +146,28 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
         failed = False
     finally:  # a failed run's summary: its real time and throughput up to the failure
         logger.finish(summary or trainer.summary(), failed=failed)
-        strategy.teardown()
-    if strategy.is_main:
+        layout.teardown()
+    if layout.is_main:
         print_summary(summary, run_dir)
     return summary.get(C.SUMMARY_FINAL_VAL_LOSS)
 
 
-def _fill_logger_names(cfg: DictConfig) -> None:
-    """Default run name ``<model>-<layer>-<recipe>-<time>``; under ``-m`` the group is the sweep's folder."""
-    backend = cfg.logging
-    if "run_name" in backend and backend.run_name is None:
+def _fill_logger_names(cfg: DictConfig, job: TrainConfig) -> None:
+    """Default run name ``<model>-<layer>-<strategy>-<time>``; under ``-m`` the group is the sweep's folder. Set in
+    both the record (``cfg``) and the built config the logger is made from."""
+    names = {}
+    if job.logging.run_name is None:
         stamp = time.strftime("%m%d-%H%M%S")
-        model = Path(str(cfg.model.base_model)).stem if cfg.model.base_model else cfg.model.name
-        layer = cfg.model.ttt_layer if cfg.model.mixer == "ttt" else cfg.model.mixer
-        backend.run_name = f"{model}-{layer}-{cfg.recipe}-{stamp}"
-    if "group" in backend and backend.group is None and _is_multirun():
+        base = getattr(job.model, "base_model", None)
+        model = Path(str(base)).stem if base else job.model.name
+        layer = job.model.ttt_layer if job.model.mixer == "ttt" else job.model.mixer
+        names["run_name"] = f"{model}-{layer}-{job.strategy}-{stamp}"
+    if job.logging.group is None and _is_multirun():
         sweep = Path(HydraConfig.get().sweep.dir)
-        backend.group = f"{sweep.parent.name}-{sweep.name}"
+        names["group"] = f"{sweep.parent.name}-{sweep.name}"
+    for key, value in names.items():
+        setattr(job.logging, key, value)
+        cfg.logging[key] = value
 
 
 def _is_multirun() -> bool:
@@ -180,7 +183,7 @@ def _health_monitor():
     return HealthMonitor()
 
 
-def _facts(cfg: DictConfig, model, strategy, device) -> dict[str, Any]:
+def _facts(cfg: TrainConfig, model, layout, device) -> dict[str, Any]:
     return {
         C.MODEL_TOTAL_PARAMETERS: sum(p.numel() for p in model.parameters()),
         C.MODEL_HIDDEN_SIZE: model.config.hidden_size,
@@ -191,10 +194,11 @@ def _facts(cfg: DictConfig, model, strategy, device) -> dict[str, Any]:
         C.MODEL_KERNEL: model.resolved_kernel(device.type),
         C.MODEL_STATE_PASSING: bool(cfg.data.stream),
         C.MODEL_PRESET: cfg.model.name,
-        "recipe": cfg.recipe,
-        C.TRAINER_PRECISION: strategy.precision,
-        C.TRAINER_COMPILE: strategy.compile_label(model),  # auto resolved; "off" after a CPU fallback
-        "world_size": strategy.world_size,
+        "strategy": cfg.strategy,  # the recipe
+        C.SYSTEM_DISTRIBUTED: option_of("distributed", cfg.distributed),  # the process layout
+        C.TRAINER_PRECISION: layout.precision,
+        C.TRAINER_COMPILE: layout.compile_label(model),  # auto resolved; "off" after a CPU fallback
+        "world_size": layout.world_size,
         "device": str(device),
         "git_commit": _git_commit(),
         "seed": cfg.seed,

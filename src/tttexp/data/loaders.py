@@ -33,8 +33,9 @@ class WindowLoader:
 
     The documents are joined into one stream with an EOS after each document and cut into windows of
     seq_len + 1 tokens (a window's inputs are its first seq_len tokens, its labels the last seq_len).
-    Epoch e visits the windows in a permutation seeded by (seed, e); rank r takes every world_size-th window
-    of it, every rank the same number, and a partial last batch is dropped. Given a :class:`TokenStream`
+    Epoch e visits the windows in a permutation seeded by (seed, e) (with ``shuffle=False``: in corpus order,
+    every epoch alike); rank r takes every world_size-th window of it, every rank the same number, and a partial
+    last batch is dropped. Given a :class:`TokenStream`
     instead of documents, only the windows this rank trains on are ever read.
     """
 
@@ -47,11 +48,12 @@ class WindowLoader:
         seed: int,
         rank: int = 0,
         world_size: int = 1,
+        shuffle: bool = True,
     ) -> None:
         _check_positive(seq_len=seq_len, batch_size=batch_size, world_size=world_size)
         _check_rank(rank, world_size)
         self.seq_len, self.batch_size = seq_len, batch_size
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
         if hasattr(docs_tokens, "read"):
             self._stream: TokenStream | None = docs_tokens  # type: ignore[assignment]
             self._windows = None
@@ -99,7 +101,8 @@ class WindowLoader:
     def _rank_order(self, epoch: int) -> np.ndarray:
         if self._order is None or self._order[0] != epoch:
             n = self._n_windows // self.world_size * self.world_size
-            perm = _rng(self.seed, epoch).permutation(self._n_windows)[:n]
+            perm = (_rng(self.seed, epoch).permutation(self._n_windows) if self.shuffle
+                    else np.arange(self._n_windows))[:n]
             self._order = (epoch, perm[self.rank :: self.world_size])
         return self._order[1]
 

@@ -40,9 +40,12 @@ class DataModule:
     atomic and a prepare holds a lock on its corpus, so every rank may call `setup()` at once.
     """
 
-    def __init__(self, **settings: Any) -> None:
-        """``settings``: the fields of :class:`tttexp.data.config.DataConfig` (checked there)."""
-        config = self.config = DataConfig(**settings)
+    def __init__(self, config: DataConfig | None = None, /, **settings: Any) -> None:
+        """``config``: the settings, already checked (the app builds its :class:`DataConfig` once per job); or
+        ``settings``, its fields (``DataModule(seq_len=64)``), checked here."""
+        if config is not None and settings:
+            raise TypeError("DataModule takes a DataConfig or its fields, not both")
+        config = self.config = config if config is not None else DataConfig(**settings)
         self.source, self.seq_len, self.batch_size = config.source, config.seq_len, config.batch_size
         self.stream, self.prefetch = bool(config.stream), bool(config.prefetch)
         self.tokenizer_kind, self.requested_vocab_size = config.tokenizer, config.vocab_size
@@ -170,6 +173,7 @@ class DataModule:
                 seed=self.seed,
                 rank=rank,
                 world_size=world_size,
+                shuffle=self.config.shuffle,
             )
         self._val_set = ValidationSet(_spread(corpus, is_val, VAL_TOKENS), tokenizer.eos_id, self.seq_len,
                                       self.val_windows)

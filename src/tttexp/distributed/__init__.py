@@ -3,7 +3,7 @@ the elastic self-launch."""
 
 from tttexp.distributed.ddp import DistributedDataParallel
 from tttexp.distributed.fsdp import FullyShardedDataParallel
+from tttexp.distributed.layout import ProcessLayout
 from tttexp.distributed.single import SingleDevice
-from tttexp.distributed.strategy import Strategy
 
-__all__ = ["DistributedDataParallel", "FullyShardedDataParallel", "SingleDevice", "Strategy"]
+__all__ = ["DistributedDataParallel", "FullyShardedDataParallel", "ProcessLayout", "SingleDevice"]

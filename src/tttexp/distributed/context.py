@@ -28,7 +28,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tttexp.errors import StrategyError
+from tttexp.errors import LayoutError
 
 
 class ContextParallel:
@@ -153,7 +153,7 @@ class ContextParallel:
         that is not whole mini-batches, a cached sequence that stopped inside a mini-batch (``offset`` tokens)."""
         multiple = config.mini_batch_size if "ttt" in mixers else 1
         if offset % multiple:
-            raise StrategyError(f"distributed.context_parallel > 1 continues a cached sequence only at a mini-batch "
+            raise LayoutError(f"distributed.context_parallel > 1 continues a cached sequence only at a mini-batch "
                                 f"boundary ({offset} tokens are not a multiple of {multiple})")
         check_split(self.size, config.num_attention_heads, config.num_key_value_heads, local_len * self.size,
                     multiple)
@@ -163,10 +163,10 @@ def check_split(cp: int, heads: int, kv_heads: int, seq_len: int | None, multipl
     """``distributed.context_parallel=cp`` needs ``cp`` to divide the heads (and K/V heads), and ``seq_len`` to be a
     multiple of ``cp * multiple`` (``multiple``: the TTT mini-batch size, so every slice holds whole mini-batches)."""
     if heads % cp or kv_heads % cp:
-        raise StrategyError(f"distributed.context_parallel={cp} must divide the attention heads ({heads}) and "
+        raise LayoutError(f"distributed.context_parallel={cp} must divide the attention heads ({heads}) and "
                             f"key/value heads ({kv_heads})")
     if seq_len is not None and seq_len % (cp * multiple):
-        raise StrategyError(f"distributed.context_parallel={cp}: the sequence length {seq_len} must be a multiple of "
+        raise LayoutError(f"distributed.context_parallel={cp}: the sequence length {seq_len} must be a multiple of "
                             f"{cp * multiple} (cp x mini-batch size {multiple})")
 
 
@@ -190,7 +190,7 @@ def build_mesh(device_type: str, world_size: int, cp: int):
     from torch.distributed.device_mesh import init_device_mesh
 
     if cp < 1 or world_size % cp:
-        raise StrategyError(f"distributed.context_parallel={cp} must divide the number of processes ({world_size})")
+        raise LayoutError(f"distributed.context_parallel={cp} must divide the number of processes ({world_size})")
     return init_device_mesh(device_type, (world_size // cp, cp), mesh_dim_names=("data", "context"))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,13 +13,30 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from tttexp.configs import choice, positive
 from tttexp.distributed.context import ContextParallel, build_mesh, enable
-from tttexp.distributed.strategy import Strategy, compile_blocks
+from tttexp.distributed.layout import LayoutConfig, ProcessLayout, compile_blocks
 from tttexp.distributed.world import slurm_rendezvous, world_from_env
-from tttexp.errors import StrategyError
+from tttexp.errors import LayoutError
 
 
-class DistributedDataParallel(Strategy):
+@dataclass
+class DDPConfig(LayoutConfig):
+    """``distributed=ddp``: a process group over the world (self-launched, torchrun or SLURM)."""
+
+    _target_: str = "tttexp.distributed.DistributedDataParallel"
+    nproc_per_node: Any = "auto"  # auto: one per visible GPU (on the CPU give a number)
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    timeout_s: int = 600  # collective timeout in seconds
+    context_parallel: int = 1  # ranks that split each sequence (a data x context mesh); must divide heads and world
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        choice("distributed.backend", self.backend, ("auto", "nccl", "gloo"))
+        positive("distributed.context_parallel", self.context_parallel)
+
+
+class DistributedDataParallel(ProcessLayout):
     """DDP over the processes of the current world (a world of one when started alone)."""
 
     def __init__(self, backend: str = "auto", timeout_s: int = 600, **kwargs: Any) -> None:
@@ -36,7 +54,7 @@ class DistributedDataParallel(Strategy):
             store = None
             if "MASTER_PORT" not in os.environ:
                 if self.world_size > 1:
-                    raise StrategyError("a multi-process world needs MASTER_ADDR and MASTER_PORT (torchrun sets them)")
+                    raise LayoutError("a multi-process world needs MASTER_ADDR and MASTER_PORT (torchrun sets them)")
                 store = dist.HashStore()  # a world of one rendezvous in memory: no port to pick, none to lose
             else:
                 os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

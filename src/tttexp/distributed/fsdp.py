@@ -14,15 +14,36 @@ matmuls in bf16). Sharded parameters, gradients and the optimizer state are fp32
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from tttexp.distributed.ddp import DistributedDataParallel
-from tttexp.distributed.strategy import warn
-from tttexp.errors import StrategyError
+from tttexp.configs import positive
+from tttexp.distributed.ddp import DDPConfig, DistributedDataParallel
+from tttexp.distributed.layout import warn
+from tttexp.distributed.world import in_existing_world
+from tttexp.errors import ConfigError, LayoutError
+
+
+@dataclass
+class FSDPConfig(DDPConfig):
+    """``distributed=fsdp``: DDP's keys, and how the parameters are sharded."""
+
+    _target_: str = "tttexp.distributed.FullyShardedDataParallel"
+    replicate: int = 1  # HSDP: R replicas x (world / R) shards; must divide the world size; 1: plain FSDP
+    reshard_after_forward: bool = True  # free gathered parameters after each block's forward (less memory)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        positive("distributed.replicate", self.replicate)
+        if isinstance(self.nproc_per_node, int) and not in_existing_world():  # else the world is known later
+            try:
+                check_mesh(self.replicate, self.nproc_per_node)
+            except LayoutError as err:  # the same line as at run time, before any process starts
+                raise ConfigError(str(err)) from None
 
 
 class FullyShardedDataParallel(DistributedDataParallel):
@@ -64,7 +85,7 @@ class FullyShardedDataParallel(DistributedDataParallel):
         from tttexp.distributed.context import ContextParallel, build_mesh
 
         if self.replicate > 1:
-            raise StrategyError("distributed.context_parallel > 1 takes distributed.replicate=1 (parameters are "
+            raise LayoutError("distributed.context_parallel > 1 takes distributed.replicate=1 (parameters are "
                                 "already replicated across the context group)")
         mesh = build_mesh(device_type, self.world_size, self.context_parallel)
         self.context = ContextParallel(mesh.get_group("context"))
@@ -87,7 +108,7 @@ class FullyShardedDataParallel(DistributedDataParallel):
             enable(model, self.context)
         if self.compile_mode(model):  # under FSDP "true" compiles per block too: FSDP's hooks split the graph there
             self.compile = "blocks"
-            from tttexp.distributed.strategy import compile_blocks
+            from tttexp.distributed.layout import compile_blocks
 
             compile_blocks(model)
         block_policy, state_policy = self.precision_policies()
@@ -171,7 +192,7 @@ def check_mesh(replicate: int, world_size: int) -> None:
     """``distributed.replicate`` must divide the world size (HSDP: replicas x shards)."""
     if replicate < 1 or world_size % replicate:
         fits = ", ".join(str(r) for r in range(1, world_size + 1) if world_size % r == 0)
-        raise StrategyError(
+        raise LayoutError(
             f"distributed.replicate={replicate} does not divide the world size {world_size} (the mesh is replicate x "
             f"shard = {world_size} processes); use one of {fits}"
         )

@@ -2,7 +2,7 @@
 
 ``python -m tttexp.train strategy=multi_gpu_state_passing`` needs no torchrun: the Hydra job (one run directory)
 starts ``distributed.nproc_per_node`` workers itself. Under torchrun or SLURM the processes already form a world;
-each one runs the job directly and the strategy joins that world.
+each one runs the job directly and the process layout joins that world.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def resolve_nproc(value: Any, quiet: bool = False) -> int:
         if count == 0:
             if quiet:
                 return 1
-            from tttexp.distributed.strategy import warn
+            from tttexp.distributed.layout import warn
 
             warn("distributed.nproc_per_node=auto counts GPUs and none is visible: running ONE process on the CPU; "
                  "for several give a number, e.g. distributed.nproc_per_node=2")

@@ -68,6 +68,8 @@ SYSTEM_GPU_MEMORY_PEAK = _metric("system/gpu_memory_peak", "peak GPU memory held
 SYSTEM_HOST_MEMORY_RSS = _metric("system/host_memory_rss", "resident host memory of the main process now, GiB")
 SYSTEM_HOST_MEMORY_PEAK = _metric("system/host_memory_peak", "peak resident host memory of the main process, GiB")
 SYSTEM_NUM_PROCESSES = _metric("system/num_processes", "number of training processes (world size)")
+SYSTEM_DISTRIBUTED = _metric("system/distributed", "the process layout the run used (distributed=...): single, ddp "
+                             "or fsdp; a fact of the run, recorded once")
 SYSTEM_MFU = _metric("system/mfu", "model FLOPs utilisation, fraction of the peak of the accelerator (0 to 1)")
 
 STATE = _family("state/", "state passing: resets and norms of the carried TTT state")

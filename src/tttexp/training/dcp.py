@@ -198,8 +198,8 @@ class ShardedCheckpointer:
     background and the checkpoint is marked complete when the write has finished (at the next save or at
     :meth:`wait`)."""
 
-    def __init__(self, strategy: Any, async_save: bool = False) -> None:
-        self.strategy = strategy
+    def __init__(self, layout: Any, async_save: bool = False) -> None:
+        self.layout = layout
         self.async_save = async_save
         self._pending: tuple[Any, Path, int] | None = None
         self._group = None
@@ -211,12 +211,12 @@ class ShardedCheckpointer:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         self.wait()
-        main = self.strategy.is_main
+        main = self.layout.is_main
         if main:
             if path.exists():  # a save of this step that did not finish
                 shutil.rmtree(path)
             path.mkdir(parents=True)
-        self.strategy.barrier()
+        self.layout.barrier()
         model_state, optim_state = get_state_dict(model, optimizer)
         tensors = {"model": model_state, "optim": optim_state["state"]}
         state = {**trainer_state, "param_groups": optim_state["param_groups"]}
@@ -248,7 +248,7 @@ class ShardedCheckpointer:
         self._complete(path, keep_last, prune)
 
     def _complete(self, path: Path, keep_last: int, prune: Any) -> None:
-        if self.strategy.is_main:
+        if self.layout.is_main:
             tmp = path / f".{MARKER}.tmp"
             tmp.write_text("complete\n")
             fsync_file(tmp)
@@ -256,7 +256,7 @@ class ShardedCheckpointer:
             fsync_dir(path)
             prune(keep_last)
         if not self.async_save:
-            self.strategy.barrier()
+            self.layout.barrier()
 
     def load(self, state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         """Read a complete checkpoint (``state`` from :func:`load_trainer_state`) into ``model`` and

@@ -81,9 +81,9 @@ class BatchCheck:
         """After the step has read the batch: a change at any time shows."""
         self.changed_at = torch.where((self.changed_at == 0) & integrity.changed(batch), step, self.changed_at)
 
-    def check(self, strategy: Any) -> None:
+    def check(self, layout: Any) -> None:
         """Stop if a batch changed (one host sync)."""
-        step = int(strategy.all_reduce_max(self.changed_at.float()))
+        step = int(layout.all_reduce_max(self.changed_at.float()))
         if step:
             raise TrainingStopped(
                 f"the training batch of step {step} changed between the loader and the step that read it "

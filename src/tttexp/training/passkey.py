@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from tttexp.errors import ConfigError
+
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = " What is the pass key? The pass key is"
 
@@ -35,6 +37,21 @@ class PasskeyConfig:
     trials: int = 4  # prompts per (length, depth), each with its own key and filler; run as one batch
     digits: int = 5  # digits of the key (chance of an exact match: 10^-digits)
     seed: int = 0  # keys and filler offsets
+
+    def __post_init__(self) -> None:
+        if not self.lengths or not self.depths:
+            raise ConfigError("passkey.lengths and passkey.depths must each list at least one value")
+        bad = [d for d in self.depths if not 0.0 <= float(d) <= 1.0]
+        if bad:
+            raise ConfigError(f"passkey.depths={list(self.depths)}: every depth must be in [0, 1] (0: start, 1: end), "
+                              f"got {bad[0]}")
+        if any(int(n) < 64 for n in self.lengths):
+            raise ConfigError(f"passkey.lengths={list(self.lengths)}: every length must be >= 64 tokens (needle and "
+                              "question)")
+        if self.trials <= 0:
+            raise ConfigError(f"passkey.trials={self.trials} must be > 0")
+        if not 1 <= self.digits <= 12:
+            raise ConfigError(f"passkey.digits={self.digits} must be between 1 and 12")
 
 
 @dataclass
@@ -63,22 +80,6 @@ class PasskeyResult:
             writer.writeheader()
             writer.writerows(self.rows)
         return Path(path)
-
-
-def check_settings(cfg: PasskeyConfig) -> str | None:
-    """The one-line reason a passkey setting cannot run, or None."""
-    if not cfg.lengths or not cfg.depths:
-        return "passkey.lengths and passkey.depths must each list at least one value"
-    bad = [d for d in cfg.depths if not 0.0 <= float(d) <= 1.0]
-    if bad:
-        return f"passkey.depths={list(cfg.depths)}: every depth must be in [0, 1] (0: start, 1: end), got {bad[0]}"
-    if any(int(n) < 64 for n in cfg.lengths):
-        return f"passkey.lengths={list(cfg.lengths)}: every length must be >= 64 tokens (needle and question)"
-    if cfg.trials <= 0:
-        return f"passkey.trials={cfg.trials} must be > 0"
-    if not 1 <= cfg.digits <= 12:
-        return f"passkey.digits={cfg.digits} must be between 1 and 12"
-    return None
 
 
 def build_prompts(
@@ -158,11 +159,8 @@ def run_passkey(
     model: Any, tokenizer: Any, filler: np.ndarray, cfg: PasskeyConfig,
     autocast: contextlib.AbstractContextManager | None = None, context: Any | None = None,
 ) -> PasskeyResult:
-    """Accuracy by (length, depth) with exact-match scoring of the generated digits (``context``: the prompts are
-    prefilled split over its group; see :func:`greedy`)."""
-    problem = check_settings(cfg)
-    if problem:
-        raise ValueError(problem)
+    """Accuracy by (length, depth) with exact-match scoring of the generated digits (``cfg`` checked itself;
+    ``context``: the prompts are prefilled split over its group; see :func:`greedy`)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -57,14 +57,14 @@ class PreemptionFlag:
     def requested(self) -> bool:
         return self.signal is not None
 
-    def requested_anywhere(self, strategy: Any) -> bool:
+    def requested_anywhere(self, layout: Any) -> bool:
         """Has any process been signalled? One process needs no device tensor (and so no host sync)."""
-        if strategy.world_size == 1:
+        if layout.world_size == 1:
             return self.requested()
         import torch
 
-        flag = torch.tensor(1.0 if self.requested() else 0.0, device=strategy.device)
-        return bool(strategy.all_reduce_max(flag) > 0)
+        flag = torch.tensor(1.0 if self.requested() else 0.0, device=layout.device)
+        return bool(layout.all_reduce_max(flag) > 0)
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from tttexp.distributed.strategy import seed_everything
+from tttexp.distributed.layout import seed_everything
 from tttexp.errors import CheckpointError
 
 

@@ -6,8 +6,9 @@
 * A fresh run (``resume=null``) never adopts or deletes another run's files: in a directory that already holds
   checkpoints it stops and says to use ``resume=auto`` or a new directory.
 * A resume continues the same run: the checkpoint's config fingerprint (model shape, tokenizer, data, seed and
-  the optimizer's numbers) must equal this run's; a difference is refused in one line naming the keys. Keys that
-  do not change the math (``trainer.max_steps``, cadences, logging, kernels, compile) may change.
+  the optimizer's numbers: the config fields marked ``RESUME``, tttexp/configs.py) must equal this run's; a
+  difference is refused in one line naming the keys. Keys that do not change the math (``trainer.max_steps``,
+  cadences, logging, kernels, compile) may change.
 """
 
 from __future__ import annotations
@@ -28,23 +29,6 @@ from tttexp.training.checkpoint import checkpoint_dir, latest_valid_checkpoint, 
 LOCK_FILE = ".lock"
 TOKENIZER_DIR = "tokenizer"  # the run's tokenizer as a transformers directory; export ships it with the model
 _TMP = re.compile(r"^\.step-\d{8}\.pt\.tmp-(\d+)$")
-
-# The settings that decide the math of a run; a resume must match them exactly.
-FINGERPRINT_KEYS = (
-    "seed",
-    "model._target_", "model.hidden_size", "model.num_hidden_layers", "model.num_attention_heads",
-    "model.intermediate_size", "model.mixer", "model.mixer_types", "model.num_key_value_heads", "model.ttt_layer",
-    "model.backbone", "model.mini_batch_size", "model.ttt_base_lr", "model.rope_theta", "model.conv_kernel",
-    "model.vocab_size", "model.base_model", "model.convert_layers", "model.freeze",
-    "data.source", "data.paths", "data.hf_dataset", "data.hf_config", "data.hf_split", "data.text_field",
-    "data.max_documents", "data.max_tokens", "data.tokenizer", "data.vocab_size", "data.seq_len", "data.stream",
-    "data.val_fraction", "data.seed",
-    "optim.lr", "optim.betas", "optim.weight_decay", "optim.eps", "optim.warmup_steps", "optim.min_lr_ratio",
-    "optim.max_grad_norm",
-    "trainer.precision", "trainer.reset_on_document",
-    "global_batch",  # data.batch_size x trainer.grad_accum_steps x world size: a run may change its world size
-)
-
 
 # --------------------------------------------------------------------------------------------------------------
 # The lock
@@ -159,19 +143,32 @@ def _alive(pid: int) -> bool:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def fingerprint(cfg: Mapping[str, Any], world_size: int = 1) -> dict[str, Any]:
-    """The values of :data:`FINGERPRINT_KEYS` in ``cfg`` (a DictConfig or a nested dict), as plain values; the
-    global batch counts the ``world_size`` processes (a checkpoint continues at another world size with the same
-    global batch: training/reshard.py)."""
-    out: dict[str, Any] = {"global_batch": cfg["data"]["batch_size"] * cfg["trainer"]["grad_accum_steps"] * world_size}
-    for key in FINGERPRINT_KEYS:
-        if key in out:
-            continue
+def fingerprint(cfg: Any, keys: Mapping[str, Any], world_size: int = 1) -> dict[str, Any]:
+    """The value in ``cfg`` (a DictConfig, a nested dict or the built config dataclasses) of each dotted key of
+    ``keys`` (the fields marked ``RESUME``), as plain values; a key that the config's option does not take has the
+    default ``keys`` gives. ``global_batch`` counts the ``world_size`` processes (a checkpoint continues at another
+    world size with the same global batch: training/reshard.py)."""
+    data, trainer = _get(cfg, "data"), _get(cfg, "trainer")
+    out: dict[str, Any] = {}
+    for key, default in keys.items():
         node: Any = cfg
         for part in key.split("."):
-            node = node.get(part) if isinstance(node, Mapping) or hasattr(node, "get") else None
+            node = _get(node, part, _ABSENT)
+            if node is _ABSENT:
+                node = default
+                break
         out[key] = _plain(node)
+    out["global_batch"] = _get(data, "batch_size") * _get(trainer, "grad_accum_steps") * world_size
     return out
+
+
+_ABSENT = object()
+
+
+def _get(node: Any, key: str, absent: Any = None) -> Any:
+    if isinstance(node, Mapping) or hasattr(node, "keys"):
+        return node.get(key, absent)
+    return getattr(node, key, absent)
 
 
 def _plain(value: Any) -> Any:
@@ -190,7 +187,7 @@ def check_fingerprint(saved: Mapping[str, Any] | None, current: Mapping[str, Any
         print(f"warning: {path} carries no config fingerprint (an older checkpoint); resuming without the check",
               file=sys.stderr, flush=True)
         return
-    differing = [key for key in FINGERPRINT_KEYS if key in saved and saved.get(key) != current.get(key)]
+    differing = [key for key in current if key in saved and saved[key] != current[key]]
     if differing:
         shown = ", ".join(f"{key} {_short(saved.get(key))} -> {_short(current.get(key))}" for key in differing)
         fix = _global_batch_fix(int(saved["global_batch"]), rows) if differing == ["global_batch"] else None

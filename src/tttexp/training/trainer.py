@@ -2,7 +2,7 @@
 
 Read top to bottom: :meth:`Trainer.fit` is the loop; everything it calls is below it in the order it is used.
 The trainer talks to a :class:`tttexp.loggers.Logger` (never to wandb) and to a
-:class:`tttexp.distributed.Strategy` (never to torch.distributed directly). What a checkpoint holds and how it
+:class:`tttexp.distributed.ProcessLayout` (never to torch.distributed directly). What a checkpoint holds and how it
 is written is :class:`tttexp.training.checkpoint_manager.CheckpointManager`'s; the records and the summary are
 :class:`tttexp.training.records.Records`'.
 """
@@ -17,19 +17,19 @@ from typing import Any
 
 import torch
 
-from tttexp.distributed import Strategy
+from tttexp.distributed import ProcessLayout
 from tttexp.loggers import catalogue as C
 from tttexp.loggers.protocol import Logger
 from tttexp.models import TTTCache, TTTForCausalLM
 from tttexp.training import metrics as M
 from tttexp.training.checkpoint_manager import CheckpointManager
-from tttexp.training.config import OptimConfig, TrainerConfig
+from tttexp.training.config import TrainerConfig
 from tttexp.training.fairness import TokenHash
 from tttexp.training.guards import BatchCheck, NonfiniteGuard
 from tttexp.training.inference import inference_report
 from tttexp.training.long_context import final_reports
 from tttexp.training.metrics import Window
-from tttexp.training.optimizer import build_optimizer
+from tttexp.training.optimizer import OptimConfig, build_optimizer
 from tttexp.training.preemption import Preempted, PreemptionFlag, requeue_slurm_job
 from tttexp.training.records import Progress, Records, state_record
 from tttexp.training.schedule import lr_at
@@ -44,7 +44,7 @@ class Trainer:
         *,
         model: TTTForCausalLM,
         data: Any,
-        strategy: Strategy,
+        layout: ProcessLayout,
         logger: Logger,
         optim: OptimConfig,
         loop: TrainerConfig,
@@ -54,17 +54,17 @@ class Trainer:
         fingerprint: dict[str, Any] | None = None,
         passkey: Any | None = None,
     ) -> None:
-        self.raw_model, self.data, self.strategy, self.logger = model, data, strategy, logger
+        self.raw_model, self.data, self.layout, self.logger = model, data, layout, logger
         self.optim, self.loop = optim, loop
         self.run_dir = Path(run_dir)
         self.passkey = passkey  # PasskeyConfig: passkey retrieval at the end (training/passkey.py)
         self.token_hash = TokenHash()  # the training tokens consumed, in order (the study's fairness record)
-        self.device = strategy.device
-        self.model = strategy.prepare_model(model)
+        self.device = layout.device
+        self.model = layout.prepare_model(model)
         self.optimizer = build_optimizer(self.raw_model, optim, self.device)
         # sharded (DTensor) parameters keep the log-step check only; plain ones may skip a bad step on the device
         self._plain_params = not any(hasattr(p, "to_local") for p in self.raw_model.parameters())
-        self.checkpoints = CheckpointManager(run_dir=self.run_dir, strategy=strategy, model=model,
+        self.checkpoints = CheckpointManager(run_dir=self.run_dir, layout=layout, model=model,
                                              optimizer=self.optimizer, loader=data.train_loader,
                                              keep_last=loop.keep_last, fingerprint=fingerprint)
         self.stream = bool(getattr(data, "stream", False))  # per-row streams: carry each row's TTT state
@@ -74,10 +74,10 @@ class Trainer:
         self.tokens_seen = 0
         self.carry: TTTCache | None = None
         self.resets = 0
-        self.records = Records(logger=logger, device=self.device, world_size=strategy.world_size,
-                               is_main=strategy.is_main, flops_per_token=M.model_flops_per_token(model, data.seq_len),
+        self.records = Records(logger=logger, device=self.device, world_size=layout.world_size,
+                               is_main=layout.is_main, flops_per_token=M.model_flops_per_token(model, data.seq_len),
                                health=health)
-        self.guard = NonfiniteGuard(loop, self.records, strategy.is_main)
+        self.guard = NonfiniteGuard(loop, self.records, layout.is_main)
         if resume_state is not None:
             self.restore(resume_state)
 
@@ -87,11 +87,11 @@ class Trainer:
         """Train to ``max_steps``; returns the run summary (also written to summary.json by the logger)."""
         records = self.records
         records.clock = M.RunClock()
-        progress = Progress(self.loop.progress, self.loop.max_steps, self.step, enabled=self.strategy.is_main)
+        progress = Progress(self.loop.progress, self.loop.max_steps, self.step, enabled=self.layout.is_main)
         watch = M.Stopwatch(self.device)
         records.window = Window(self.device)
         tokens_per_step = self.data.train_loader.tokens_per_batch * self.loop.grad_accum_steps
-        tokens_per_step *= self.strategy.data_world_size
+        tokens_per_step *= self.layout.data_world_size
         first_step = self.step + 1  # of this process: it compiles, so it is timed on its own
         first_seconds = 0.0
         self.checkpoints.save_tokenizer(getattr(self.data, "tokenizer", None))
@@ -113,9 +113,8 @@ class Trainer:
                 if self.step % self.loop.log_every == 0 or self.step == self.loop.max_steps:
                     seconds = watch.lap()
                     records.clock.window(records.window.tokens - (tokens_per_step if first_seconds else 0), seconds)
-                    state = None
-                    if self.stream and self.carry is not None:
-                        state = state_record(self.carry, self.resets, self.strategy.context)
+                    state = (state_record(self.carry, self.resets, self.layout.context)
+                             if self.stream and self.carry is not None else None)
                     record = records.train(records.window, lr, seconds + first_seconds, step=self.step,
                                            tokens_seen=self.tokens_seen, state=state)
                     first_seconds = 0.0
@@ -132,7 +131,7 @@ class Trainer:
                 if self._every(self.loop.ckpt_every):
                     self.save()
                     watch.restart()
-                if self.preemption.requested_anywhere(self.strategy):
+                if self.preemption.requested_anywhere(self.layout):
                     path = self.save()
                     requeued = self.preemption.hand_over() or requeue_slurm_job()
                     raise Preempted(
@@ -162,7 +161,7 @@ class Trainer:
 
     def _check_batches(self) -> None:
         if self.batch_check is not None:  # trainer.check_batches
-            self.batch_check.check(self.strategy)
+            self.batch_check.check(self.layout)
 
     def _every(self, period: int) -> bool:
         """A periodic action due at this step (the final step has its own end-of-run actions)."""
@@ -182,18 +181,18 @@ class Trainer:
             raw = next(self.data.train_loader)
             self.token_hash.update(raw["input_ids"])
             whole = {k: v.to(self.device, non_blocking=True) for k, v in raw.items()}
-            batch = self.strategy.local_batch(whole)  # this rank's slice of each sequence under context parallel
+            batch = self.layout.local_batch(whole)  # this rank's slice of each sequence under context parallel
             if self.stream and self.loop.reset_on_document and "doc_start" in whole:
                 self.resets = self.resets + whole["doc_start"].sum()  # the whole sequences' document starts
-            with self.strategy.no_sync(self.model, last_micro_batch=micro == accum - 1), self.strategy.autocast():
+            with self.layout.no_sync(self.model, last_micro_batch=micro == accum - 1), self.layout.autocast():
                 loss = self._forward_loss(batch)
             (loss / accum).backward()
             total += loss.detach()
             if self.batch_check is not None:  # the batch as the loader made it (its fingerprint is of all of it)
                 self.batch_check.after_step_read(whole, self.step + 1)
-        loss = self.strategy.all_reduce_mean(total / accum)
+        loss = self.layout.all_reduce_mean(total / accum)
         params = [p for p in self.raw_model.parameters() if p.grad is not None]
-        grad_norm = self.strategy.grad_norm(params, self.optim.max_grad_norm)  # clips when max_grad_norm > 0
+        grad_norm = self.layout.grad_norm(params, self.optim.max_grad_norm)  # clips when max_grad_norm > 0
         if self.loop.skip_nonfinite:
             if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
                 self.optimizer.zero_grad(set_to_none=True)  # weights and optimizer untouched
@@ -216,11 +215,8 @@ class Trainer:
         cache = self.carry if self.carry is not None else TTTCache(self.raw_model.config.num_hidden_layers)
         starts = batch.get("doc_start") if self.loop.reset_on_document else None
         out = self.model(batch["input_ids"], labels=batch["labels"], cache=cache, use_cache=True, doc_starts=starts)
-        # Under context parallelism the carried TTT states and keys are this rank's heads (it computed them) and
-        # batch is this rank's slice of each chunk.
-        self.carry = out.cache.detach()
-        chunk = batch["input_ids"].shape[1] * self.strategy.context_parallel
-        self.carry.keep_last_keys(chunk)  # attention layers carry one chunk of keys, not all
+        self.carry = out.cache.detach()  # under context parallel: this rank's heads, its slice of each chunk
+        self.carry.keep_last_keys(batch["input_ids"].shape[1] * self.layout.context_parallel)  # one chunk of keys
         return out.loss
 
     def _skips_on_device(self) -> bool:
@@ -239,13 +235,13 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Mean loss over the fixed validation windows (token-weighted, over all processes), and its perplexity."""
         mean = mean_loss_all(self.raw_model, self.data.val_set.batches(self.data.train_loader.batch_size),
-                             self.strategy)  # split over the context group like training
+                             self.layout)  # split over the context group like training
         return self.records.validation(mean, math.exp(min(mean, 50.0)))
 
     def _time_inference(self) -> None:
         """Prefill and cached decode on a fixed validation prompt (training/inference.py)."""
-        if self.strategy.is_main or self.strategy.shards_parameters:  # sharded: every rank runs it
-            record, sample = inference_report(self.raw_model, self.data, self.device, self.strategy.autocast())
+        if self.layout.is_main or self.layout.shards_parameters:  # sharded: every rank runs it
+            record, sample = inference_report(self.raw_model, self.data, self.device, self.layout.autocast())
             self._log(record)
             if sample is not None:
                 self.logger.log_text(C.INFERENCE_SAMPLE, sample, step=self.step)
@@ -253,12 +249,11 @@ class Trainer:
     def _final_reports(self) -> None:
         """Perplexity by position, passkey retrieval and the plots (training/long_context.py). Sharded parameters:
         every rank runs the model; context parallel: the first data group runs it with each sequence split."""
-        strategy = self.strategy
-        split = strategy.context is not None and strategy.data_rank == 0
-        if strategy.is_main or strategy.shards_parameters or split:
+        layout = self.layout
+        if layout.is_main or layout.shards_parameters or (layout.context is not None and layout.data_rank == 0):
             self.records.final_extras = final_reports(self.raw_model, self.data, self.run_dir, self.logger, self.step,
-                                                      self.loop, self.passkey, strategy.autocast(),
-                                                      main=strategy.is_main, context=strategy.context)
+                                                      self.loop, self.passkey, layout.autocast(),
+                                                      main=layout.is_main, context=layout.context)
 
     def _log(self, record: Mapping[str, Any]) -> None:  # rank 0 only
         self.records.log(record, self.step)
@@ -298,9 +293,7 @@ class Trainer:
         """Continue from a checkpoint (any format, any world size)."""
         loop = self.checkpoints.restore(state, self.stream,
                                         lambda carry: TTTCache.from_state_dict(carry, self.device))
-        if loop["carry"] is not None:
-            self.carry = loop["carry"]
-        self.step = loop["step"]
-        self.tokens_seen = loop["tokens_seen"]
+        self.carry = loop["carry"] if loop["carry"] is not None else self.carry
+        self.step, self.tokens_seen = loop["step"], loop["tokens_seen"]
         self.records.load_state_dict(loop)
         self.token_hash.load_state_dict(loop["token_hash"])

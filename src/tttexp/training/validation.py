@@ -47,10 +47,10 @@ def mean_loss(
     return total, count
 
 
-def mean_loss_all(model: TTTForCausalLM, batches, strategy: Any) -> float:
-    """:func:`mean_loss` token-weighted over all processes of ``strategy`` (split over its context group, if any)."""
-    total, count = mean_loss(model, batches, autocast=strategy.autocast(), context=strategy.context)
-    sums = strategy.all_reduce_mean(torch.tensor([total, float(count)], dtype=torch.float64, device=strategy.device))
+def mean_loss_all(model: TTTForCausalLM, batches, layout: Any) -> float:
+    """:func:`mean_loss` token-weighted over all processes of ``layout`` (split over its context group, if any)."""
+    total, count = mean_loss(model, batches, autocast=layout.autocast(), context=layout.context)
+    sums = layout.all_reduce_mean(torch.tensor([total, float(count)], dtype=torch.float64, device=layout.device))
     return float(sums[0] / sums[1].clamp_min(1))
 
 

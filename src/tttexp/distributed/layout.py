@@ -1,4 +1,4 @@
-"""Strategy: the process/device layer — device, numeric flags, model wrapping (compile, DDP) and collectives."""
+"""ProcessLayout: the process/device layer — device, numeric flags, model wrapping (compile, DDP) and collectives."""
 
 from __future__ import annotations
 
@@ -6,13 +6,32 @@ import contextlib
 import os
 import random
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from tttexp.configs import choice
 from tttexp.distributed.world import process_rank
-from tttexp.errors import StrategyError
+from tttexp.errors import ConfigError, LayoutError
+
+
+@dataclass
+class LayoutConfig:
+    """What every option of the ``distributed`` group takes (``conf/distributed/*.yaml``); each option's own
+    dataclass (``SingleDeviceConfig``, ``DDPConfig``, ``FSDPConfig``) adds the keys its class reads."""
+
+    _target_: str  # the class built: tttexp.distributed.SingleDevice | DistributedDataParallel | ...
+    nproc_per_node: Any = 1  # processes on this machine: an int or "auto" (one per GPU); DDP/FSDP self-launch
+    checkpoint: str = "auto"  # auto (dcp under FSDP, pt otherwise) | dcp (sharded directory) | pt (one file)
+    async_checkpoint: bool = False  # dcp: write shards in the background; marked complete when written
+
+    def __post_init__(self) -> None:
+        nproc = self.nproc_per_node
+        if not (nproc == "auto" or (isinstance(nproc, int) and not isinstance(nproc, bool) and nproc > 0)):
+            raise ConfigError(f"distributed.nproc_per_node={nproc!r} must be a positive integer or 'auto'")
+        choice("distributed.checkpoint", self.checkpoint, ("auto", "dcp", "pt"))
 
 
 def warn(message: str) -> None:
@@ -21,7 +40,7 @@ def warn(message: str) -> None:
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-class Strategy:
+class ProcessLayout:
     """The process/device layer: picks the device, sets the numeric flags, wraps the model, runs collectives.
 
     The app instantiates a subclass from ``conf/distributed`` and passes the numerics it owns from ``trainer``
@@ -69,7 +88,7 @@ class Strategy:
     def setup(self, device: str, seed: int) -> torch.device:
         """Pick the device, set the numeric flags and seed every generator (offset by rank)."""
         if self.context_parallel != 1 and type(self).__name__ == "SingleDevice":
-            raise StrategyError("distributed.context_parallel needs distributed=ddp or distributed=fsdp")
+            raise LayoutError("distributed.context_parallel needs distributed=ddp or distributed=fsdp")
         self.device = self._pick_device(device)
         if self.device.type == "cpu":
             self._cpu_fallback()
@@ -86,7 +105,7 @@ class Strategy:
 
     def _pick_device(self, device: str) -> torch.device:
         if device == "cuda" and not torch.cuda.is_available():
-            raise StrategyError("device=cuda but no CUDA GPU is visible; use device=auto or device=cpu")
+            raise LayoutError("device=cuda but no CUDA GPU is visible; use device=auto or device=cpu")
         if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
             return torch.device("cpu")
         return torch.device("cuda", self.local_rank)
@@ -95,7 +114,7 @@ class Strategy:
         """Settings that only make sense on a GPU are switched off on the CPU."""
         if self.precision == "bf16" or self.compile:
             if self.on_cpu == "error":
-                raise StrategyError(
+                raise LayoutError(
                     f"{self.label} needs a CUDA GPU (trainer.precision={self.precision}, trainer.compile="
                     f"{str(self.compile).lower()}) and none is visible; use strategy=conservative, or "
                     "trainer.on_cpu=fallback to run fp32/eager on the CPU"
