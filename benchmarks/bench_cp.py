@@ -31,10 +31,9 @@ import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
-from common import VOCAB, commit
+from common import VOCAB, commit, sync, write_result
 
 from tttexp.distributed import context as cpx
 from tttexp.distributed.world import free_port
@@ -143,11 +142,11 @@ def main() -> None:
 
     def timed(split: bool, steps: int) -> float:
         cpx.enable(model, cp if split else None)
-        _sync(cuda)
+        sync(cuda)
         start = time.perf_counter()
         for _ in range(steps):
             step(split)
-        _sync(cuda)
+        sync(cuda)
         return time.perf_counter() - start
 
     with counting(cp) as handed:  # one eager step of the context arm, its exchanges counted
@@ -217,19 +216,8 @@ def main() -> None:
                   f"and rank (formula {row['formula_bytes_per_layer_per_step'] / 2**20:,.1f} MiB), halo "
                   f"{row['halo_bytes_per_layer_per_step'] / 2**10:,.1f} KiB")
         if args.out:
-            path = Path(args.out)
-            if path.suffix != ".json":
-                card = result["device"].replace("NVIDIA ", "").split()[0]
-                path = path / f"cp-{args.size}-{args.seq}-cp{args.cp}-{result['date']}-{card}.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(result, indent=2) + "\n")
-            print(f"written: {path}")
+            write_result(result, args.out, f"cp-{args.size}-{args.seq}-cp{args.cp}")
     dist.destroy_process_group()
-
-
-def _sync(cuda: bool) -> None:
-    if cuda:
-        torch.cuda.synchronize()
 
 
 if __name__ == "__main__":

@@ -17,10 +17,9 @@ import datetime
 import json
 import os
 import time
-from pathlib import Path
 
 import torch
-from common import VOCAB, commit, ttt
+from common import VOCAB, commit, sync, ttt, write_result
 
 from tttexp.distributed.world import free_port
 
@@ -72,11 +71,11 @@ def main() -> None:
     start = time.perf_counter()
     for _ in range(args.warmup):
         step()
-    _sync(cuda)
+    sync(cuda)
     warmup_s = time.perf_counter() - start
     start = time.perf_counter()
     losses = [step() for _ in range(args.steps)]
-    _sync(cuda)
+    sync(cuda)
     seconds = time.perf_counter() - start
     tokens = args.batch * args.context * args.steps * layout.world_size
     result = {
@@ -107,18 +106,8 @@ def main() -> None:
     if layout.is_main:
         print(json.dumps({k: v for k, v in result.items() if k != "losses"}, indent=2))
         if args.out:
-            card = result["device"].replace("NVIDIA ", "").split()[0]
-            name = f"fsdp-{args.size}-{result['date']}-{card}.json"
-            path = Path(args.out) / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(result, indent=2) + "\n")
-            print(f"written: {path}")
+            write_result(result, args.out, f"fsdp-{args.size}")
     layout.teardown()
-
-
-def _sync(cuda: bool) -> None:
-    if cuda:
-        torch.cuda.synchronize()
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ on the path too, so the scripts also run from a checkout without an install.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -82,3 +83,21 @@ def arm(size: str, checkpointing: bool = False):
     """The project's own Transformer++ (``model.mixer=attention``): the Llama block, built as the app builds it."""
     return build_model(vocab_size=VOCAB, **SIZE_PRESETS[size], mixer="attention",
                        gradient_checkpointing=checkpointing)
+
+
+def sync(cuda: bool) -> None:
+    """Wait for the GPU (timers read after it); nothing on the CPU."""
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def write_result(result: dict, out: str, stem: str) -> Path:
+    """Write ``result`` as JSON to ``out``: a ``.json`` path, or a folder that gets ``<stem>-<date>-<card>.json``."""
+    path = Path(out)
+    if path.suffix != ".json":
+        card = result["device"].replace("NVIDIA ", "").split()[0]
+        path = path / f"{stem}-{result['date']}-{card}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written: {path}")
+    return path

@@ -27,34 +27,24 @@ import argparse
 import contextlib
 import datetime
 import json
-from pathlib import Path
 
 import torch
-from common import VOCAB, commit
+from common import VOCAB, commit, write_result
 
 from tttexp.models import SIZE_PRESETS, build_model
+from tttexp.training.saved_memory import saved_activation_bytes
 
 GIB = 2**30
 
 
 def saved_bytes(model: torch.nn.Module, ids: torch.Tensor, autocast: contextlib.AbstractContextManager) -> int:
     """Bytes of the distinct storages one training forward saves for the backward (parameters left out)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
 
-    held = []  # every storage seen stays alive until the end, so no address is reused for another
+    def forward() -> torch.Tensor:
+        with autocast:
+            return model(ids[:, :-1], labels=ids[:, 1:], use_cache=False).loss
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        held.append(storage)
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
-        loss = model(ids[:, :-1], labels=ids[:, 1:], use_cache=False).loss
-    del loss
-    return sum(saved.values())
+    return saved_activation_bytes(model, forward)
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -214,13 +204,7 @@ def main() -> None:
     if args.markdown:
         print(markdown(rows, args.size, args.layer))
     if args.out:
-        path = Path(args.out)
-        if path.suffix != ".json":
-            card = result["device"].replace("NVIDIA ", "").split()[0]
-            path = path / f"memory-cp-{args.size}-{result['date']}-{card}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"written: {path}")
+        write_result(result, args.out, f"memory-cp-{args.size}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from tttexp.distributed import context
 from tttexp.errors import LayoutError
 from tttexp.models import TTTCache, build_model
 from tttexp.training.passkey import greedy, split_prefill
+from tttexp.training.saved_memory import saved_activation_bytes
 from tttexp.training.validation import loss_by_position, mean_loss
 
 VOCAB, BATCH, SEQ = 97, 2, 64
@@ -178,25 +179,16 @@ def evaluations(settings: dict, cp: context.ContextParallel) -> dict[str, float]
 
 
 def saved_bytes(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> int:
-    """Bytes of the distinct storages the forward saves for the backward, parameters (and views of them) left out:
-    the activations one training step holds at its peak."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
+    """The activations one training step holds at its peak (training/saved_memory.py), with the backward run."""
+    losses = []
 
-    held = []  # every storage seen stays alive until the end, so no address is reused for another
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        held.append(storage)
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    def forward() -> None:
         out = model(ids, use_cache=False)
-        loss = F.cross_entropy(out.logits.flatten(0, 1), labels.flatten())
-    loss.backward()
-    return sum(saved.values())
+        losses.append(F.cross_entropy(out.logits.flatten(0, 1), labels.flatten()))
+
+    found = saved_activation_bytes(model, forward)
+    losses[0].backward()
+    return found
 
 
 def activation_ratio(settings: dict, cp: context.ContextParallel) -> float:
