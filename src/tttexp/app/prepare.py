@@ -1,4 +1,4 @@
-"""``python -m tttexp.data.prepare data=<...> [data.tokenizer=...] out=<dir>``: pre-tokenize a corpus once.
+"""``python -m tttexp.prepare data=<...> [data.tokenizer=...] out=<dir>``: pre-tokenize a corpus once.
 
 Tokenizes with a process pool (every core unless ``data.workers``) into the shards of ``tttexp.data.shards``
 under ``out`` (default ``<cache_dir>/prepared``), with a progress bar; a killed prepare continues from its last

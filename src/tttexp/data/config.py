@@ -45,7 +45,7 @@ class DataConfig:
     # read documents until this many tokens (for source=hf: stream no further)
     max_tokens: int | None = field(default=None, metadata=RESUME)
     cache_dir: str | None = None  # tokenizer and token cache; default $TTTEXP_CACHE_DIR or ~/.cache/tttexp
-    prepared_dir: str | None = None  # shards made by python -m tttexp.data.prepare; default <cache_dir>/prepared
+    prepared_dir: str | None = None  # shards made by python -m tttexp.prepare; default <cache_dir>/prepared
     workers: int | None = None  # tokenizing processes when preparing; null: every core
     # the train/validation split and shuffling (the app sets it to the run's seed)
     seed: int = field(default=0, metadata=RESUME)

@@ -228,7 +228,7 @@ class PreparedCorpus:
             manifest = json.loads((self.directory / MANIFEST).read_text())
         except (OSError, ValueError):
             raise ConfigError(f"{self.directory} holds no prepared corpus (no readable {MANIFEST}); "
-                              "run python -m tttexp.data.prepare") from None
+                              "run python -m tttexp.prepare") from None
         self.manifest = manifest
         names = [n for n in manifest.get("shards", []) if (shard_meta(self.directory, n) or {}).get("documents") != 0]
         self.shards = [open_shard(self.directory, n, tokenizer, vocab_size, eos_id) for n in names]

@@ -171,17 +171,17 @@ def check_split(cp: int, heads: int, kv_heads: int, seq_len: int | None, multipl
 
 
 def enable(model: nn.Module, context: ContextParallel | None) -> None:
-    """Give every block, TTT layer and attention layer of ``model`` the context group (``None``: off again)."""
-    from tttexp.models.attention import Attention
-    from tttexp.models.modeling import TTTBlock, TTTModel
-    from tttexp.models.ttt_layer import TTTLayer
-
+    """Give ``model``'s context-parallel slots the group (``None``: off again). A slot is an attribute ``context``
+    that a module sets to ``None`` in its constructor (the model, its blocks, TTT and attention layers), so this
+    layer needs no import of the model's classes. Refuses heads that the group does not divide."""
     for module in model.modules():
-        if isinstance(module, TTTBlock | TTTLayer | Attention | TTTModel):
-            module.context = context
-            if context is not None and isinstance(module, TTTModel):
-                cfg = module.config
-                check_split(context.size, cfg.num_attention_heads, cfg.num_key_value_heads, None, 1)
+        slot = vars(module).get("context", False)
+        if slot is not None and not isinstance(slot, ContextParallel):
+            continue
+        module.context = context
+        cfg = getattr(module, "config", None)
+        if context is not None and hasattr(cfg, "num_key_value_heads"):
+            check_split(context.size, cfg.num_attention_heads, cfg.num_key_value_heads, None, 1)
 
 
 def build_mesh(device_type: str, world_size: int, cp: int):
