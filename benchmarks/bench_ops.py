@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 import triton
-from common import commit, op_fns, op_inputs
+from common import commit, op_fns, op_inputs, times_ms
 from triton.testing import do_bench
 
 from tttexp.ops import reference
@@ -37,14 +37,7 @@ def time_once_ms(fn, n: int = 2) -> float:
     """For slow baselines: the median of ``n`` event-timed runs after one warm-up."""
     fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(n):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
+    times = times_ms(fn, n, cuda=True)
     return float(sorted(times)[len(times) // 2])
 
 

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -101,3 +102,22 @@ def write_result(result: dict, out: str, stem: str) -> Path:
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written: {path}")
     return path
+
+
+def times_ms(fn, n: int, cuda: bool) -> list[float]:
+    """Milliseconds of each of ``n`` calls of ``fn``: CUDA events around each call on the GPU (the GPU's time,
+    synchronised after each), the wall clock on the CPU."""
+    times = []
+    for _ in range(n):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1000)
+    return times

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from common import VOCAB, arm, commit, llama, ttt
+from common import VOCAB, arm, commit, llama, times_ms, ttt
 from torch.profiler import ProfilerActivity, profile
 
 from tttexp.models import SIZE_PRESETS
@@ -145,19 +145,7 @@ def profile_model(name: str, model, batch: int, ctx: int, dims: dict[str, int], 
     step = step_fn(model, call, opt, ids, device)
     for _ in range(args.warmup):
         step()
-    times = []
-    for _ in range(args.timed):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = datetime.datetime.now()
-            step()
-            times.append((datetime.datetime.now() - t0).total_seconds() * 1000)
+    times = times_ms(step, args.timed, cuda=device == "cuda")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities, record_shapes=True) as prof:
         for _ in range(args.steps):
@@ -198,7 +186,8 @@ def table(rows: list[dict]) -> str:
     lines = [head, "| --- |" + " ---: |" * len(rows)]
     for c in classes:
         lines.append(f"| {c} | " + " | ".join(f"{r['classes'].get(c, 0.0):.2f}" for r in rows) + " |")
-    lines.append("| **step (CUDA events, median)** | " + " | ".join(f"**{r['step_ms']:.2f}**" for r in rows) + " |")
+    steps = " | ".join(f"**{r['step_ms']:.2f}**" for r in rows)
+    lines.append(f"| **step (median; CUDA events on a GPU)** | {steps} |")
     lines.append("| tokens/s | " + " | ".join(f"{r['tokens_per_sec']:,.0f}" for r in rows) + " |")
     return "\n".join(lines)
 

@@ -74,16 +74,20 @@ def compare(settings: dict, cp: context.ContextParallel, dp_rank: int, dtype: to
     total = loss.detach().clone()
     dist.all_reduce(total, group=cp.group)
     worst["loss"] = rel(total, out.loss.detach())
+    return worst | compare_grads(model, split, cp.sum_over_group)  # each rank holds its tokens' and heads' share
+
+
+def compare_grads(model: torch.nn.Module, split: torch.nn.Module, reduce) -> dict:
+    """The split model's gradients (``reduce``: summed over the context group) against one process's: the worst
+    tensor's relative error and name, and the error of all gradients as one vector."""
     grads, got_all, want_all = [], [], []
     for (pname, p), q in zip(model.named_parameters(), split.parameters(), strict=True):
-        g = q.grad.clone()
-        dist.all_reduce(g, group=cp.group)  # each rank holds its tokens' and its heads' share
+        g = reduce(q.grad)
         grads.append((rel(g, p.grad), pname))
         got_all.append(g.flatten())
         want_all.append(p.grad.flatten())
-    worst["grad"], worst["grad_name"] = max(grads)
-    worst["grads"] = rel(torch.cat(got_all), torch.cat(want_all))
-    return worst
+    grad, grad_name = max(grads)
+    return {"grad": grad, "grad_name": grad_name, "grads": rel(torch.cat(got_all), torch.cat(want_all))}
 
 
 CHUNKS = 3
@@ -134,15 +138,7 @@ def carried(settings: dict, cp: context.ContextParallel, dp_rank: int, dtype: to
             if want.doc_start is not None:
                 pairs.append((have.doc_start, want.doc_start))
             worst["state"] = max([worst["state"], *(rel(h, w) for h, w in pairs)])
-    got_all, want_all, grads = [], [], []
-    for (pname, p), q in zip(model.named_parameters(), split.parameters(), strict=True):
-        gq = cp.sum_over_group(q.grad)
-        grads.append((rel(gq, p.grad), pname))
-        got_all.append(gq.flatten())
-        want_all.append(p.grad.flatten())
-    worst["grad"], worst["grad_name"] = max(grads)
-    worst["grads"] = rel(torch.cat(got_all), torch.cat(want_all))
-    return worst
+    return worst | compare_grads(model, split, cp.sum_over_group)
 
 
 def evaluations(settings: dict, cp: context.ContextParallel) -> dict[str, float]:
