@@ -42,16 +42,7 @@ def test_logging_none_runs_with_wandb_unimportable(run_app, tmp_path):
     assert "final_val_loss" in log and f"run directory: {run}" in log
 
 
-def test_multirun_gives_one_directory_per_job(run_app, tmp_path):
-    out = run_app("-m", *SMOKE, "model.ttt_layer=linear,mlp", "trainer.max_steps=5",
-                  f"hydra.sweep.dir={tmp_path}/sweep")
-    assert out.returncode == 0, out.stderr[-3000:]
-    dirs = run_dirs(tmp_path / "sweep")
-    assert len(dirs) == 2
-    layers = {json.loads((d / "summary.json").read_text())["summary/steps"] for d in dirs}
-    assert layers == {5}
-    configs = sorted((d / ".hydra" / "overrides.yaml").read_text() for d in dirs)
-    assert "linear" in configs[0] + configs[1] and "mlp" in configs[0] + configs[1]
+# A multirun's directories, one per job: tests/app/test_wandb_app.py::test_multirun_jobs_are_runs_of_one_group.
 
 
 def test_bad_input_exits_nonzero_with_one_line_before_building(run_app, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -69,8 +70,14 @@ def test_what_wandb_recorded_equals_metrics_jsonl(run_app, tmp_path):
 
 
 def test_multirun_jobs_are_runs_of_one_group(run_app, tmp_path):
+    """A sweep of two jobs: a directory each (its own overrides and summary), and two wandb runs of one group."""
     out = run_app("-m", *SMOKE, "model.ttt_layer=linear,mlp", "trainer.max_steps=3", f"hydra.sweep.dir={tmp_path}/s")
     assert out.returncode == 0, out.stderr[-3000:]
+    dirs = sorted(p.parent for p in (tmp_path / "s").rglob("metrics.jsonl"))
+    assert [d.name for d in dirs] == ["0", "1"]
+    assert {json.loads((d / "summary.json").read_text())["summary/steps"] for d in dirs} == {3}
+    overrides = [(d / ".hydra" / "overrides.yaml").read_text() for d in dirs]
+    assert "model.ttt_layer=linear" in overrides[0] and "model.ttt_layer=mlp" in overrides[1]
     files = find_run_files(tmp_path / "s" / "0") + find_run_files(tmp_path / "s" / "1")
     assert len(files) == 2
     groups = {run_group(f) for f in files}
@@ -78,11 +85,20 @@ def test_multirun_jobs_are_runs_of_one_group(run_app, tmp_path):
     assert len({read_run(f).run_id for f in files}) == 2
 
 
-def test_a_ddp_job_is_one_wandb_run(run_app, tmp_path):
+def test_a_self_launched_ddp_job_is_one_run_and_one_wandb_run(run_app, tmp_path):
+    """State passing on two CPU processes that the app launches itself: one run directory, rank 0's records with the
+    carried state, a log per rank, the job's log with rank 0's console, and one wandb run."""
     run = tmp_path / "run"
     out = run_app(*SMOKE, "strategy=multi_gpu_state_passing", "distributed.nproc_per_node=2",
                   f"hydra.run.dir={run}")
     assert out.returncode == 0, out.stderr[-3000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    rows = [r for r in records(run) if "train/loss" in r]
+    assert rows and all(r["system/num_processes"] == 2 for r in rows)
+    assert all("state/w_norm" in r and "state/resets" in r for r in rows)
+    assert (run / "train_rank0.log").exists() and (run / "train_rank1.log").exists()
+    log = (run / "train.log").read_text()
+    assert "step      2/6" in log and "final_val_loss" in log
     files = list(run.rglob("run-*.wandb"))
     assert len(files) == 1
     assert {row.get("system/num_processes") for row in read_run(files[0]).history} >= {2}

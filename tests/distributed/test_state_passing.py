@@ -13,7 +13,6 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from support import records
 from tttexp.data import StreamLoader, build_tokenizer, load_documents, tokenize_documents
 from tttexp.distributed.world import free_port
 from tttexp.models import TTTConfig, TTTForCausalLM
@@ -86,18 +85,8 @@ def test_two_gloo_processes_update_like_one_process_on_both_halves(tmp_path):
     assert max((distributed[k] - single[k]).abs().max().item() for k in single) < 1e-12
 
 
-def test_self_launched_two_process_job_on_cpu(run_app, tmp_path):
-    out = run_app("experiment=smoke", "logging=none", "strategy=multi_gpu_state_passing",
-                  "distributed.nproc_per_node=2", f"hydra.run.dir={tmp_path}/run")
-    assert out.returncode == 0, out.stderr[-3000:]
-    run = tmp_path / "run"
-    assert [p.name for p in tmp_path.iterdir()] == ["run"]
-    rows = [r for r in records(run) if "train/loss" in r]
-    assert rows and all(r["system/num_processes"] == 2 for r in rows)
-    assert all("state/w_norm" in r and "state/resets" in r for r in rows)
-    assert (run / "train_rank0.log").exists() and (run / "train_rank1.log").exists()
-    log = (run / "train.log").read_text()  # the job's log holds rank 0's console: step lines and the summary
-    assert "step      2/6" in log and "final_val_loss" in log
+# The self-launched two-process job is checked with wandb on, in one run:
+# tests/app/test_wandb_app.py::test_a_self_launched_ddp_job_is_one_run_and_one_wandb_run.
 
 
 def test_killing_one_worker_ends_the_job(app_cache, tmp_path):
