@@ -20,6 +20,8 @@ START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 RUNS = [
     ["benchmarks/bench_ops.py"],
+    ["benchmarks/profile_train.py", "--size", "125m", "--context", "2048", "--layer", "linear"],
+    ["benchmarks/profile_train.py", "--size", "125m", "--context", "2048", "--layer", "mlp", "--models", "ttt"],
     *(["benchmarks/bench_train.py", "--sizes", size, "--contexts", "2048,8192,32768", "--tokens", "16384",
        "--ttt-modes", "compiled" if size == "125m" else "blocks", "--compile-llama",
        "--compile-llama-max-context", "8192",
