@@ -70,6 +70,19 @@ class TTTLayer(nn.Module):
             return (self.W1, self.b1)
         return (self.W1, self.b1, self.W2, self.b2)
 
+    def _project(self, hidden: Tensor) -> dict[str, Tensor]:
+        """Every projection of the layer's input as one GEMM: q, k (without shared Q/K), v, the output gate's g and
+        the per-head learning-rate logits (``[B, T, heads]``). One read of ``hidden`` and one wide GEMM instead of
+        up to five, the learning-rate one only ``heads`` wide (the parameters stay separate)."""
+        parts = {"q": self.q_proj.weight, "v": self.v_proj.weight}
+        if not self.config.share_qk:
+            parts["k"] = self.k_proj.weight
+        if self.config.use_gate:
+            parts["g"] = self.g_proj.weight
+        parts["lr"] = self.lr_weight
+        fused = F.linear(hidden, torch.cat(list(parts.values())))
+        return dict(zip(parts, fused.split([w.shape[0] for w in parts.values()], dim=-1), strict=True))
+
     def _heads(self, x: Tensor) -> Tensor:
         bsz, seq, _ = x.shape
         return x.view(bsz, seq, self.heads, self.head_dim).transpose(1, 2)
@@ -82,7 +95,8 @@ class TTTLayer(nn.Module):
         bsz, seq, _ = hidden.shape
         # this rank's slice (training, or a split evaluation); otherwise whole sequences
         cp = self.context if self.context is not None and self.context.active(self.training) else None
-        xq = self.q_proj(hidden)
+        proj = self._project(hidden)
+        xq = proj["q"]
         convs = cache.convs if cache is not None else {}
         if self.config.share_qk:
             past_q, past_k = convs.get("q"), convs.get("k")
@@ -96,8 +110,8 @@ class TTTLayer(nn.Module):
             if cache is not None:
                 cache.convs["q"], cache.convs["k"] = tail_q, tail_k
         else:
-            XQ, XK = xq, self.k_proj(hidden)
-        XQ, XK, XV = self._heads(XQ), self._heads(XK), self._heads(self.v_proj(hidden))
+            XQ, XK = xq, proj["k"]
+        XQ, XK, XV = self._heads(XQ), self._heads(XK), self._heads(proj["v"])
         # RoPE at the position inside the mini-batch: a [K, F] table, gathered per token (no sin/cos per element)
         first = offset if cp is None else offset + cp.position_offset(seq)
         positions = (torch.arange(seq, device=hidden.device) + first) % self.k
@@ -106,7 +120,7 @@ class TTTLayer(nn.Module):
         cos, sin = cos[positions], sin[positions]
         XQ, XK = apply_rotary(XQ, cos, sin), apply_rotary(XK, cos, sin)
 
-        gate_logits = torch.einsum("btc,hc->bht", hidden, self.lr_weight.to(hidden.dtype)) + self.lr_bias[:, None]
+        gate_logits = proj["lr"].transpose(1, 2) + self.lr_bias[:, None]
         dtype = reference.compute_dtype(gate_logits)
         scale = self.inner_lr_scale.to(dtype) * (self.config.ttt_base_lr / self.head_dim)
         lr = torch.sigmoid(gate_logits.to(dtype)) * scale
@@ -119,7 +133,7 @@ class TTTLayer(nn.Module):
         out = out.transpose(1, 2).reshape(bsz, seq, self.width)
         out = self.post_norm(out)
         if self.config.use_gate:
-            out = F.gelu(self.g_proj(hidden), approximate="tanh") * out
+            out = F.gelu(proj["g"], approximate="tanh") * out
         out = self.o_proj(out)
         if self.output_gate is not None:
             out = out * self.output_gate.to(out.dtype) + self.output_bias.to(out.dtype)
