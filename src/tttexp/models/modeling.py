@@ -109,6 +109,9 @@ class TTTPreTrainedModel(PreTrainedModel):
             init.ones_(module.ttt_norm_weight)
             init.zeros_(module.ttt_norm_bias)
             init.copy_(module.token_idx, 1.0 / torch.arange(1, module.k + 1, dtype=torch.float32))
+            cos, sin = module.rope_tables(torch.float32)
+            init.copy_(module.rope_cos, cos)
+            init.copy_(module.rope_sin, sin)
             init.ones_(module.inner_lr_scale)
             if module.output_gate is not None:
                 init.zeros_(module.output_gate)

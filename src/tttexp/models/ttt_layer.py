@@ -49,6 +49,11 @@ class TTTLayer(nn.Module):
         self.lr_weight = nn.Parameter(torch.randn(heads, width) * std)
         self.lr_bias = nn.Parameter(torch.zeros(heads))
         self.register_buffer("token_idx", 1.0 / torch.arange(1, self.k + 1, dtype=torch.float32), persistent=False)
+        # RoPE runs at the position inside the mini-batch: one [K, F] table of cos and sin, made once. Built inside
+        # the step, torch.compile fuses the table into the kernel that applies it and takes sin and cos per element.
+        cos, sin = self.rope_tables(torch.float32)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
         self.learnable_token_idx = nn.Parameter(torch.zeros(self.k))
         self.ttt_norm_weight = nn.Parameter(torch.ones(heads, f))
         self.ttt_norm_bias = nn.Parameter(torch.zeros(heads, f))
@@ -83,6 +88,17 @@ class TTTLayer(nn.Module):
         fused = F.linear(hidden, torch.cat(list(parts.values())))
         return dict(zip(parts, fused.split([w.shape[0] for w in parts.values()], dim=-1), strict=True))
 
+    def _rope(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos and sin ``[K, F]`` in ``dtype``: the float32 tables made at construction, or, for float64 (whose
+        digits a float32 table would lose) or after the module itself was cast, made again here."""
+        if dtype != torch.float64 and self.rope_cos.dtype == torch.float32:
+            return self.rope_cos.to(dtype), self.rope_sin.to(dtype)
+        return self.rope_tables(dtype, self.rope_cos.device)
+
+    def rope_tables(self, dtype: torch.dtype, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+        """cos and sin ``[K, F]`` of RoPE at the positions ``0..K-1`` of a mini-batch, computed."""
+        return rotary_tables(torch.arange(self.k, device=device), self.head_dim, self.config.rope_theta, dtype)
+
     def _heads(self, x: Tensor) -> Tensor:
         bsz, seq, _ = x.shape
         return x.view(bsz, seq, self.heads, self.head_dim).transpose(1, 2)
@@ -112,11 +128,9 @@ class TTTLayer(nn.Module):
         else:
             XQ, XK = xq, proj["k"]
         XQ, XK, XV = self._heads(XQ), self._heads(XK), self._heads(proj["v"])
-        # RoPE at the position inside the mini-batch: a [K, F] table, gathered per token (no sin/cos per element)
         first = offset if cp is None else offset + cp.position_offset(seq)
         positions = (torch.arange(seq, device=hidden.device) + first) % self.k
-        cos, sin = rotary_tables(torch.arange(self.k, device=hidden.device), self.head_dim,
-                                 self.config.rope_theta, XQ.dtype)
+        cos, sin = self._rope(XQ.dtype)
         cos, sin = cos[positions], sin[positions]
         XQ, XK = apply_rotary(XQ, cos, sin), apply_rotary(XK, cos, sin)
 
