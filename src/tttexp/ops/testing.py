@@ -77,9 +77,16 @@ def run_both(fn: Callable, layer: str, xs, lr, tok, ln, init, state, reset, dtyp
     return pairs
 
 
-def check(pairs, tol: float) -> dict[str, float]:
-    """Assert every pair's relative error is at most ``tol``; returns the errors."""
+# In bf16, the gradient of the K token weights sums terms of every head, token and feature of the batch, and they
+# mostly cancel: its relative error runs 0.3-1.7 % on fresh inputs at 8 x 12 x 2048 where every other output stays
+# under 0.5 %. Its bound in bf16 is 3 %; a wrong term still shows as an error of order one.
+BF16_REDUCTION_TOL = {"dtok": 3e-2}
+
+
+def check(pairs, tol: float, overrides: dict[str, float] | None = None) -> dict[str, float]:
+    """Assert every pair's relative error is at most ``tol`` (or its bound in ``overrides``); returns the errors."""
     errs = {name: rel(a, b) for name, a, b in pairs}
-    bad = {k: v for k, v in errs.items() if not v <= tol}
+    bound = {name: (overrides or {}).get(name, tol) for name in errs}
+    bad = {k: v for k, v in errs.items() if not v <= bound[k]}
     assert not bad, f"relative errors above {tol}: {bad} (all: {errs})"
     return errs
