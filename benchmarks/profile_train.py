@@ -76,8 +76,9 @@ def gemm_role(shapes: list, dims: dict[str, int]) -> str:
         return "MLP (width x intermediate)"
     if heads in found and found <= {w, heads}:
         return "TTT lr gate (width x heads)"
-    if found == {w}:
-        return "projections (width x width: q/k/v/o/gate)"
+    # the TTT layer's input projections as one GEMM: width x (m * width [+ heads])
+    if found and all(d == w or (d > w and (d % w == 0 or (d - heads) % w == 0)) for d in found):
+        return "projections (width x width: q/k/v/o/gate; TTT's fused in one GEMM)"
     return "other"
 
 

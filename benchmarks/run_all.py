@@ -69,10 +69,11 @@ def table() -> str:
             if "error" in r:
                 lines.append(f"| {name} | {r['size']} | {r['context']} | {r['batch']} | {r['error']} | | | |")
                 continue
-            ratio = r["tokens_per_sec"] / best[(r["size"], r["context"])] if (r["size"], r["context"]) in best else 0
+            key = (r["size"], r["context"])
+            ratio = f"{r['tokens_per_sec'] / best[key]:.2f}" if key in best else "- (no baseline in this run)"
             mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "-"
             lines.append(f"| {name} | {r['size']} | {r['context']} | {r['batch']} | {r['tokens_per_sec']:,.0f} | "
-                         f"{ratio:.2f} | {mfu} | {r['peak_memory_gib']:.1f} |")
+                         f"{ratio} | {mfu} | {r['peak_memory_gib']:.1f} |")
     decode = newest("decode-")
     if decode and decode["rows"] and "what" in decode["rows"][0]:
         rows, r0 = decode["rows"], decode["rows"][0]

@@ -2,7 +2,8 @@
 
 For each arm (TTT-Linear, TTT-MLP, Transformer++) at 125m, 8 x 2048 tokens, 100 steps on the shipped corpus:
 - ``strategy=gpu_optimized`` (bf16, compiled, Triton kernels, prefetching loader) with ``trainer.check_batches``
-  on reaches the validation loss of the same run eager and without prefetching, within ``VAL_TOLERANCE``;
+  on follows the same run eager and without prefetching: the same training loss at step 10, within
+  ``EARLY_TOLERANCE``, and the same validation loss after 100 steps, within ``VAL_TOLERANCE``;
 - it compiles nothing after its first step (``warnings/recompiles`` stays 0);
 - its steady-state tokens/s is within ``SPEED_TOLERANCE`` of ``benchmarks/bench_train.py``'s timing of the same
   model (built by the app's own builder), measured in the same session.
@@ -27,7 +28,12 @@ import torch
 pytestmark = pytest.mark.gpu
 
 REPO = Path(__file__).resolve().parents[2]
-VAL_TOLERANCE = 0.05  # nats: compiled bf16 against eager bf16 after 100 steps
+# Compiled and eager bf16 round differently. The runs agree to 1e-3 while the loss falls smoothly, until the spike
+# that lr 3e-3 brings near step 15 turns that difference into two trajectories: TTT-MLP's eager and compiled runs of
+# the same code then part by up to 0.09 nats, and end 0.02-0.07 apart (on an H100, 30 steps logged every step).
+# So the first logged loss is held close, and the final validation loss to what the divergence allows.
+EARLY_TOLERANCE = 5e-3  # nats: the training loss at step 10
+VAL_TOLERANCE = 0.15  # nats: the validation loss after 100 steps
 SPEED_TOLERANCE = 0.10  # the app's steady-state tokens/s against the bench's, same model, same session
 ARMS = {"ttt_linear": ["arm=ttt_linear"], "ttt_mlp": ["arm=ttt_mlp"], "transformer": ["arm=transformer"]}
 COMMON = ["model=125m", "logging=none", "data.seq_len=2048", "data.batch_size=8", "trainer.max_steps=100",
@@ -129,6 +135,8 @@ def test_gpu_optimized_matches_eager_compiles_once_and_runs_at_bench_speed(arm, 
                                            eager_val_loss=eager["val_loss"])
     _write_results()
     assert fast["recompiles"] == 0, f"{arm}: {fast['recompiles']} frames compiled after step 1"
+    early_fast, early_eager = fast["losses"][10], eager["losses"][10]
+    assert abs(early_fast - early_eager) <= EARLY_TOLERANCE, (arm, early_fast, early_eager)
     assert abs(fast["val_loss"] - eager["val_loss"]) <= VAL_TOLERANCE, (arm, fast["val_loss"], eager["val_loss"])
     assert app_tps >= (1 - SPEED_TOLERANCE) * bench["tokens_per_sec"], (arm, app_tps, bench["tokens_per_sec"])
 
@@ -170,7 +178,8 @@ def _write_results() -> None:
         "commit": os.environ.get("GIT_COMMIT", "unknown"),
         "torch": torch.__version__,
         "settings": {"common": COMMON, "fast": FAST, "eager": EAGER, "short": SHORT,
-                     "val_tolerance": VAL_TOLERANCE, "speed_tolerance": SPEED_TOLERANCE},
+                     "early_tolerance": EARLY_TOLERANCE, "val_tolerance": VAL_TOLERANCE,
+                     "speed_tolerance": SPEED_TOLERANCE},
         "runs": RESULTS,
     }
     targets = [REPO / "benchmarks" / "results" / f"gpu-e2e-{date}-{name}.json"]
