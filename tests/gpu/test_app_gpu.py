@@ -117,10 +117,15 @@ def _bench(arm_args: list[str], cache_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def eager_runs(tmp_path_factory, cache_dir) -> dict[str, dict]:
-    """The reference runs (eager, no prefetch), all arms at once: their speed is not what is compared."""
+def eager_runs(request, tmp_path_factory, cache_dir) -> dict[str, dict]:
+    """The reference runs (eager, no prefetch) of the arms this session runs (``-k ttt_linear``: that one only),
+    all at once: their speed is not what is compared."""
+    params = [getattr(getattr(item, "callspec", None), "params", {}) for item in request.session.items
+              if getattr(item, "module", None) is request.module]
+    selected = {p["arm"] for p in params if "arm" in p}
     root = tmp_path_factory.mktemp("eager")
-    started = [_start(f"{arm}-eager", [*COMMON, *EAGER, *args], root, cache_dir) for arm, args in ARMS.items()]
+    started = [_start(f"{arm}-eager", [*COMMON, *EAGER, *args], root, cache_dir)
+               for arm, args in ARMS.items() if arm in selected]
     return {name.removesuffix("-eager"): _finish(s) for s in started for name in [s[0]]}
 
 
