@@ -87,6 +87,6 @@ def check(pairs, tol: float, overrides: dict[str, float] | None = None) -> dict[
     """Assert every pair's relative error is at most ``tol`` (or its bound in ``overrides``); returns the errors."""
     errs = {name: rel(a, b) for name, a, b in pairs}
     bound = {name: (overrides or {}).get(name, tol) for name in errs}
-    bad = {k: v for k, v in errs.items() if not v <= bound[k]}
-    assert not bad, f"relative errors above {tol}: {bad} (all: {errs})"
+    bad = {k: (v, bound[k]) for k, v in errs.items() if not v <= bound[k]}
+    assert not bad, f"relative errors above their bounds, (error, bound): {bad} (all: {errs})"
     return errs
