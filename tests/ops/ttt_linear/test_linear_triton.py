@@ -41,10 +41,12 @@ def test_linear_fp32_forward_backward(b, h, t, f, k, with_state, with_reset, eve
     check(run_both(_with(LinearConfig(every=every, split_fwd=split)), "linear", *inputs, torch.float32), 1e-5)
 
 
-def test_linear_bf16_emulated_dots():
-    """The bf16 code path (operands in bf16, fp32 accumulation, bf16 outputs) against float64."""
+@pytest.mark.parametrize("scratch", ["fp32", "input"])
+def test_linear_bf16_emulated_dots(scratch):
+    """The bf16 code path (operands in bf16, fp32 accumulation, bf16 outputs) against float64; with the
+    backward's dot-feeding scratch tiles in fp32 or in bf16."""
     inputs = make("linear", 2, 2, 40, 64, 16, True, True, dev=DEV)
-    check(run_both(ttt_triton, "linear", *inputs, torch.bfloat16), 2e-2)
+    check(run_both(_with(LinearConfig(scratch=scratch)), "linear", *inputs, torch.bfloat16), 2e-2)
 
 
 def test_linear_chunked_calls_equal_one_pass():
@@ -126,3 +128,14 @@ def test_linear_gpu_full_shapes(b, h, t, f, with_state, with_reset, dtype, tol):
     errs = check(run_both(ttt_triton, "linear", *inputs, dtype), tol,
                  BF16_REDUCTION_TOL if dtype == torch.bfloat16 else None)
     print("linear", b, h, t, f, dtype, {k: f"{v:.1e}" for k, v in errs.items()})
+
+
+@pytest.mark.gpu
+def test_linear_gpu_bf16_scratch():
+    """The backward's dot-feeding scratch in bf16 at the training shape: within the bf16 bounds."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    inputs = make("linear", 8, 12, 2048, 64, 16, True, True, dev="cuda")
+    errs = check(run_both(_with(LinearConfig(scratch="input")), "linear", *inputs, torch.bfloat16), 1e-2,
+                 BF16_REDUCTION_TOL)
+    print("linear bf16 scratch", {k: f"{v:.1e}" for k, v in errs.items()})

@@ -40,7 +40,9 @@ class LinearConfig:
     memory than the chip has). ``lowp``: the dots used for bf16 inputs ("input": bf16 operands, "tf32": fp32
     operands in tf32). ``split_fwd`` None: split the training forward (state chain, then segment outputs) only when
     batch x heads fills under a third of the SMs; below that the chain's shorter steps win, above it the extra
-    output pass costs more.
+    output pass costs more. ``scratch``: the dtype of the backward's per-step tiles that feed dots (``Lg``,
+    ``dZbar`` and the chain's ``p``, ``q``): "fp32", or "input" (bf16/fp16 inputs keep them in their own dtype,
+    half the bytes; the normalised prediction, ``dLg`` and the row statistics stay fp32).
     """
 
     every: int = 8
@@ -51,6 +53,11 @@ class LinearConfig:
     bwd_stages: int | None = None
     lowp: str = "input"
     split_fwd: bool | None = None
+    scratch: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.scratch not in ("fp32", "input"):
+            raise ValueError(f"LinearConfig.scratch is 'fp32' or 'input', got {self.scratch!r}")
 
 
 DEFAULT_CONFIG = LinearConfig()
@@ -230,8 +237,8 @@ def _linear_bwd_segment_kernel(
         if FINISH:
             dgw += tl.sum(dout * xh2, 0)
             dgb += tl.sum(dout, 0)
-            p = tl.load(p_ptr + st * FP + tile_off)
-            q = tl.load(q_ptr + st * FP + tile_off)
+            p = tl.load(p_ptr + st * FP + tile_off).to(tl.float32)
+            q = tl.load(q_ptr + st * FP + tile_off).to(tl.float32)
             dxq = dout + mm(dzbar, tl.trans(W), DT, PREC, EMU)
             dmm = tl.where(causal, -mm(dzbar, tl.trans(lg), DT, PREC, EMU), 0.0)
             dlg = dlg - t_last * p
@@ -259,9 +266,9 @@ def _linear_bwd_segment_kernel(
             tl.store(dxv_ptr + x_off, dxv.to(dxv_ptr.dtype.element_ty), mask=xmsk)
         else:
             tl.store(xh_ptr + st * FP + tile_off, xh1)
-            tl.store(lg_ptr + st * FP + tile_off, lg)
+            tl.store(lg_ptr + st * FP + tile_off, lg.to(lg_ptr.dtype.element_ty))
             tl.store(dlg_ptr + st * FP + tile_off, dlg)
-            tl.store(dzb_ptr + st * FP + tile_off, dzbar)
+            tl.store(dzb_ptr + st * FP + tile_off, dzbar.to(dzb_ptr.dtype.element_ty))
             tl.store(rstd_ptr + st + rows, rstd1)
             tl.store(c_ptr + st + rows, c)
         W = W - t_last * mm(tl.trans(xk), lg, DT, PREC, EMU)
@@ -313,13 +320,13 @@ def _linear_bwd_chain_kernel(
         xv = _load_rows(xv_ptr, x_base, start, rows, cols, rmask, cmask, F)
         eta = tl.load(lr_ptr + bh * T + start + rows, mask=rmask, other=0.0).to(tl.float32)
         t_last = tl.load(tok_ptr + m - 1).to(tl.float32)
-        xh1, lg = tl.load(xh_ptr + tile), tl.load(lg_ptr + tile)
-        dlg, dzbar = tl.load(dlg_ptr + tile), tl.load(dzb_ptr + tile)
+        xh1, lg = tl.load(xh_ptr + tile), tl.load(lg_ptr + tile).to(tl.float32)
+        dlg, dzbar = tl.load(dlg_ptr + tile), tl.load(dzb_ptr + tile).to(tl.float32)
         rstd1, c = tl.load(rstd_ptr + st + rows), tl.load(c_ptr + st + rows)
         p = mm(xk, dW, DT, PREC, EMU) + db[None, :]
         q = mm(lg, tl.trans(dW), DT, PREC, EMU)
-        tl.store(p_ptr + st * FP + tile_off, p)
-        tl.store(q_ptr + st * FP + tile_off, q)
+        tl.store(p_ptr + st * FP + tile_off, p.to(p_ptr.dtype.element_ty))
+        tl.store(q_ptr + st * FP + tile_off, q.to(q_ptr.dtype.element_ty))
         # gx as the segment pass computed it (cheaper to recompute from xh1, xv, xk than to store)
         gx = (xh1 * gw[None, :] + gb[None, :] - (xv.to(tl.float32) - xk.to(tl.float32))) * gw[None, :]
         u = dlg - t_last * p
@@ -411,11 +418,16 @@ def linear_backward(
     dev = xq.device
     f32 = dict(device=dev, dtype=torch.float32)
     bh = bsz * heads
-    # one allocation for the per-step scratch: 6 tiles (xh, lg, dlg, dzbar, p, q) and 2 rows (rstd, c)
+    # the per-step scratch: 6 tiles (xh, lg, dlg, dzbar, p, q) and 2 rows (rstd, c); lg, dzbar, p, q (the ones
+    # that feed dots) in the input dtype with config.scratch "input"
     tile, row = bh * n_mb * bk * fp, bh * n_mb * bk
-    scratch = torch.empty(6 * tile + 2 * row, **f32)
-    tiles = [scratch[i * tile:(i + 1) * tile].view(bh, n_mb, bk, fp) for i in range(6)]
-    rows = [scratch[6 * tile + i * row:6 * tile + (i + 1) * row].view(bh, n_mb, bk) for i in range(2)]
+    low = xq.dtype if config.scratch == "input" and xq.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    full = torch.empty(2 * tile + 2 * row, **f32)
+    part = torch.empty(4 * tile, device=dev, dtype=low)
+    xh_t, dlg_t = (full[i * tile:(i + 1) * tile].view(bh, n_mb, bk, fp) for i in range(2))
+    lg_t, dzb_t, p_t, q_t = (part[i * tile:(i + 1) * tile].view(bh, n_mb, bk, fp) for i in range(4))
+    tiles = [xh_t, lg_t, dlg_t, dzb_t, p_t, q_t]
+    rows = [full[2 * tile + i * row:2 * tile + (i + 1) * row].view(bh, n_mb, bk) for i in range(2)]
     dxq, dxk, dxv = torch.empty_like(xq), torch.empty_like(xk), torch.empty_like(xv)
     dlr = torch.empty_like(lr)
     dtok = torch.empty(bh * n_ck, bk, **f32)
