@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tttexp.ops.dispatch import ttt_triton
-from tttexp.ops.testing import BF16_REDUCTION_TOL, check, make, rel, run_both
+from tttexp.ops.testing import check, make, rel, run_both
 from tttexp.ops.ttt_mlp.op import mlp_bwd_op, mlp_fwd_op
 from tttexp.ops.ttt_mlp.triton import MLPConfig
 
@@ -94,6 +94,5 @@ def test_mlp_gpu_full_shapes(b, h, t, f, with_state, with_reset, dtype, tol):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     inputs = make("mlp", b, h, t, f, 16, with_state, with_reset, dev="cuda")
-    errs = check(run_both(ttt_triton, "mlp", *inputs, dtype), tol,
-                 BF16_REDUCTION_TOL if dtype == torch.bfloat16 else None)
+    errs = check(run_both(ttt_triton, "mlp", *inputs, dtype, tok_scale=dtype == torch.bfloat16), tol)
     print("mlp", b, h, t, f, dtype, {k: f"{v:.1e}" for k, v in errs.items()})

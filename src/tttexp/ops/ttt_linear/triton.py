@@ -41,8 +41,9 @@ class LinearConfig:
     operands in tf32). ``split_fwd`` None: split the training forward (state chain, then segment outputs) only when
     batch x heads fills under a third of the SMs; below that the chain's shorter steps win, above it the extra
     output pass costs more. ``scratch``: the dtype of the backward's per-step tiles that feed dots (``Lg``,
-    ``dZbar`` and the chain's ``p``, ``q``): "fp32", or "input" (bf16/fp16 inputs keep them in their own dtype,
-    half the bytes; the normalised prediction, ``dLg`` and the row statistics stay fp32).
+    ``dZbar`` and the chain's ``p``, ``q``): "input" (bf16/fp16 inputs keep them in their own dtype, half the
+    bytes; the normalised prediction, ``dLg`` and the row statistics stay fp32; the chain pass 291 -> 207 us at
+    8x2048x12x64 on an H100), or "fp32".
     """
 
     every: int = 8
@@ -53,7 +54,7 @@ class LinearConfig:
     bwd_stages: int | None = None
     lowp: str = "input"
     split_fwd: bool | None = None
-    scratch: str = "fp32"
+    scratch: str = "input"
 
     def __post_init__(self) -> None:
         if self.scratch not in ("fp32", "input"):
