@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from tttexp.models.cache import LayerState
 from tttexp.models.configuration import TTTConfig
-from tttexp.models.layers import apply_rotary, rotary_tables
+from tttexp.models.layers import apply_rotary, rotary_tables_op
 
 if TYPE_CHECKING:
     from tttexp.distributed.context import ContextParallel
@@ -49,7 +49,7 @@ class Attention(nn.Module):
         cp = self.context if self.context is not None and self.context.active(self.training) else None
         first = offset if cp is None else offset + cp.position_offset(seq)
         positions = torch.arange(seq, device=hidden.device) + first
-        cos, sin = rotary_tables(positions, self.head_dim, self.config.rope_theta, q.dtype)
+        cos, sin = rotary_tables_op(positions, self.head_dim, self.config.rope_theta, q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         local = seq
         if cp is not None:  # Ulysses: from here on all tokens of this rank's heads (its K/V heads in the cache)

@@ -40,6 +40,19 @@ def rotary_tables(positions: Tensor, dim: int, theta: float, dtype: torch.dtype)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+@torch.library.custom_op("tttexp::rotary_tables", mutates_args=())
+def rotary_tables_op(positions: Tensor, dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """:func:`rotary_tables` as one opaque node. Compiled, the plain form is fused into the kernel that applies
+    it, which then takes a pow, a sin and a cos per element of q and k instead of per position and feature."""
+    return rotary_tables(positions, dim, theta, dtype)
+
+
+@rotary_tables_op.register_fake
+def _rotary_tables_fake(positions, dim, theta, dtype):
+    table = positions.new_empty((positions.shape[0], dim), dtype=dtype)
+    return table, torch.empty_like(table)
+
+
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     f = x.shape[-1]
     x1, x2 = x[..., : f // 2], x[..., f // 2 :]
