@@ -1,7 +1,8 @@
 """`make bench`: run every benchmark on this GPU, then rewrite the README's results table from the JSON files.
 
-    python benchmarks/run_all.py            # all benchmarks, then the table
-    python benchmarks/run_all.py --table    # only rebuild the table from benchmarks/results/*.json
+    python benchmarks/run_all.py                       # all benchmarks, then the table
+    python benchmarks/run_all.py --only train-125m,fsdp  # some of them (names: --list), then the table
+    python benchmarks/run_all.py --table               # only rebuild the table from benchmarks/results/*.json
 """
 
 from __future__ import annotations
@@ -18,21 +19,25 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
-RUNS = [
-    ["benchmarks/bench_ops.py"],
-    ["benchmarks/profile_train.py", "--size", "125m", "--context", "2048", "--layer", "linear"],
-    ["benchmarks/profile_train.py", "--size", "125m", "--context", "2048", "--layer", "mlp", "--models", "ttt"],
-    *(["benchmarks/bench_train.py", "--sizes", size, "--contexts", "2048,8192,32768", "--tokens", "16384",
-       "--ttt-modes", "compiled" if size == "125m" else "blocks", "--compile-llama",
-       "--compile-llama-max-context", "8192",
-       "--out", f"benchmarks/results/train-{size}.json"]
-      for size in ("125m", "350m", "760m")),
-    ["benchmarks/bench_train.py", "--sizes", "1.3b", "--contexts", "2048,8192,32768", "--tokens", "16384",
-     "--ttt-modes", "blocks", "--checkpointing", "--compile-llama",
-     "--compile-llama-max-context", "8192", "--out", "benchmarks/results/train-1.3b.json"],
-    ["benchmarks/bench_decode.py", "--size", "125m", "--batch", "64", "--prompt", "2048", "--compile-prefill"],
-    ["benchmarks/bench_default.py"],
-]
+RUNS = {
+    "ops": ["benchmarks/bench_ops.py"],
+    "profile-linear": ["benchmarks/profile_train.py", "--size", "125m", "--context", "2048", "--layer", "linear"],
+    "profile-mlp": ["benchmarks/profile_train.py", "--size", "125m", "--context", "2048", "--layer", "mlp",
+                    "--models", "ttt"],
+    **{f"train-{size}": ["benchmarks/bench_train.py", "--sizes", size, "--contexts", "2048,8192,32768", "--tokens",
+                         "16384", "--ttt-modes", "compiled" if size == "125m" else "blocks", "--compile-llama",
+                         "--compile-llama-max-context", "8192", "--out", f"benchmarks/results/train-{size}.json"]
+       for size in ("125m", "350m", "760m")},
+    "train-1.3b": ["benchmarks/bench_train.py", "--sizes", "1.3b", "--contexts", "2048,8192,32768", "--tokens",
+                   "16384", "--ttt-modes", "blocks", "--checkpointing", "--compile-llama",
+                   "--compile-llama-max-context", "8192", "--out", "benchmarks/results/train-1.3b.json"],
+    # the unsharded 1.3b row above, through FSDP at world size 1 (same batch, context, compile and checkpointing)
+    "fsdp": ["benchmarks/bench_fsdp.py", "--size", "1.3b", "--batch", "8", "--context", "2048", "--compile",
+             "blocks", "--checkpointing", "--out", "benchmarks/results"],
+    "decode": ["benchmarks/bench_decode.py", "--size", "125m", "--batch", "64", "--prompt", "2048",
+               "--compile-prefill"],
+    "default": ["benchmarks/bench_default.py"],
+}
 
 
 def newest(prefix: str) -> dict | None:
@@ -104,6 +109,7 @@ def table() -> str:
             name = f"TTT-{r['ttt_layer']}" if r["ttt_layer"] else "Llama (KV cache)"
             ratio = r["decode_tokens_per_sec"] / base if base else 0
             lines.append(f"| {name} | {r['decode_tokens_per_sec']:,.0f} | {ratio:.2f} | {r['prefill_s'] * 1000:.0f} |")
+    lines += fsdp_lines()
     default = newest("default-")
     if default:
         lines += ["", f"The embedded default run (`python -m tttexp.train`, no overrides), {default['device']} with "
@@ -124,6 +130,40 @@ def table() -> str:
     return "\n".join(lines) if lines else "No results yet: run `make bench` on a GPU."
 
 
+def fsdp_lines() -> list[str]:
+    """The FSDP rows (world size 1 on one GPU), each beside the unsharded TTT row of the same size, context,
+    compile and checkpointing measured on the same GPU the same day, if there is one."""
+    runs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("fsdp-*.json"))]
+    runs = [r for r in runs if r.get("device", "cpu") != "cpu"]
+    if not runs:
+        return []
+    unsharded = {}
+    for p in sorted(RESULTS.glob("train-*.json")):
+        data = json.loads(p.read_text())
+        for r in data["rows"]:
+            if r["model"] == "ttt" and "tokens_per_sec" in r:
+                key = (data["device"], data["date"], r["size"], r["ttt_layer"], r["context"], str(r["compiled"]),
+                       bool(r.get("checkpointing")))
+                unsharded[key] = r
+    lines = ["", "FSDP at world size 1 (`benchmarks/bench_fsdp.py`: the project's FullyShardedDataParallel, bf16 mixed "
+                 "precision, fused AdamW), beside the unsharded row of the same settings from the same GPU and day:",
+             "", "| model | size | context | batch | compile | world size | tokens/s | × unsharded | peak GiB | "
+                 "unsharded peak GiB | device, date, commit |",
+             "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in sorted(runs, key=lambda r: (r["date"], r["size"]), reverse=True):
+        compiled = {"blocks": "blocks", "True": "True"}.get(r["compile"], r["compile"])
+        key = (r["device"], r["date"], r["size"], r["ttt_layer"], r["context"], compiled,
+               bool(r.get("activation_checkpointing")))
+        base = unsharded.get(key)
+        ratio = f"{r['tokens_per_sec'] / base['tokens_per_sec']:.2f}" if base else "- (no unsharded row that day)"
+        base_mem = f"{base['peak_memory_gib']:.1f}" if base else "-"
+        name = f"TTT-{r['ttt_layer']}" + (" + activation checkpointing" if r.get("activation_checkpointing") else "")
+        lines.append(f"| {name} | {r['size']} | {r['context']} | {r['batch_per_rank']} | {r['compile']} | "
+                     f"{r['world_size']} | {r['tokens_per_sec']:,.0f} | {ratio} | {r['peak_memory_gib']:.1f} | "
+                     f"{base_mem} | {r['device']}, {r['date']}, {r['commit'][:8]} |")
+    return lines
+
+
 def write_readme() -> None:
     readme = ROOT / "README.md"
     text = readme.read_text()
@@ -138,12 +178,21 @@ def write_readme() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--table", action="store_true", help="only rebuild the README table")
+    parser.add_argument("--only", default=None, help="comma-separated benchmark names (see --list)")
+    parser.add_argument("--list", action="store_true", help="print the benchmark names and their commands")
     args = parser.parse_args()
+    if args.list:
+        for name, cmd in RUNS.items():
+            print(f"{name:16s} {' '.join(cmd)}")
+        return
+    names = list(RUNS) if args.only is None else [n for n in args.only.split(",") if n]
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        parser.error(f"unknown benchmark {', '.join(unknown)}; choose from {', '.join(RUNS)}")
     if not args.table:
-        for cmd in RUNS:
-            if (ROOT / cmd[0]).exists():
-                print("$", " ".join(cmd), flush=True)
-                subprocess.run([sys.executable, *cmd], cwd=ROOT, check=False)
+        for name in names:
+            print("$", " ".join(RUNS[name]), flush=True)
+            subprocess.run([sys.executable, *RUNS[name]], cwd=ROOT, check=False)
     write_readme()
     print(table())
 
