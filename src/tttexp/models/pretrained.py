@@ -120,7 +120,7 @@ class FromBase:
 
     def tokenizer(self) -> Any:
         """The base's transformers tokenizer (the data group wraps it)."""
-        tok = load_base_tokenizer(self.source, self.trust)
+        tok = load_base_tokenizer(self.source, self.trust, self.config)
         if len(tok) > self.config.vocab_size:
             raise ConfigError(
                 f"model.base_model={self.spec}: its tokenizer has {len(tok)} tokens but the model only "
@@ -154,7 +154,7 @@ class FromBase:
             with torch.device(device):
                 model = TTTForCausalLM(TTTConfig.from_dict(dict(resume_config)))
         else:
-            base = load_base_model(self.source, self.trust).to(device)
+            base = load_base_model(self.source, self.trust, self.config).to(device)
             windows = list(calibration()) if calibration is not None and not resuming else []
             model = convert_llama(base, self.layers, eos_token_id=eos_token_id, calibration=windows,
                                   **self.options).to(device)
@@ -237,27 +237,30 @@ def load_base_config(source: BaseSource, trust_remote_code: bool = False) -> Any
     return config
 
 
-def load_base_model(source: BaseSource, trust_remote_code: bool = False) -> nn.Module:
-    """The base ``*ForCausalLM`` in float32, in eval mode (GGUF weights are dequantized)."""
+def load_base_model(source: BaseSource, trust_remote_code: bool = False, config: Any = None) -> nn.Module:
+    """The base ``*ForCausalLM`` in float32, in eval mode (GGUF weights are dequantized). ``config``: the base's
+    config if already loaded (read again from a .gguf file it costs a parse of the whole file's metadata)."""
     from transformers import AutoModelForCausalLM
 
     if source.gguf_file and importlib.util.find_spec("accelerate") is None:
         raise ConfigError("loading a .gguf base model needs accelerate and gguf: pip install accelerate gguf")
     try:
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32,
-                                                     **source.kwargs(trust_remote_code))
+                                                     **source.kwargs(trust_remote_code),
+                                                     **({"config": config} if config is not None else {}))
     except Exception as err:  # as above: many exception types, one line each
         raise ConfigError(f"model.base_model={source.label}: {_load_problem(err, source, trust_remote_code)}") \
             from None
     return model.eval()
 
 
-def load_base_tokenizer(source: BaseSource, trust_remote_code: bool = False) -> Any:
-    """The base's transformers tokenizer; it must define an EOS token."""
+def load_base_tokenizer(source: BaseSource, trust_remote_code: bool = False, config: Any = None) -> Any:
+    """The base's transformers tokenizer; it must define an EOS token. ``config`` as for :func:`load_base_model`."""
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(source.path, **source.kwargs(trust_remote_code))
+        tok = AutoTokenizer.from_pretrained(source.path, **source.kwargs(trust_remote_code),
+                                            **({"config": config} if config is not None else {}))
     except Exception as err:  # as above
         raise ConfigError(f"model.base_model={source.label}: no usable tokenizer "
                           f"({_load_problem(err, source, trust_remote_code)})") from None
