@@ -151,8 +151,7 @@ def fsdp_lines() -> list[str]:
                  "unsharded peak GiB | device, date, commit |",
              "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in sorted(runs, key=lambda r: (r["date"], r["size"]), reverse=True):
-        compiled = {"blocks": "blocks", "True": "True"}.get(r["compile"], r["compile"])
-        key = (r["device"], r["date"], r["size"], r["ttt_layer"], r["context"], compiled,
+        key = (r["device"], r["date"], r["size"], r["ttt_layer"], r["context"], r["compile"],
                bool(r.get("activation_checkpointing")))
         base = unsharded.get(key)
         ratio = f"{r['tokens_per_sec'] / base['tokens_per_sec']:.2f}" if base else "- (no unsharded row that day)"

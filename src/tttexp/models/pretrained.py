@@ -69,11 +69,15 @@ class BaseSource:
     gguf_file: str | None = None
     label: str = ""
 
-    def kwargs(self, trust_remote_code: bool) -> dict[str, Any]:
+    def kwargs(self, trust_remote_code: bool, config: Any = None) -> dict[str, Any]:
+        """transformers' ``from_pretrained`` arguments; ``config``: the base's config if already loaded (read again
+        from a .gguf file it costs a parse of the whole file's metadata)."""
         out: dict[str, Any] = {"trust_remote_code": trust_remote_code,
                                "local_files_only": os.environ.get("TTTEXP_ALLOW_DOWNLOAD") != "1"}
         if self.gguf_file:
             out["gguf_file"] = self.gguf_file
+        if config is not None:
+            out["config"] = config
         return out
 
 
@@ -238,16 +242,15 @@ def load_base_config(source: BaseSource, trust_remote_code: bool = False) -> Any
 
 
 def load_base_model(source: BaseSource, trust_remote_code: bool = False, config: Any = None) -> nn.Module:
-    """The base ``*ForCausalLM`` in float32, in eval mode (GGUF weights are dequantized). ``config``: the base's
-    config if already loaded (read again from a .gguf file it costs a parse of the whole file's metadata)."""
+    """The base ``*ForCausalLM`` in float32, in eval mode (GGUF weights are dequantized); ``config`` as for
+    :meth:`BaseSource.kwargs`."""
     from transformers import AutoModelForCausalLM
 
     if source.gguf_file and importlib.util.find_spec("accelerate") is None:
         raise ConfigError("loading a .gguf base model needs accelerate and gguf: pip install accelerate gguf")
     try:
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32,
-                                                     **source.kwargs(trust_remote_code),
-                                                     **({"config": config} if config is not None else {}))
+                                                     **source.kwargs(trust_remote_code, config))
     except Exception as err:  # as above: many exception types, one line each
         raise ConfigError(f"model.base_model={source.label}: {_load_problem(err, source, trust_remote_code)}") \
             from None
@@ -255,12 +258,12 @@ def load_base_model(source: BaseSource, trust_remote_code: bool = False, config:
 
 
 def load_base_tokenizer(source: BaseSource, trust_remote_code: bool = False, config: Any = None) -> Any:
-    """The base's transformers tokenizer; it must define an EOS token. ``config`` as for :func:`load_base_model`."""
+    """The base's transformers tokenizer; it must define an EOS token. ``config`` as for
+    :meth:`BaseSource.kwargs`."""
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(source.path, **source.kwargs(trust_remote_code),
-                                            **({"config": config} if config is not None else {}))
+        tok = AutoTokenizer.from_pretrained(source.path, **source.kwargs(trust_remote_code, config))
     except Exception as err:  # as above
         raise ConfigError(f"model.base_model={source.label}: no usable tokenizer "
                           f"({_load_problem(err, source, trust_remote_code)})") from None
