@@ -17,10 +17,9 @@ import datetime
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
-from common import VOCAB, commit, llama, ttt
+from common import VOCAB, commit, llama, result_path, ttt
 
 from tttexp.models import TTTCache
 
@@ -151,45 +150,45 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--layers", default="linear")
     parser.add_argument("--compile-prefill", action="store_true")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=None, help="a folder or a .json file for the result")
     args = parser.parse_args()
     device = torch.device("cuda")
     prompt = torch.randint(0, VOCAB, (args.batch, args.prompt), device=device)
-    rows = []
+    result = {"benchmark": "decode", "device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+              "commit": commit(), "torch": torch.__version__, "rows": []}
+    rows = result["rows"]
+    out = result_path(result, args.out, f"decode-{args.size}")
+
+    def add(row: dict) -> None:  # the file is rewritten after every row, so a cut-short run keeps what it measured
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
     common = {"size": args.size, "batch": args.batch, "prompt": args.prompt}
     modes = [False, True] if args.compile_prefill else [False]
     for kind, layer in [("ttt", layer) for layer in args.layers.split(",")] + [("llama", None)]:
         torch.manual_seed(0)
         model = (ttt(args.size, layer, False, "auto") if kind == "ttt" else llama(args.size)).to(device).eval()
         for compiled in modes[:1]:
-            rows.append(prefill_row(model, prompt, kind, layer, compiled, common))
-            print(json.dumps(rows[-1]), flush=True)
+            add(prefill_row(model, prompt, kind, layer, compiled, common))
         torch.cuda.reset_peak_memory_stats()
         if kind == "ttt":
             for graphs in (False, True):
                 seconds, same = ttt_decode(model, prompt, args.new, graphs)
-                rows.append({"model": kind, "ttt_layer": layer, **common, "what": "decode", "graphs": graphs,
-                             "new_tokens": args.new, "decode_tokens_per_sec": args.batch * args.new / seconds,
-                             "equal_to_eager": same, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30})
-                print(json.dumps(rows[-1]), flush=True)
+                add({"model": kind, "ttt_layer": layer, **common, "what": "decode", "graphs": graphs,
+                     "new_tokens": args.new, "decode_tokens_per_sec": args.batch * args.new / seconds,
+                     "equal_to_eager": same, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30})
         else:
             seconds = llama_decode_s(model, prompt, args.new)
-            rows.append({"model": kind, "ttt_layer": None, **common, "what": "decode", "graphs": False,
-                         "new_tokens": args.new - 1, "decode_tokens_per_sec": args.batch * (args.new - 1) / seconds,
-                         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30})
-            print(json.dumps(rows[-1]), flush=True)
+            add({"model": kind, "ttt_layer": None, **common, "what": "decode", "graphs": False,
+                 "new_tokens": args.new - 1, "decode_tokens_per_sec": args.batch * (args.new - 1) / seconds,
+                 "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30})
         for compiled in modes[1:]:  # last: eager decoding is timed before anything is compiled
-            rows.append(prefill_row(model, prompt, kind, layer, compiled, common))
-            print(json.dumps(rows[-1]), flush=True)
+            add(prefill_row(model, prompt, kind, layer, compiled, common))
         torch._dynamo.reset()
         del model
         torch.cuda.empty_cache()
-    result = {"benchmark": "decode", "device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
-              "commit": commit(), "torch": torch.__version__, "rows": rows}
-    out = Path(args.out or f"benchmarks/results/decode-{args.size}-{result['date']}-"
-                           f"{result['device'].replace(' ', '_')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    print(f"written: {out}")
     print(summary(rows))
 
 

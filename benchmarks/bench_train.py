@@ -19,7 +19,7 @@ import statistics
 from pathlib import Path
 
 import torch
-from common import VOCAB, arm, commit, llama, ttt
+from common import VOCAB, arm, commit, llama, result_path, ttt
 
 from tttexp.models import SIZE_PRESETS
 from tttexp.training.metrics import PEAK_BF16_FLOPS, train_flops_per_token, ttt_flops_per_token
@@ -137,7 +137,7 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing for TTT")
     parser.add_argument("--llama-checkpointing", action="store_true", help="activation checkpointing for the Llama")
     parser.add_argument("--profile", default=None, help="folder for a kernel-time table of each row")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=None, help="a folder or a .json file for the result")
     args = parser.parse_args()
 
     result = {
@@ -148,8 +148,7 @@ def main() -> None:
         "torch": torch.__version__,
         "rows": [],
     }
-    out = Path(args.out or f"benchmarks/results/train-{result['date']}-{result['device'].replace(' ', '_')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = result_path(result, args.out, "-".join(["train", *args.sizes.split(","), *args.layers.split(",")]))
     rows = result["rows"]
 
     def add(row: dict) -> None:  # the file is rewritten after every row, so a cut-short run keeps what it measured

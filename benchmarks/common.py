@@ -21,6 +21,7 @@ from tttexp.models import SIZE_PRESETS, build_model  # noqa: E402
 from tttexp.ops import reference  # noqa: E402
 
 VOCAB = 32000
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def commit() -> str:
@@ -92,13 +93,20 @@ def sync(cuda: bool) -> None:
         torch.cuda.synchronize()
 
 
-def write_result(result: dict, out: str, stem: str) -> Path:
-    """Write ``result`` as JSON to ``out``: a ``.json`` path, or a folder that gets ``<stem>-<date>-<card>.json``."""
-    path = Path(out)
+def result_path(result: dict, out: str | None, stem: str) -> Path:
+    """Where ``result`` goes: ``out`` when it is a ``.json`` path, else ``<stem>-<date>-<card>.json`` in the folder
+    ``out`` (``benchmarks/results`` when ``out`` is None)."""
+    path = Path(out or RESULTS_DIR)
     if path.suffix != ".json":
         card = result["device"].replace("NVIDIA ", "").split()[0]
         path = path / f"{stem}-{result['date']}-{card}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_result(result: dict, out: str | None, stem: str) -> Path:
+    """Write ``result`` as JSON to ``out``: a ``.json`` path, or a folder that gets ``<stem>-<date>-<card>.json``."""
+    path = result_path(result, out, stem)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written: {path}")
     return path

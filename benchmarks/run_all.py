@@ -24,13 +24,18 @@ RUNS = {
     "profile-linear": ["benchmarks/profile_train.py", "--size", "125m", "--context", "2048", "--layer", "linear"],
     "profile-mlp": ["benchmarks/profile_train.py", "--size", "125m", "--context", "2048", "--layer", "mlp",
                     "--models", "ttt"],
+    # 125m in one run per TTT layer, so the table can be filled in shorter calls
+    **{f"train-125m-{layer}": ["benchmarks/bench_train.py", "--sizes", "125m", "--contexts", "2048,8192,32768",
+                               "--tokens", "16384", "--layers", layer, "--ttt-modes", "compiled", "--compile-llama",
+                               "--compile-llama-max-context", "8192", "--out", "benchmarks/results"]
+       for layer in ("linear", "mlp")},
     **{f"train-{size}": ["benchmarks/bench_train.py", "--sizes", size, "--contexts", "2048,8192,32768", "--tokens",
-                         "16384", "--ttt-modes", "compiled" if size == "125m" else "blocks", "--compile-llama",
-                         "--compile-llama-max-context", "8192", "--out", f"benchmarks/results/train-{size}.json"]
-       for size in ("125m", "350m", "760m")},
+                         "16384", "--layers", "linear", "--ttt-modes", "blocks", "--compile-llama",
+                         "--compile-llama-max-context", "8192", "--out", "benchmarks/results"]
+       for size in ("350m", "760m")},
     "train-1.3b": ["benchmarks/bench_train.py", "--sizes", "1.3b", "--contexts", "2048,8192,32768", "--tokens",
-                   "16384", "--ttt-modes", "blocks", "--checkpointing", "--compile-llama",
-                   "--compile-llama-max-context", "8192", "--out", "benchmarks/results/train-1.3b.json"],
+                   "16384", "--layers", "linear", "--ttt-modes", "blocks", "--checkpointing", "--compile-llama",
+                   "--compile-llama-max-context", "8192", "--out", "benchmarks/results"],
     # the unsharded 1.3b row above, through FSDP at world size 1 (same batch, context, compile and checkpointing)
     "fsdp": ["benchmarks/bench_fsdp.py", "--size", "1.3b", "--batch", "8", "--context", "2048", "--compile",
              "blocks", "--checkpointing", "--out", "benchmarks/results"],

@@ -33,3 +33,16 @@ def test_fsdp_rows_are_rated_against_the_matching_unsharded_row_only(tmp_path, m
     assert "| 0.75 |" in older and "| 24.8 |" in older  # 30k against the checkpointed 40k, not the 50k row
     assert "no unsharded row that day" in newer
     assert "FSDP at world size 1" in run_all.table()
+
+
+def test_every_run_writes_its_own_dated_file_into_a_results_folder(tmp_path):
+    """Runs given the results folder get distinct, dated names (one run's file never overwrites another's)."""
+    from common import result_path
+
+    result = {"device": "NVIDIA H100 80GB HBM3", "date": "2026-12-06"}
+    for name in ("train-125m-linear", "train-125m-mlp", "decode-125m"):
+        assert result_path(result, str(tmp_path), name) == tmp_path / f"{name}-2026-12-06-H100.json"
+    assert result_path(result, str(tmp_path / "x" / "mine.json"), "train") == tmp_path / "x" / "mine.json"
+    assert (tmp_path / "x").is_dir()
+    names = {cmd[cmd.index("--out") + 1] for cmd in run_all.RUNS.values() if "--out" in cmd}
+    assert names == {"benchmarks/results"}, names
