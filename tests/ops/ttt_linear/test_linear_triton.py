@@ -110,32 +110,23 @@ def test_linear_opcheck():
 
 
 GPU_CASES = [
-    # b, h, t, f, state, reset, dtype, tol
-    (8, 12, 2048, 64, False, False, torch.float32, 1e-5),
-    (8, 12, 2048, 64, True, True, torch.bfloat16, 1e-2),
-    (2, 16, 1000, 96, True, True, torch.float32, 1e-5),
-    (2, 16, 1000, 96, False, False, torch.bfloat16, 1e-2),
-    (1, 12, 4099, 64, False, False, torch.bfloat16, 1e-2),
+    # b, h, t, f, state, reset, dtype, tol, kernel settings (None: the defaults)
+    (8, 12, 2048, 64, False, False, torch.float32, 1e-5, None),
+    (8, 12, 2048, 64, True, True, torch.bfloat16, 1e-2, None),
+    # the backward's dot-feeding scratch in fp32 (the default keeps it in bf16): within the same bf16 bounds
+    (8, 12, 2048, 64, True, True, torch.bfloat16, 1e-2, LinearConfig(scratch="fp32")),
+    (2, 16, 1000, 96, True, True, torch.float32, 1e-5, None),
+    (2, 16, 1000, 96, False, False, torch.bfloat16, 1e-2, None),
+    (1, 12, 4099, 64, False, False, torch.bfloat16, 1e-2, None),
 ]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("b", "h", "t", "f", "with_state", "with_reset", "dtype", "tol"), GPU_CASES)
-def test_linear_gpu_full_shapes(b, h, t, f, with_state, with_reset, dtype, tol):
+@pytest.mark.parametrize(("b", "h", "t", "f", "with_state", "with_reset", "dtype", "tol", "config"), GPU_CASES)
+def test_linear_gpu_full_shapes(b, h, t, f, with_state, with_reset, dtype, tol, config):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     inputs = make("linear", b, h, t, f, 16, with_state, with_reset, dev="cuda")
-    errs = check(run_both(ttt_triton, "linear", *inputs, dtype, tok_scale=dtype == torch.bfloat16), tol)
-    print("linear", b, h, t, f, dtype, {k: f"{v:.1e}" for k, v in errs.items()})
-
-
-@pytest.mark.gpu
-def test_linear_gpu_fp32_scratch():
-    """The backward's dot-feeding scratch in fp32 (the default keeps it in bf16) at the training shape: within the
-    bf16 bounds."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    inputs = make("linear", 8, 12, 2048, 64, 16, True, True, dev="cuda")
-    errs = check(run_both(_with(LinearConfig(scratch="fp32")), "linear", *inputs, torch.bfloat16, tok_scale=True),
-                 1e-2)
-    print("linear fp32 scratch", {k: f"{v:.1e}" for k, v in errs.items()})
+    op = ttt_triton if config is None else _with(config)
+    errs = check(run_both(op, "linear", *inputs, dtype, tok_scale=dtype == torch.bfloat16), tol)
+    print("linear", b, h, t, f, dtype, config, {k: f"{v:.1e}" for k, v in errs.items()})
