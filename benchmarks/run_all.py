@@ -14,9 +14,11 @@ import sys
 from pathlib import Path
 
 from bench_train import fastest_baseline
+from figures import commit_time, profile_bars, profile_figure, speed_figure, speed_points
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+FIGURES = RESULTS / "figures"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 RUNS = {
@@ -51,14 +53,44 @@ def newest(prefix: str) -> dict | None:
     return max(found, key=lambda d: d.get("date", "")) if found else None
 
 
-def table() -> str:
-    lines = []
-    order = {"125m": 0, "350m": 1, "760m": 2, "1.3b": 3}
-    runs: dict[tuple, list[dict]] = {}  # one table per (device, date, commit): rows of different runs don't mix
+def train_runs() -> dict[tuple[str, str, str], list[dict]]:
+    """The training rows of each run, by (device, date, commit): rows of different runs are never compared."""
+    runs: dict[tuple[str, str, str], list[dict]] = {}
     for p in sorted(RESULTS.glob("train-*.json")):
         data = json.loads(p.read_text())
         runs.setdefault((data["device"], data["date"], data["commit"][:8]), []).extend(data["rows"])
-    for (device, date, commit), train in sorted(runs.items(), key=lambda kv: (kv[0][1], kv[0][2]), reverse=True):
+    return runs
+
+
+def draw_figures() -> list[str]:
+    """Draw the figures of ``figures.py`` for the GPU of the newest training run; the README lines that show them."""
+    runs = {key: rows for key, rows in train_runs().items() if key[0] != "cpu"}
+    if not runs:
+        return []
+    device = max(runs, key=lambda key: key[1])[0]
+    points = speed_points([(date, commit, rows, fastest_baseline(rows))
+                           for (dev, date, commit), rows in runs.items() if dev == device], ROOT)
+    profiles = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("profile-125m-2048-*.json"))]
+    bars = profile_bars([d for d in profiles if d["device"] == device], ROOT)
+    drawn = [speed_figure(points, device, FIGURES / "speed-vs-baseline.png"),
+             profile_figure(bars, f"Where a compiled training step goes: 125m, 8×2048, bf16, {device}",
+                            FIGURES / "step-profile-125m-2048.png")]
+    alt = {"speed-vs-baseline.png": "TTT speed against the fastest baseline, by context",
+           "step-profile-125m-2048.png": "GPU time per training step by kernel class"}
+    lines = [f"![{alt[p.name]}]({p.relative_to(ROOT).as_posix()})" for p in drawn if p is not None]
+    if lines:
+        lines.append("Each point of the speed figure comes from the newest run that measured it beside its baselines "
+                     "(the tables below name the runs; before 2026-12 the only baseline was the Llama). The step "
+                     "profiles are `benchmarks/profile_train.py`'s, oldest on top.")
+    return lines
+
+
+def table() -> str:
+    lines = []
+    order = {"125m": 0, "350m": 1, "760m": 2, "1.3b": 3}
+    runs = train_runs()  # one table per run
+    newest_first = sorted(runs.items(), key=lambda kv: (kv[0][1], commit_time(kv[0][2], ROOT)), reverse=True)
+    for (device, date, commit), train in newest_first:
         train.sort(key=lambda r: (order.get(r["size"], 9), r["context"], r["model"] != "ttt"))
         lines += ["" if lines else None, f"Training, {device}, {date}, commit {commit} (bf16, fused AdamW; ratio "
                   "against the fastest baseline of the same width measured on the same GPU in the same run: "
@@ -171,7 +203,7 @@ def fsdp_lines() -> list[str]:
 def write_readme() -> None:
     readme = ROOT / "README.md"
     text = readme.read_text()
-    block = f"{START}\n{table()}\n{END}"
+    block = "\n\n".join([START + "\n" + "\n\n".join(draw_figures()), table()]) + f"\n{END}"
     if START in text and END in text:
         text = text[: text.index(START)] + block + text[text.index(END) + len(END):]
     else:
