@@ -62,8 +62,9 @@ def train_runs() -> dict[tuple[str, str, str], list[dict]]:
     return runs
 
 
-def draw_figures() -> list[str]:
-    """Draw the figures of ``figures.py`` for the GPU of the newest training run; the README lines that show them."""
+def draw_figures() -> list[Path]:
+    """Draw the figures of ``figures.py`` for the GPU of the newest training run (the README shows them under its
+    targets table); returns the files written."""
     runs = {key: rows for key, rows in train_runs().items() if key[0] != "cpu"}
     if not runs:
         return []
@@ -80,14 +81,7 @@ def draw_figures() -> list[str]:
     drawn = [speed_figure(points, device, FIGURES / "speed-vs-baseline.png"),
              profile_figure(bars, f"Where a compiled training step goes: 125m, 8×2048, bf16, {device}",
                             FIGURES / "step-profile-125m-2048.png")]
-    alt = {"speed-vs-baseline.png": "TTT speed against the fastest baseline, by context",
-           "step-profile-125m-2048.png": "GPU time per training step by kernel class"}
-    lines = [f"![{alt[p.name]}]({p.relative_to(ROOT).as_posix()})" for p in drawn if p is not None]
-    if lines:
-        lines.append("Each point of the speed figure comes from the newest run that measured it beside its baselines "
-                     "(the tables below name the runs; before 2026-12 the only baseline was the Llama). The step "
-                     "profiles are `benchmarks/profile_train.py`'s, oldest on top.")
-    return lines
+    return [path for path in drawn if path is not None]
 
 
 def table() -> str:
@@ -208,7 +202,9 @@ def fsdp_lines() -> list[str]:
 def write_readme() -> None:
     readme = ROOT / "README.md"
     text = readme.read_text()
-    block = "\n\n".join([START + "\n" + "\n\n".join(draw_figures()), table()]) + f"\n{END}"
+    for path in draw_figures():
+        print(f"drawn: {path.relative_to(ROOT)}")
+    block = f"{START}\n{table()}\n{END}"
     if START in text and END in text:
         text = text[: text.index(START)] + block + text[text.index(END) + len(END):]
     else:
