@@ -18,13 +18,13 @@ from tttexp.ops.ttt_linear.triton import LinearConfig
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 LINEAR_CASES = [
-    # b, h, t, f, k, state, reset, every, forward split into state chain + segment outputs
-    (1, 2, 37, 64, 16, False, False, 8, True),
-    (2, 2, 37, 64, 16, True, True, 2, True),
-    (2, 2, 37, 96, 16, True, True, 8, False),
-    (1, 2, 37, 96, 16, False, True, 1, True),
-    (2, 1, 21, 32, 8, False, False, 2, False),
-    (1, 1, 5, 64, 16, True, False, 8, True),
+    # b, h, t, f, k, state, reset, every, forward split into state chain + segment outputs, backward reuse
+    (1, 2, 37, 64, 16, False, False, 8, True, False),
+    (2, 2, 37, 64, 16, True, True, 2, True, False),
+    (2, 2, 37, 96, 16, True, True, 8, False, True),
+    (1, 2, 37, 96, 16, False, True, 1, True, False),
+    (2, 1, 21, 32, 8, False, False, 2, False, True),
+    (1, 1, 5, 64, 16, True, False, 8, True, False),
 ]
 
 
@@ -35,18 +35,20 @@ def _with(config):
     return fn
 
 
-@pytest.mark.parametrize(("b", "h", "t", "f", "k", "with_state", "with_reset", "every", "split"), LINEAR_CASES)
-def test_linear_fp32_forward_backward(b, h, t, f, k, with_state, with_reset, every, split):
+@pytest.mark.parametrize(("b", "h", "t", "f", "k", "with_state", "with_reset", "every", "split", "reuse"),
+                         LINEAR_CASES)
+def test_linear_fp32_forward_backward(b, h, t, f, k, with_state, with_reset, every, split, reuse):
     inputs = make("linear", b, h, t, f, k, with_state, with_reset, dev=DEV)
-    check(run_both(_with(LinearConfig(every=every, split_fwd=split)), "linear", *inputs, torch.float32), 1e-5)
+    config = LinearConfig(every=every, split_fwd=split, reuse=reuse)
+    check(run_both(_with(config), "linear", *inputs, torch.float32), 1e-5)
 
 
-@pytest.mark.parametrize("scratch", ["fp32", "input"])
-def test_linear_bf16_emulated_dots(scratch):
+@pytest.mark.parametrize(("scratch", "reuse"), [("fp32", False), ("input", False), ("input", True)])
+def test_linear_bf16_emulated_dots(scratch, reuse):
     """The bf16 code path (operands in bf16, fp32 accumulation, bf16 outputs) against float64; with the
-    backward's dot-feeding scratch tiles in fp32 or in bf16."""
+    backward's dot-feeding scratch tiles in fp32 or in bf16, and with the finishing pass reading them."""
     inputs = make("linear", 2, 2, 40, 64, 16, True, True, dev=DEV)
-    check(run_both(_with(LinearConfig(scratch=scratch)), "linear", *inputs, torch.bfloat16), 2e-2)
+    check(run_both(_with(LinearConfig(scratch=scratch, reuse=reuse)), "linear", *inputs, torch.bfloat16), 2e-2)
 
 
 def test_linear_chunked_calls_equal_one_pass():
@@ -115,6 +117,8 @@ GPU_CASES = [
     (8, 12, 2048, 64, True, True, torch.bfloat16, 1e-2, None),
     # the backward's dot-feeding scratch in fp32 (the default keeps it in bf16): within the same bf16 bounds
     (8, 12, 2048, 64, True, True, torch.bfloat16, 1e-2, LinearConfig(scratch="fp32")),
+    # the finishing pass reading the first pass's tiles instead of recomputing them
+    (8, 12, 2048, 64, True, True, torch.bfloat16, 1e-2, LinearConfig(reuse=True)),
     (2, 16, 1000, 96, True, True, torch.float32, 1e-5, None),
     (2, 16, 1000, 96, False, False, torch.bfloat16, 1e-2, None),
     (1, 12, 4099, 64, False, False, torch.bfloat16, 1e-2, None),
