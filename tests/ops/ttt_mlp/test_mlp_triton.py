@@ -22,14 +22,13 @@ def _with(config):
 
 
 @pytest.mark.parametrize(
-    ("b", "h", "t", "f", "k", "with_state", "with_reset", "every", "reuse"),
-    [(2, 2, 37, 64, 16, True, True, 2, False), (1, 2, 37, 96, 16, False, False, 4, False),
-     (1, 1, 13, 32, 8, False, True, 1, True), (2, 1, 40, 16, 8, True, False, 2, False),
-     (1, 2, 37, 96, 16, True, True, 2, True)],
+    ("b", "h", "t", "f", "k", "with_state", "with_reset", "every"),
+    [(2, 2, 37, 64, 16, True, True, 2), (1, 2, 37, 96, 16, False, False, 4), (1, 1, 13, 32, 8, False, True, 1),
+     (2, 1, 40, 16, 8, True, False, 2)],
 )
-def test_mlp_fp32_forward_backward(b, h, t, f, k, with_state, with_reset, every, reuse):
+def test_mlp_fp32_forward_backward(b, h, t, f, k, with_state, with_reset, every):
     inputs = make("mlp", b, h, t, f, k, with_state, with_reset, dev=DEV)
-    check(run_both(_with(MLPConfig(every=every, reuse=reuse)), "mlp", *inputs, torch.float32), 1e-5)
+    check(run_both(_with(MLPConfig(every=every)), "mlp", *inputs, torch.float32), 1e-5)
 
 
 def test_mlp_bf16_emulated_dots():
@@ -83,21 +82,17 @@ def test_mlp_opcheck():
 
 
 GPU_CASES = [
-    # b, h, t, f, state, reset, dtype, tol, kernel settings (None: the defaults)
-    (2, 12, 512, 64, True, True, torch.float32, 1e-5, None),
-    (2, 12, 512, 64, False, False, torch.bfloat16, 1e-2, None),
-    (1, 4, 300, 96, False, True, torch.float32, 1e-5, None),
-    # the backward reusing pass B's products in passes C and D
-    (2, 12, 512, 64, True, True, torch.bfloat16, 1e-2, MLPConfig(reuse=True)),
+    (2, 12, 512, 64, True, True, torch.float32, 1e-5),
+    (2, 12, 512, 64, False, False, torch.bfloat16, 1e-2),
+    (1, 4, 300, 96, False, True, torch.float32, 1e-5),
 ]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("b", "h", "t", "f", "with_state", "with_reset", "dtype", "tol", "config"), GPU_CASES)
-def test_mlp_gpu_full_shapes(b, h, t, f, with_state, with_reset, dtype, tol, config):
+@pytest.mark.parametrize(("b", "h", "t", "f", "with_state", "with_reset", "dtype", "tol"), GPU_CASES)
+def test_mlp_gpu_full_shapes(b, h, t, f, with_state, with_reset, dtype, tol):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     inputs = make("mlp", b, h, t, f, 16, with_state, with_reset, dev="cuda")
-    op = ttt_triton if config is None else _with(config)
-    errs = check(run_both(op, "mlp", *inputs, dtype, tok_scale=dtype == torch.bfloat16), tol)
-    print("mlp", b, h, t, f, dtype, config, {k: f"{v:.1e}" for k, v in errs.items()})
+    errs = check(run_both(ttt_triton, "mlp", *inputs, dtype, tok_scale=dtype == torch.bfloat16), tol)
+    print("mlp", b, h, t, f, dtype, {k: f"{v:.1e}" for k, v in errs.items()})

@@ -35,9 +35,7 @@ class MLPConfig:
     """Launch settings of the TTT-MLP kernels: hidden-dim chunk ``hc``, mini-batches per checkpoint segment
     ``every``, warps of the forward (``warps``) and backward (``bwd_warps``), stages (None: Triton's default) and the
     dots used for bf16 inputs (``lowp``, as for TTT-Linear). Chunks of 32 keep the sm_90 build's spills small
-    (see benchmarks/NOTES-kernels.md). ``reuse``: the backward's pass B keeps ``Xk W1 + b1``, ``G2 W2^T`` and
-    ``Z1bar`` of each chunk in an fp32 scratch ([BK, 4F] each, per program) that passes C and D read instead of
-    computing them again: five of about thirty dots a mini-batch fewer, the same numbers."""
+    (see benchmarks/NOTES-kernels.md)."""
 
     hc: int = 32
     every: int = 8
@@ -46,7 +44,6 @@ class MLPConfig:
     fwd_stages: int | None = None
     bwd_stages: int | None = None
     lowp: str = "input"
-    reuse: bool = False
 
 
 DEFAULT_CONFIG = MLPConfig()
@@ -190,12 +187,11 @@ def _mlp_update(xk, xv, eta, t_last, gw, gb, p1, pb1, p2, pb2, q1, qb1, q2, qb2,
 def _mlp_bwd_kernel(
     xq_ptr, xk_ptr, xv_ptr, lr_ptr, tok_ptr, lnw_ptr, lnb_ptr, w10_ptr, b10_ptr, w20_ptr, b20_ptr, reset_ptr,
     ck1_ptr, ckb1_ptr, ck2_ptr, ckb2_ptr, sc1_ptr, scb1_ptr, sc2_ptr, scb2_ptr,
-    g1_ptr, gb1_ptr, g2_ptr, gb2_ptr, dz1_ptr, zs_ptr, di1_ptr, dib1_ptr, di2_ptr, dib2_ptr,
+    g1_ptr, gb1_ptr, g2_ptr, gb2_ptr, dz1_ptr, di1_ptr, dib1_ptr, di2_ptr, dib2_ptr,
     dout_ptr, dxq_ptr, dxk_ptr, dxv_ptr, dlr_ptr, dtok_ptr, dlnw_ptr, dlnb_ptr,
     T, N, NC, H,
     F: tl.constexpr, FP: tl.constexpr, HID: tl.constexpr, HC: tl.constexpr, BK: tl.constexpr, K: tl.constexpr,
     C: tl.constexpr, HAS_RESET: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr,
-    REUSE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     h = pid % H
@@ -208,8 +204,6 @@ def _mlp_bwd_kernel(
     w2_off = hcols[:, None] * FP + cols[None, :]
     z_off = rows[:, None] * HID + hcols[None, :]
     S1: tl.constexpr = FP * HID
-    ZS: tl.constexpr = BK * HID
-    z1s = zs_ptr + pid * 3 * ZS  # REUSE: Xk W1 + b1, G2 W2^T and Z1bar of this mini-batch, per chunk
     gw = tl.load(lnw_ptr + h * F + cols, mask=cmask, other=0.0).to(tl.float32)
     gb = tl.load(lnb_ptr + h * F + cols, mask=cmask, other=0.0).to(tl.float32)
     db2 = tl.load(gb2_ptr + pid * FP + cols)
@@ -299,19 +293,11 @@ def _mlp_bwd_kernel(
                 w2c = tl.load(p2 + c0 * FP + w2_off)
                 z1c = mm(xk, w1c, DT, PREC, EMU) + b1c[None, :]
                 x2c = gelu(z1c)
-                pc = mm(g2, tl.trans(w2c), DT, PREC, EMU)
-                lg1c = eta[:, None] * pc * gelu_grad(z1c)
-                z1bar = mm(xq, w1c, DT, PREC, EMU) + b1c[None, :] - mm(m1, lg1c, DT, PREC, EMU)
-                if REUSE:
-                    tl.store(z1s + c0 + z_off, z1c)
-                    tl.store(z1s + ZS + c0 + z_off, pc)
-                    tl.store(z1s + 2 * ZS + c0 + z_off, z1bar)
-                x2bar = gelu(z1bar)
+                lg1c = eta[:, None] * mm(g2, tl.trans(w2c), DT, PREC, EMU) * gelu_grad(z1c)
+                x2bar = gelu(mm(xq, w1c, DT, PREC, EMU) + b1c[None, :] - mm(m1, lg1c, DT, PREC, EMU))
                 acc += mm(x2bar, w2c, DT, PREC, EMU)
                 s2 += mm(x2bar, tl.trans(x2c), DT, PREC, EMU)
                 q2 += mm(x2c, tl.load(dn2 + c0 * FP + w2_off), DT, PREC, EMU)
-            if REUSE:
-                tl.debug_barrier()  # pass C reads what other threads of pass B stored
             s2 += 1.0
             m2 = tl.where(causal, t[:, None] * s2, 0.0)
             z2bar = acc + b2[None, :] - mm(m2, lg2, DT, PREC, EMU)
@@ -338,22 +324,12 @@ def _mlp_bwd_kernel(
                 dn1c = tl.load(dn1 + c0 + w1_off)
                 dnb1c = tl.load(dnb1 + c0 + hcols)
                 dn2c = tl.load(dn2 + c0 * FP + w2_off)
-                if REUSE:  # noqa: SIM108 (a constexpr branch, not a select)
-                    z1c = tl.load(z1s + c0 + z_off)
-                else:
-                    z1c = mm(xk, w1c, DT, PREC, EMU) + b1c[None, :]
+                z1c = mm(xk, w1c, DT, PREC, EMU) + b1c[None, :]
                 x2c, ds1c, dds1c = gelu_parts(z1c)
-                if REUSE:  # noqa: SIM108
-                    pc = tl.load(z1s + ZS + c0 + z_off)
-                else:
-                    pc = mm(g2, tl.trans(w2c), DT, PREC, EMU)
+                pc = mm(g2, tl.trans(w2c), DT, PREC, EMU)
                 g1c = pc * ds1c
                 lg1c = eta[:, None] * g1c
-                if REUSE:
-                    z1bar = tl.load(z1s + 2 * ZS + c0 + z_off)
-                else:
-                    z1bar = mm(xq, w1c, DT, PREC, EMU) + b1c[None, :] - mm(m1, lg1c, DT, PREC, EMU)
-                x2bar, ds1bar, _ = gelu_parts(z1bar)
+                x2bar, ds1bar, _ = gelu_parts(mm(xq, w1c, DT, PREC, EMU) + b1c[None, :] - mm(m1, lg1c, DT, PREC, EMU))
                 dz1bar = (mm(dz2bar, tl.trans(w2c), DT, PREC, EMU) + mm(ds2, x2c, DT, PREC, EMU)) * ds1bar
                 dxq += mm(dz1bar, tl.trans(w1c), DT, PREC, EMU)
                 dm1 -= mm(dz1bar, tl.trans(lg1c), DT, PREC, EMU)
@@ -395,10 +371,7 @@ def _mlp_bwd_kernel(
                 w1c = tl.load(p1 + c0 + w1_off)
                 b1c = tl.load(pb1 + c0 + hcols)
                 w2c = tl.load(p2 + c0 * FP + w2_off)
-                if REUSE:  # noqa: SIM108 (a constexpr branch, not a select)
-                    z1c = tl.load(z1s + c0 + z_off)
-                else:
-                    z1c = mm(xk, w1c, DT, PREC, EMU) + b1c[None, :]
+                z1c = mm(xk, w1c, DT, PREC, EMU) + b1c[None, :]
                 x2c, ds1c, _ = gelu_parts(z1c)
                 dz1c = tl.load(dz1_ptr + pid * BK * HID + c0 + z_off) + mm(dz2, tl.trans(w2c), DT, PREC, EMU) * ds1c
                 dxk += mm(dz1c, tl.trans(w1c), DT, PREC, EMU)
@@ -522,7 +495,6 @@ def mlp_backward(
     g2[:, 0, :, :f] = dW2.reshape(bh, hid, f)
     gb2 = _padded(db2.reshape(bh, f), fp, (1,))
     dz1 = torch.empty(bh, d["bk"], hid, **f32)
-    zs = torch.empty(bh, 3, d["bk"], hid, **f32) if config.reuse else dz1[:0]
     has_reset = reset is not None
     di = tuple(torch.zeros_like(x[:, 0]) if has_reset else x[:, :0] for x in (g1, gb1, g2)) + (
         torch.zeros_like(gb2) if has_reset else gb2[:, :0],)
@@ -533,10 +505,10 @@ def mlp_backward(
     dt, prec, emu = dot_config(xq.dtype, config.lowp)
     _mlp_bwd_kernel[(bh,)](
         xq, xk, xv, lr, tok, ln_w, ln_b, *p_init, reset if has_reset else tok, *ckpt, *scratch,
-        g1, gb1, g2, gb2, dz1, zs, *di, dout, dxq, dxk, dxv, dlr, dtok, dlnw, dlnb,
+        g1, gb1, g2, gb2, dz1, *di, dout, dxq, dxk, dxv, dlr, dtok, dlnw, dlnb,
         d["seq"], d["n_mb"], d["n_ck"], d["heads"],
         F=f, FP=fp, HID=hid, HC=d["hc"], BK=d["bk"], K=d["k"], C=every, HAS_RESET=has_reset,
-        DT=dt, PREC=prec, EMU=emu, REUSE=config.reuse, **_opts(config.bwd_warps, config.bwd_stages),
+        DT=dt, PREC=prec, EMU=emu, **_opts(config.bwd_warps, config.bwd_stages),
     )
     cur = d["n_mb"] % 2
     shape = (d["bsz"], d["heads"])
