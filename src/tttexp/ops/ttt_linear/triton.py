@@ -45,7 +45,8 @@ class LinearConfig:
     bytes; the normalised prediction, ``dLg`` and the row statistics stay fp32; the chain pass 291 -> 207 us at
     8x2048x12x64 on an H100), or "fp32". ``reuse``: the finishing segment pass reads the first pass's stored
     ``Xh``, ``rstd``, ``c``, ``dZbar`` and local ``dLg`` instead of recomputing them (four dots and three row
-    normalisations a step fewer, three more tiles read), and the first pass sums the post-norm's own gradient.
+    normalisations a step fewer, three more tiles read), and the first pass sums the post-norm's own gradient
+    (the segment passes 437 -> 416 us at 8x2048x12x64 on an H100).
     """
 
     every: int = 8
