@@ -48,16 +48,20 @@ def group_of(kernel_class: str) -> str:
 def speed_points(runs: Iterable[tuple[str, str, list[dict], dict]], root: Path) -> dict[tuple[str, str], dict]:
     """``runs``: (date, commit, rows, fastest baseline by (size, context)) of each training run. Returns, per (TTT
     layer, size), context -> × fastest baseline, from the newest run that rated that point (by date, then by the
-    commit's time)."""
+    commit's time); within a run, the fastest way it ran the model (eager, compiled, per block)."""
     points: dict[tuple[str, str], dict] = {}
     for _, _, rows, best in sorted(runs, key=lambda run: (run[0], commit_time(run[1], root))):
+        run_points: dict[tuple[str, str], dict] = {}
         for r in rows:
             key = (r["size"], r["context"])
             if r["model"] != "ttt" or "tokens_per_sec" not in r or key not in best:
                 continue
             if r.get("kernel") not in (None, "triton"):  # the PyTorch-kernel rows are not the product's speed
                 continue
-            points.setdefault((r["ttt_layer"], r["size"]), {})[r["context"]] = r["tokens_per_sec"] / best[key]
+            line = run_points.setdefault((r["ttt_layer"], r["size"]), {})
+            line[r["context"]] = max(line.get(r["context"], 0.0), r["tokens_per_sec"] / best[key])
+        for name, line in run_points.items():
+            points.setdefault(name, {}).update(line)
     return points
 
 
