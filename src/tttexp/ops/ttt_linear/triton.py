@@ -90,10 +90,16 @@ def _inner_grad(xk, xv, W, b, gw, gb, cmask, F: tl.constexpr, DT: tl.constexpr, 
     """G = d/dZ 0.5||LN(Z) - (Xv - Xk)||^2 at Z = Xk W + b, with the pieces the backward reuses."""
     z = mm(xk, W, DT, PREC, EMU) + b[None, :]
     xh, rstd = ln_rows(z, cmask, F)
+    g, e, gx = _inner_grad_at(xh, rstd, xk, xv, gw, gb, cmask, F)
+    return g, xh, rstd, e, gx
+
+
+@triton.jit
+def _inner_grad_at(xh, rstd, xk, xv, gw, gb, cmask, F: tl.constexpr):
+    """G and its pieces ``e``, ``gx`` from Z's normalised rows ``xh`` and ``rstd``."""
     e = xh * gw[None, :] + gb[None, :] - (xv.to(tl.float32) - xk.to(tl.float32))
     gx = e * gw[None, :]
-    g = ln_rows_bwd(gx, xh, rstd, cmask, F)
-    return g, xh, rstd, e, gx
+    return ln_rows_bwd(gx, xh, rstd, cmask, F), e, gx
 
 
 @triton.jit
@@ -237,9 +243,7 @@ def _linear_bwd_segment_kernel(
             xh1 = tl.load(xh_ptr + st * FP + tile_off)
             rstd1 = tl.load(rstd_ptr + st + rows)
             c = tl.load(c_ptr + st + rows)
-            e = xh1 * gw[None, :] + gb[None, :] - (xv.to(tl.float32) - xk.to(tl.float32))
-            gx = e * gw[None, :]
-            g = ln_rows_bwd(gx, xh1, rstd1, cmask, F)
+            g, e, gx = _inner_grad_at(xh1, rstd1, xk, xv, gw, gb, cmask, F)
             lg = eta[:, None] * g
             dzbar = tl.load(dzb_ptr + st * FP + tile_off).to(tl.float32)
             dlg = tl.load(dlg_ptr + st * FP + tile_off)
