@@ -19,7 +19,7 @@ import statistics
 import time
 
 import torch
-from common import VOCAB, commit, llama, result_path, ttt
+from common import VOCAB, add_row, commit, llama, result_path, ttt
 
 from tttexp.models import TTTCache
 
@@ -159,10 +159,9 @@ def main() -> None:
     rows = result["rows"]
     out = result_path(result, args.out, f"decode-{args.size}")
 
-    def add(row: dict) -> None:  # the file is rewritten after every row, so a cut-short run keeps what it measured
-        rows.append(row)
+    def add(row: dict) -> None:
+        add_row(result, out, row)
         print(json.dumps(row), flush=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
 
     common = {"size": args.size, "batch": args.batch, "prompt": args.prompt}
     modes = [False, True] if args.compile_prefill else [False]

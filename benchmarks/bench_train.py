@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import statistics
 from pathlib import Path
 
 import torch
-from common import VOCAB, arm, commit, llama, result_path, ttt
+from common import VOCAB, add_row, arm, commit, llama, result_path, ttt
 
 from tttexp.models import SIZE_PRESETS
 from tttexp.training.metrics import PEAK_BF16_FLOPS, train_flops_per_token, ttt_flops_per_token
@@ -149,11 +150,7 @@ def main() -> None:
         "rows": [],
     }
     out = result_path(result, args.out, "-".join(["train", *args.sizes.split(","), *args.layers.split(",")]))
-    rows = result["rows"]
-
-    def add(row: dict) -> None:  # the file is rewritten after every row, so a cut-short run keeps what it measured
-        rows.append(row)
-        out.write_text(json.dumps(result, indent=2))
+    add = functools.partial(add_row, result, out)  # the file is rewritten after every row
 
     for size in args.sizes.split(","):
         for ctx in map(int, args.contexts.split(",")):
@@ -169,7 +166,7 @@ def main() -> None:
                 add(measure("llama", size, ctx, batch, "", args))
             if args.compile_llama and not args.skip_llama and ctx <= args.compile_llama_max_context:
                 add(measure("llama", size, ctx, batch, "", args, compiled=True))
-    print_table(rows)
+    print_table(result["rows"])
 
 
 def fastest_baseline(rows: list[dict]) -> dict[tuple, float]:

@@ -104,6 +104,12 @@ def result_path(result: dict, out: str | None, stem: str) -> Path:
     return path
 
 
+def add_row(result: dict, path: Path, row: dict) -> None:
+    """Append ``row`` to ``result["rows"]`` and rewrite ``path``, so a run cut short keeps what it measured."""
+    result["rows"].append(row)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def write_result(result: dict, out: str | None, stem: str) -> Path:
     """Write ``result`` as JSON to ``out``: a ``.json`` path, or a folder that gets ``<stem>-<date>-<card>.json``."""
     path = result_path(result, out, stem)

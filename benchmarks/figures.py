@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 from collections.abc import Iterable
 from pathlib import Path
@@ -91,6 +92,7 @@ def speed_figure(points: dict[tuple[str, str], dict], device: str, out: Path) ->
     return out
 
 
+@functools.cache
 def commit_time(commit: str, root: Path) -> int:
     """The commit's time from git, 0 where git or the commit is missing (a copy without .git)."""
     try:

@@ -174,11 +174,10 @@ def fsdp_lines() -> list[str]:
     if not runs:
         return []
     unsharded = {}
-    for p in sorted(RESULTS.glob("train-*.json")):
-        data = json.loads(p.read_text())
-        for r in data["rows"]:
+    for (device, date, _), rows in train_runs().items():
+        for r in rows:
             if r["model"] == "ttt" and "tokens_per_sec" in r:
-                key = (data["device"], data["date"], r["size"], r["ttt_layer"], r["context"], str(r["compiled"]),
+                key = (device, date, r["size"], r["ttt_layer"], r["context"], str(r["compiled"]),
                        bool(r.get("checkpointing")))
                 unsharded[key] = r
     lines = ["", "FSDP at world size 1 (`benchmarks/bench_fsdp.py`: the project's FullyShardedDataParallel, bf16 mixed "

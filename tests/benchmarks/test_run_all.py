@@ -46,3 +46,12 @@ def test_every_run_writes_its_own_dated_file_into_a_results_folder(tmp_path):
     assert (tmp_path / "x").is_dir()
     names = {cmd[cmd.index("--out") + 1] for cmd in run_all.RUNS.values() if "--out" in cmd}
     assert names == {"benchmarks/results"}, names
+
+
+def test_a_run_cut_short_keeps_every_row_it_measured(tmp_path):
+    from common import add_row
+
+    result, path = {"benchmark": "train", "rows": []}, tmp_path / "run.json"
+    for i in range(3):
+        add_row(result, path, {"i": i})
+        assert [r["i"] for r in json.loads(path.read_text())["rows"]] == list(range(i + 1))
