@@ -184,6 +184,106 @@ def _mlp_update(xk, xv, eta, t_last, gw, gb, p1, pb1, p2, pb2, q1, qb1, q2, qb2,
 
 
 @triton.jit
+def _segment_states(
+    ck1_ptr, ckb1_ptr, ck2_ptr, ckb2_ptr, sc1_ptr, scb1_ptr, sc2_ptr, scb2_ptr, w10_ptr, b10_ptr, w20_ptr, b20_ptr,
+    reset_ptr, xk_ptr, xv_ptr, lr_ptr, tok_ptr, pid, bi, h, s_idx, n0, n1, T, N, NC, gw, gb, x_base,
+    rows, cols, hcols, cmask, w1_off, w2_off,
+    F: tl.constexpr, FP: tl.constexpr, HID: tl.constexpr, HC: tl.constexpr, BK: tl.constexpr, K: tl.constexpr,
+    C: tl.constexpr, HAS_RESET: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr,
+):
+    """Recompute the start states of segment ``s_idx``'s mini-batches ``n0 .. n1-1`` into the program's ``C``
+    scratch slots, from the segment's checkpoint."""
+    S1: tl.constexpr = FP * HID
+    ck = pid * NC + s_idx
+    sl0 = pid * C
+    _copy_state(ck1_ptr + ck * S1, ckb1_ptr + ck * HID, ck2_ptr + ck * S1, ckb2_ptr + ck * FP,
+                sc1_ptr + sl0 * S1, scb1_ptr + sl0 * HID, sc2_ptr + sl0 * S1, scb2_ptr + sl0 * FP,
+                w1_off, w2_off, hcols, cols, FP, HID, HC)
+    tl.debug_barrier()
+    for n in range(n0, n1):
+        sl = pid * C + n - n0
+        if HAS_RESET:  # noqa: SIM102 (constexpr guard first)
+            if tl.load(reset_ptr + bi * N + n) != 0:
+                _copy_state(w10_ptr + h * S1, b10_ptr + h * HID, w20_ptr + h * S1, b20_ptr + h * FP,
+                            sc1_ptr + sl * S1, scb1_ptr + sl * HID, sc2_ptr + sl * S1, scb2_ptr + sl * FP,
+                            w1_off, w2_off, hcols, cols, FP, HID, HC)
+                tl.debug_barrier()
+        if n < n1 - 1:
+            start = n * K
+            m = tl.minimum(T - start, K)
+            rmask = rows < m
+            xmsk = rmask[:, None] & cmask[None, :]
+            x_off = x_base + (start + rows)[:, None] * F + cols[None, :]
+            xk = tl.load(xk_ptr + x_off, mask=xmsk, other=0.0)
+            xv = tl.load(xv_ptr + x_off, mask=xmsk, other=0.0)
+            eta = tl.load(lr_ptr + pid * T + start + rows, mask=rmask, other=0.0).to(tl.float32)
+            t_last = tl.load(tok_ptr + m - 1).to(tl.float32)
+            _mlp_update(xk, xv, eta, t_last, gw, gb,
+                        sc1_ptr + sl * S1, scb1_ptr + sl * HID, sc2_ptr + sl * S1, scb2_ptr + sl * FP,
+                        sc1_ptr + (sl + 1) * S1, scb1_ptr + (sl + 1) * HID, sc2_ptr + (sl + 1) * S1,
+                        scb2_ptr + (sl + 1) * FP, w1_off, w2_off, hcols, cols, cmask,
+                        F, FP, HID, HC, BK, DT, PREC, EMU)
+            tl.debug_barrier()
+
+
+@triton.jit
+def _lnl2_bwd(dg2, xh, rstd, gx, e, gw, cmask, F: tl.constexpr):
+    """Back through ``G2 = LN-L2 gradient at Z2``: ``dZ2``, ``dgx * gw`` (``dXk``'s part; ``-dXv``) and the rows'
+    sums for the LayerNorm weight and bias."""
+    a = tl.sum(gx, 1) / F
+    c = tl.sum(gx * xh, 1) / F
+    dgx = ln_rows_bwd(dg2, xh, rstd, cmask, F)
+    dxh = (-rstd[:, None] * (c[:, None] * dg2 + (tl.sum(dg2 * xh, 1) / F)[:, None] * gx)
+           + dgx * (gw * gw)[None, :])
+    drstd = tl.sum(dg2 * (gx - a[:, None] - xh * c[:, None]), 1)
+    dgw_rows = tl.sum(dgx * (e + gw[None, :] * xh), 0)
+    dgb_rows = tl.sum(dgx * gw[None, :], 0)
+    dgxw = dgx * gw[None, :]
+    dz2 = ln_rows_bwd(dxh, xh, rstd, cmask, F) - (drstd * rstd * rstd / F)[:, None] * xh
+    return dz2, dgxw, dgw_rows, dgb_rows
+
+
+@triton.jit
+def _first_layer_bwd(dxk, xk, dz2, p1, pb1, p2, dz1_p, dw1, dwb1, dw2, w1_off, w2_off, z_off, hcols,
+                     FP: tl.constexpr, HID: tl.constexpr, HC: tl.constexpr, BK: tl.constexpr,
+                     DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr):
+    """``Z2 = X2 W2 + b2`` back into the first layer: adds to the state gradient being written (``dw*``) and
+    returns ``dxk + dZ1 W1^T``. ``dz1_p`` holds the part of ``dZ1`` formed before ``dZ2`` was known."""
+    for c0 in range(0, HID, HC):
+        w1c = tl.load(p1 + c0 + w1_off)
+        b1c = tl.load(pb1 + c0 + hcols)
+        w2c = tl.load(p2 + c0 * FP + w2_off)
+        z1c = mm(xk, w1c, DT, PREC, EMU) + b1c[None, :]
+        x2c, ds1c, _ = gelu_parts(z1c)
+        dz1c = tl.load(dz1_p + c0 + z_off) + mm(dz2, tl.trans(w2c), DT, PREC, EMU) * ds1c
+        dxk += mm(dz1c, tl.trans(w1c), DT, PREC, EMU)
+        tl.store(dw2 + c0 * FP + w2_off, tl.load(dw2 + c0 * FP + w2_off) + mm(tl.trans(x2c), dz2, DT, PREC, EMU))
+        tl.store(dw1 + c0 + w1_off, tl.load(dw1 + c0 + w1_off) + mm(tl.trans(xk), dz1c, DT, PREC, EMU))
+        tl.store(dwb1 + c0 + hcols, tl.load(dwb1 + c0 + hcols) + tl.sum(dz1c, 0))
+    return dxk
+
+
+@triton.jit
+def _reset_grad(di1_ptr, dib1_ptr, di2_ptr, dib2_ptr, dw1, dwb1, dw2, db2, pid, w1_off, w2_off, hcols, cols,
+                FP: tl.constexpr, HID: tl.constexpr, HC: tl.constexpr):
+    """At a reset, the carried gradient goes to the learned initial state and restarts from zero; returns the
+    new ``db2`` (zero)."""
+    S1: tl.constexpr = FP * HID
+    for c0 in range(0, HID, HC):
+        o1 = pid * S1 + c0 + w1_off
+        o2 = pid * S1 + c0 * FP + w2_off
+        tl.store(di1_ptr + o1, tl.load(di1_ptr + o1) + tl.load(dw1 + c0 + w1_off))
+        tl.store(di2_ptr + o2, tl.load(di2_ptr + o2) + tl.load(dw2 + c0 * FP + w2_off))
+        tl.store(dib1_ptr + pid * HID + c0 + hcols,
+                 tl.load(dib1_ptr + pid * HID + c0 + hcols) + tl.load(dwb1 + c0 + hcols))
+        tl.store(dw1 + c0 + w1_off, tl.zeros([FP, HC], dtype=tl.float32))
+        tl.store(dw2 + c0 * FP + w2_off, tl.zeros([HC, FP], dtype=tl.float32))
+        tl.store(dwb1 + c0 + hcols, tl.zeros([HC], dtype=tl.float32))
+    tl.store(dib2_ptr + pid * FP + cols, tl.load(dib2_ptr + pid * FP + cols) + db2)
+    return tl.zeros([FP], dtype=tl.float32)
+
+
+@triton.jit
 def _mlp_bwd_kernel(
     xq_ptr, xk_ptr, xv_ptr, lr_ptr, tok_ptr, lnw_ptr, lnb_ptr, w10_ptr, b10_ptr, w20_ptr, b20_ptr, reset_ptr,
     ck1_ptr, ckb1_ptr, ck2_ptr, ckb2_ptr, sc1_ptr, scb1_ptr, sc2_ptr, scb2_ptr,
@@ -217,37 +317,10 @@ def _mlp_bwd_kernel(
         s_idx = NC - 1 - si
         n0 = s_idx * C
         n1 = tl.minimum(n0 + C, N)
-        ck = pid * NC + s_idx
-        sl0 = pid * C
-        _copy_state(ck1_ptr + ck * S1, ckb1_ptr + ck * HID, ck2_ptr + ck * S1, ckb2_ptr + ck * FP,
-                    sc1_ptr + sl0 * S1, scb1_ptr + sl0 * HID, sc2_ptr + sl0 * S1, scb2_ptr + sl0 * FP,
-                    w1_off, w2_off, hcols, cols, FP, HID, HC)
-        tl.debug_barrier()
-        # recompute the segment's start states into its scratch slots
-        for n in range(n0, n1):
-            sl = pid * C + n - n0
-            if HAS_RESET:  # noqa: SIM102 (constexpr guard first)
-                if tl.load(reset_ptr + bi * N + n) != 0:
-                    _copy_state(w10_ptr + h * S1, b10_ptr + h * HID, w20_ptr + h * S1, b20_ptr + h * FP,
-                                sc1_ptr + sl * S1, scb1_ptr + sl * HID, sc2_ptr + sl * S1, scb2_ptr + sl * FP,
-                                w1_off, w2_off, hcols, cols, FP, HID, HC)
-                    tl.debug_barrier()
-            if n < n1 - 1:
-                start = n * K
-                m = tl.minimum(T - start, K)
-                rmask = rows < m
-                xmsk = rmask[:, None] & cmask[None, :]
-                x_off = x_base + (start + rows)[:, None] * F + cols[None, :]
-                xk = tl.load(xk_ptr + x_off, mask=xmsk, other=0.0)
-                xv = tl.load(xv_ptr + x_off, mask=xmsk, other=0.0)
-                eta = tl.load(lr_ptr + pid * T + start + rows, mask=rmask, other=0.0).to(tl.float32)
-                t_last = tl.load(tok_ptr + m - 1).to(tl.float32)
-                _mlp_update(xk, xv, eta, t_last, gw, gb,
-                            sc1_ptr + sl * S1, scb1_ptr + sl * HID, sc2_ptr + sl * S1, scb2_ptr + sl * FP,
-                            sc1_ptr + (sl + 1) * S1, scb1_ptr + (sl + 1) * HID, sc2_ptr + (sl + 1) * S1,
-                            scb2_ptr + (sl + 1) * FP, w1_off, w2_off, hcols, cols, cmask,
-                            F, FP, HID, HC, BK, DT, PREC, EMU)
-                tl.debug_barrier()
+        _segment_states(ck1_ptr, ckb1_ptr, ck2_ptr, ckb2_ptr, sc1_ptr, scb1_ptr, sc2_ptr, scb2_ptr,
+                        w10_ptr, b10_ptr, w20_ptr, b20_ptr, reset_ptr, xk_ptr, xv_ptr, lr_ptr, tok_ptr,
+                        pid, bi, h, s_idx, n0, n1, T, N, NC, gw, gb, x_base, rows, cols, hcols, cmask, w1_off, w2_off,
+                        F, FP, HID, HC, BK, K, C, HAS_RESET, DT, PREC, EMU)
         for i in range(n1 - n0):
             n = n1 - 1 - i
             sl = pid * C + n - n0
@@ -352,53 +425,23 @@ def _mlp_bwd_kernel(
             ds1m = dm1 * t[:, None]
             dxq += mm(ds1m, xk, DT, PREC, EMU)
             dxk += mm(tl.trans(ds1m), xq, DT, PREC, EMU)
-            # back through G2 = LN-L2 gradient at Z2
-            a = tl.sum(gx, 1) / F
-            c = tl.sum(gx * xh, 1) / F
-            dgx = ln_rows_bwd(dg2, xh, rstd, cmask, F)
-            dxh = (-rstd[:, None] * (c[:, None] * dg2 + (tl.sum(dg2 * xh, 1) / F)[:, None] * gx)
-                   + dgx * (gw * gw)[None, :])
-            drstd = tl.sum(dg2 * (gx - a[:, None] - xh * c[:, None]), 1)
-            dgw += tl.sum(dgx * (e + gw[None, :] * xh), 0)
-            dgb += tl.sum(dgx * gw[None, :], 0)
-            dxv = -dgx * gw[None, :]
-            dxk += dgx * gw[None, :]
-            dz2 = ln_rows_bwd(dxh, xh, rstd, cmask, F) - (drstd * rstd * rstd / F)[:, None] * xh
+            dz2, dgxw, dgw_r, dgb_r = _lnl2_bwd(dg2, xh, rstd, gx, e, gw, cmask, F)
+            dgw += dgw_r
+            dgb += dgb_r
+            dxk += dgxw
             db2 = db2 + tl.sum(dz2, 0)
             tl.debug_barrier()
-            # pass D: Z2 = X2 W2 + b2 back into the first layer
-            for c0 in range(0, HID, HC):
-                w1c = tl.load(p1 + c0 + w1_off)
-                b1c = tl.load(pb1 + c0 + hcols)
-                w2c = tl.load(p2 + c0 * FP + w2_off)
-                z1c = mm(xk, w1c, DT, PREC, EMU) + b1c[None, :]
-                x2c, ds1c, _ = gelu_parts(z1c)
-                dz1c = tl.load(dz1_ptr + pid * BK * HID + c0 + z_off) + mm(dz2, tl.trans(w2c), DT, PREC, EMU) * ds1c
-                dxk += mm(dz1c, tl.trans(w1c), DT, PREC, EMU)
-                tl.store(dw2 + c0 * FP + w2_off,
-                         tl.load(dw2 + c0 * FP + w2_off) + mm(tl.trans(x2c), dz2, DT, PREC, EMU))
-                tl.store(dw1 + c0 + w1_off, tl.load(dw1 + c0 + w1_off) + mm(tl.trans(xk), dz1c, DT, PREC, EMU))
-                tl.store(dwb1 + c0 + hcols, tl.load(dwb1 + c0 + hcols) + tl.sum(dz1c, 0))
+            dxk = _first_layer_bwd(dxk, xk, dz2, p1, pb1, p2, dz1_ptr + pid * BK * HID, dw1, dwb1, dw2,
+                                    w1_off, w2_off, z_off, hcols, FP, HID, HC, BK, DT, PREC, EMU)
             tl.store(dxq_ptr + x_off, dxq.to(dxq_ptr.dtype.element_ty), mask=xmsk)
             tl.store(dxk_ptr + x_off, dxk.to(dxk_ptr.dtype.element_ty), mask=xmsk)
-            tl.store(dxv_ptr + x_off, dxv.to(dxv_ptr.dtype.element_ty), mask=xmsk)
+            tl.store(dxv_ptr + x_off, (-dgxw).to(dxv_ptr.dtype.element_ty), mask=xmsk)
             tl.store(dlr_ptr + pid * T + start + rows, dlr.to(dlr_ptr.dtype.element_ty), mask=rmask)
             tl.debug_barrier()
             if HAS_RESET:  # noqa: SIM102 (constexpr guard first)
                 if tl.load(reset_ptr + bi * N + n) != 0:
-                    # the gradient of a reset state goes to the learned initial state
-                    for c0 in range(0, HID, HC):
-                        o1 = pid * S1 + c0 + w1_off
-                        o2 = pid * S1 + c0 * FP + w2_off
-                        tl.store(di1_ptr + o1, tl.load(di1_ptr + o1) + tl.load(dw1 + c0 + w1_off))
-                        tl.store(di2_ptr + o2, tl.load(di2_ptr + o2) + tl.load(dw2 + c0 * FP + w2_off))
-                        tl.store(dib1_ptr + pid * HID + c0 + hcols,
-                                 tl.load(dib1_ptr + pid * HID + c0 + hcols) + tl.load(dwb1 + c0 + hcols))
-                        tl.store(dw1 + c0 + w1_off, tl.zeros([FP, HC], dtype=tl.float32))
-                        tl.store(dw2 + c0 * FP + w2_off, tl.zeros([HC, FP], dtype=tl.float32))
-                        tl.store(dwb1 + c0 + hcols, tl.zeros([HC], dtype=tl.float32))
-                    tl.store(dib2_ptr + pid * FP + cols, tl.load(dib2_ptr + pid * FP + cols) + db2)
-                    db2 = tl.zeros([FP], dtype=tl.float32)
+                    db2 = _reset_grad(di1_ptr, dib1_ptr, di2_ptr, dib2_ptr, dw1, dwb1, dw2, db2, pid,
+                                      w1_off, w2_off, hcols, cols, FP, HID, HC)
                     tl.debug_barrier()
             cur = 1 - cur
     tl.store(gb2_ptr + pid * FP + cols, db2)
@@ -486,18 +529,10 @@ def mlp_backward(
     p_init = _padded_init(init_state, fp)
     scratch = (torch.empty(bh, every, fp, hid, **f32), torch.empty(bh, every, hid, **f32),
                torch.empty(bh, every, hid, fp, **f32), torch.empty(bh, every, fp, **f32))
-    dW1, db1, dW2, db2 = dfinal
-    g1 = torch.zeros(bh, 2, fp, hid, **f32)
-    g1[:, 0, :f] = dW1.reshape(bh, f, hid)
-    gb1 = torch.zeros(bh, 2, hid, **f32)
-    gb1[:, 0] = db1.reshape(bh, hid)
-    g2 = torch.zeros(bh, 2, hid, fp, **f32)
-    g2[:, 0, :, :f] = dW2.reshape(bh, hid, f)
-    gb2 = _padded(db2.reshape(bh, f), fp, (1,))
+    carried = _carried_buffers(dfinal, d)
     dz1 = torch.empty(bh, d["bk"], hid, **f32)
     has_reset = reset is not None
-    di = tuple(torch.zeros_like(x[:, 0]) if has_reset else x[:, :0] for x in (g1, gb1, g2)) + (
-        torch.zeros_like(gb2) if has_reset else gb2[:, :0],)
+    di = _reset_buffers(carried, has_reset)
     dxq, dxk, dxv, dlr = torch.empty_like(xq), torch.empty_like(xk), torch.empty_like(xv), torch.empty_like(lr)
     dtok = torch.empty(bh, d["bk"], **f32)
     dlnw = torch.empty(d["bsz"], d["heads"], f, **f32)
@@ -505,24 +540,54 @@ def mlp_backward(
     dt, prec, emu = dot_config(xq.dtype, config.lowp)
     _mlp_bwd_kernel[(bh,)](
         xq, xk, xv, lr, tok, ln_w, ln_b, *p_init, reset if has_reset else tok, *ckpt, *scratch,
-        g1, gb1, g2, gb2, dz1, *di, dout, dxq, dxk, dxv, dlr, dtok, dlnw, dlnb,
+        *carried, dz1, *di, dout, dxq, dxk, dxv, dlr, dtok, dlnw, dlnb,
         d["seq"], d["n_mb"], d["n_ck"], d["heads"],
         F=f, FP=fp, HID=hid, HC=d["hc"], BK=d["bk"], K=d["k"], C=every, HAS_RESET=has_reset,
         DT=dt, PREC=prec, EMU=emu, **_opts(config.bwd_warps, config.bwd_stages),
     )
+    return {
+        "xq": dxq, "xk": dxk, "xv": dxv, "lr": dlr,
+        "tok": dtok[:, : d["k"]].sum(0).to(tok.dtype),
+        "ln_w": dlnw.sum(0).to(ln_w.dtype), "ln_b": dlnb.sum(0).to(ln_b.dtype),
+        **_state_grads(carried, di, d),
+    }
+
+
+def _carried_buffers(dfinal: tuple[Tensor, ...], d: dict[str, int]) -> tuple[Tensor, ...]:
+    """The carried state gradient as the backward kernels keep it: W1, b1 and W2 in two ping-pong slots
+    ``[B*H, 2, ...]`` (slot 0 holds ``dfinal``), b2 in one ``[B*H, FP]``; padded and fp32."""
+    bh, f, fp, hid = d["bsz"] * d["heads"], d["f"], d["fp"], d["hid"]
+    dW1, db1, dW2, db2 = dfinal
+    g1 = torch.zeros(bh, 2, fp, hid, device=dW1.device, dtype=torch.float32)
+    g1[:, 0, :f] = dW1.reshape(bh, f, hid)
+    gb1 = g1.new_zeros(bh, 2, hid)
+    gb1[:, 0] = db1.reshape(bh, hid)
+    g2 = g1.new_zeros(bh, 2, hid, fp)
+    g2[:, 0, :, :f] = dW2.reshape(bh, hid, f)
+    gb2 = _padded(db2.reshape(bh, f), fp, (1,))
+    return g1, gb1, g2, gb2
+
+
+def _reset_buffers(carried: tuple[Tensor, ...], has_reset: bool) -> tuple[Tensor, ...]:
+    """Where the kernels add the gradient of each reset state (per program; empty without resets)."""
+    g1, gb1, g2, gb2 = carried
+    return tuple(torch.zeros_like(x[:, 0]) if has_reset else x[:, :0] for x in (g1, gb1, g2)) + (
+        torch.zeros_like(gb2) if has_reset else gb2[:, :0],)
+
+
+def _state_grads(carried: tuple[Tensor, ...], di: tuple[Tensor, ...], d: dict[str, int]) -> dict[str, tuple]:
+    """``state`` (the start state's gradient, from the slot the last mini-batch wrote) and ``reset`` (the reset
+    points' gradient of the initial state, summed over the batch), unpadded."""
+    g1, gb1, g2, gb2 = carried
+    f, hid = d["f"], d["hid"]
     cur = d["n_mb"] % 2
     shape = (d["bsz"], d["heads"])
     state = tuple(x.contiguous() for x in (  # contiguous, as the op's fake (meta) outputs promise torch.compile
         g1[:, cur, :f].reshape(*shape, f, hid), gb1[:, cur].reshape(*shape, hid),
         g2[:, cur, :, :f].reshape(*shape, hid, f), gb2[:, :f].reshape(*shape, f)))
-    if has_reset:
+    if di[0].shape[1]:
         rst = (di[0][:, :f].reshape(*shape, f, hid).sum(0), di[1].reshape(*shape, hid).sum(0),
                di[2][..., :f].reshape(*shape, hid, f).sum(0), di[3][:, :f].reshape(*shape, f).sum(0))
     else:
         rst = tuple(torch.zeros_like(s[0]) for s in state)
-    return {
-        "xq": dxq, "xk": dxk, "xv": dxv, "lr": dlr,
-        "tok": dtok[:, : d["k"]].sum(0).to(tok.dtype),
-        "ln_w": dlnw.sum(0).to(ln_w.dtype), "ln_b": dlnb.sum(0).to(ln_b.dtype),
-        "state": state, "reset": rst,
-    }
+    return {"state": state, "reset": rst}
