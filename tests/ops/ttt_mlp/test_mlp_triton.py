@@ -31,6 +31,16 @@ def test_mlp_fp32_forward_backward(b, h, t, f, k, with_state, with_reset, every)
     check(run_both(_with(MLPConfig(every=every)), "mlp", *inputs, torch.float32), 1e-5)
 
 
+@pytest.mark.parametrize(
+    ("b", "h", "t", "f", "k", "with_state", "with_reset", "every"),
+    [(1, 2, 37, 96, 16, False, True, 4), (2, 1, 40, 16, 8, True, False, 2)],
+)
+def test_mlp_split_backward(b, h, t, f, k, with_state, with_reset, every):
+    """The backward as the parallel output path and the serial chain (two kernels), against the same reference."""
+    inputs = make("mlp", b, h, t, f, k, with_state, with_reset, dev=DEV)
+    check(run_both(_with(MLPConfig(every=every, split_bwd=True)), "mlp", *inputs, torch.float32), 1e-5)
+
+
 def test_mlp_bf16_emulated_dots():
     inputs = make("mlp", 2, 2, 40, 64, 16, True, True, dev=DEV)
     check(run_both(ttt_triton, "mlp", *inputs, torch.bfloat16), 2e-2)
@@ -81,18 +91,24 @@ def test_mlp_opcheck():
     torch.library.opcheck(mlp_bwd_op, bwd_call, test_utils=("test_schema", "test_faketensor"))
 
 
+SPLIT = MLPConfig(split_bwd=True)
 GPU_CASES = [
-    (2, 12, 512, 64, True, True, torch.float32, 1e-5),
-    (2, 12, 512, 64, False, False, torch.bfloat16, 1e-2),
-    (1, 4, 300, 96, False, True, torch.float32, 1e-5),
+    # b, h, t, f, state, reset, dtype, tol, kernel settings (None: the defaults)
+    (2, 12, 512, 64, True, True, torch.float32, 1e-5, None),
+    (2, 12, 512, 64, False, False, torch.bfloat16, 1e-2, None),
+    (1, 4, 300, 96, False, True, torch.float32, 1e-5, None),
+    (2, 12, 512, 64, True, True, torch.float32, 1e-5, SPLIT),
+    (2, 12, 512, 64, True, True, torch.bfloat16, 1e-2, SPLIT),
+    (1, 4, 300, 96, False, True, torch.float32, 1e-5, MLPConfig(split_bwd=True, local_warps=4)),
 ]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("b", "h", "t", "f", "with_state", "with_reset", "dtype", "tol"), GPU_CASES)
-def test_mlp_gpu_full_shapes(b, h, t, f, with_state, with_reset, dtype, tol):
+@pytest.mark.parametrize(("b", "h", "t", "f", "with_state", "with_reset", "dtype", "tol", "config"), GPU_CASES)
+def test_mlp_gpu_full_shapes(b, h, t, f, with_state, with_reset, dtype, tol, config):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     inputs = make("mlp", b, h, t, f, 16, with_state, with_reset, dev="cuda")
-    errs = check(run_both(ttt_triton, "mlp", *inputs, dtype, tok_scale=dtype == torch.bfloat16), tol)
-    print("mlp", b, h, t, f, dtype, {k: f"{v:.1e}" for k, v in errs.items()})
+    op = ttt_triton if config is None else _with(config)
+    errs = check(run_both(op, "mlp", *inputs, dtype, tok_scale=dtype == torch.bfloat16), tol)
+    print("mlp", b, h, t, f, dtype, config, {k: f"{v:.1e}" for k, v in errs.items()})

@@ -9,6 +9,7 @@ from torch import Tensor
 from tttexp.ops.common import State
 from tttexp.ops.triton_utils import config_from_str, config_to_str, padded_dim
 from tttexp.ops.ttt_linear.op import n_checkpoints
+from tttexp.ops.ttt_mlp.split import mlp_backward_split
 from tttexp.ops.ttt_mlp.triton import DEFAULT_CONFIG, MLPConfig, mlp_backward, mlp_forward
 
 F32 = torch.float32
@@ -49,8 +50,10 @@ def mlp_bwd_op(
     dout: Tensor, dfinal: list[Tensor], config: str,
 ) -> list[Tensor]:
     """``[dxq, dxk, dxv, dlr, dtok, dln_w, dln_b, 4 x d_start_state, 4 x d_reset_init]``."""
-    g = mlp_backward(xq, xk, xv, lr, tok, ln_w, ln_b, (W1, b1, W2, b2), reset, tuple(ckpt), dout, tuple(dfinal),
-                     config=_config(config))
+    cfg = _config(config)
+    backward = mlp_backward_split if cfg.split_bwd else mlp_backward
+    g = backward(xq, xk, xv, lr, tok, ln_w, ln_b, (W1, b1, W2, b2), reset, tuple(ckpt), dout, tuple(dfinal),
+                 config=cfg)
     return [g["xq"], g["xk"], g["xv"], g["lr"], g["tok"], g["ln_w"], g["ln_b"], *g["state"], *g["reset"]]
 
 

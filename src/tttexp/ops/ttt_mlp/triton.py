@@ -35,7 +35,9 @@ class MLPConfig:
     """Launch settings of the TTT-MLP kernels: hidden-dim chunk ``hc``, mini-batches per checkpoint segment
     ``every``, warps of the forward (``warps``) and backward (``bwd_warps``), stages (None: Triton's default) and the
     dots used for bf16 inputs (``lowp``, as for TTT-Linear). Chunks of 32 keep the sm_90 build's spills small
-    (see benchmarks/NOTES-kernels.md)."""
+    (see benchmarks/NOTES-kernels.md). ``split_bwd``: the backward as a parallel output path and a shorter serial
+    chain (:mod:`tttexp.ops.ttt_mlp.split`), its parallel kernel at ``local_warps`` (None: ``bwd_warps``); off
+    until it is timed on a GPU."""
 
     hc: int = 32
     every: int = 8
@@ -44,6 +46,8 @@ class MLPConfig:
     fwd_stages: int | None = None
     bwd_stages: int | None = None
     lowp: str = "input"
+    split_bwd: bool = False
+    local_warps: int | None = None
 
 
 DEFAULT_CONFIG = MLPConfig()

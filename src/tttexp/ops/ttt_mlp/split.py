@@ -1,0 +1,365 @@
+"""TTT-MLP backward split into a parallel output path and a shorter serial chain (``MLPConfig.split_bwd``).
+
+The one-kernel backward (:mod:`tttexp.ops.ttt_mlp.triton`) walks each (batch, head)'s mini-batches backwards in
+one program, about 35 small dots per hidden chunk and mini-batch, all of them on the serial path. Most of them do
+not depend on the carried state gradient ``D = (dW1n, db1n, dW2n, db2n)``: ``D`` enters a mini-batch only through
+``q1 = Xk dW1n + db1n``, ``q2 = X2 dW2n + db2n``, ``Lg1 dW1n^T`` and ``Lg2 dW2n^T``. Everything that reads ``Xq`` or
+``dout`` (``dZ2bar``, ``dZ1bar``, ``dXq``, the ``dM`` terms and the local parts of ``dLg1``, ``dLg2``, ``dX2`` and
+``dXk``) is independent of ``D``. So the backward runs as two kernels:
+
+1. **local**, one program per (batch, head, checkpoint segment), all in parallel: from the segment's checkpoint it
+   walks the segment forwards, forms that output path per mini-batch and writes it to per-mini-batch tiles
+   (``X2bar``, ``dZ1bar``, the local ``dLg1`` and ``dX2`` as ``[BK, 4F]``; ``dZ2bar``, the local ``dLg2`` and
+   ``dXk`` as ``[BK, F]``), and ``dXq`` whole;
+2. **chain**, one program per (batch, head), as the one-kernel backward: it recomputes each segment's states,
+   then per mini-batch forms ``Z2``, ``G2`` and the four products with ``D``, goes back through ``G1 = (G2 W2^T)
+   * s'(Z1)`` and the LayerNorm-L2 gradient, and accumulates ``D`` with the local tiles' outer products. About 23
+   dots per chunk and mini-batch, state recompute included.
+
+The math is :func:`tttexp.ops.ttt_mlp.math.mlp_step_bwd`, regrouped; the tests compare both kernels with the
+float64 reference. The tiles cost ``4 * B*H * n_minibatches * BK * 4F`` fp32 words (805 MB at 8 x 2048, 12 heads
+of 64), freed when the backward returns.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from tttexp.ops.triton_utils import dot_config, gelu, gelu_grad, gelu_parts, ln_rows, ln_rows_bwd, mm
+from tttexp.ops.ttt_mlp.triton import (
+    DEFAULT_CONFIG,
+    MLPConfig,
+    _carried_buffers,
+    _copy_state,
+    _dims,
+    _first_layer_bwd,
+    _lnl2_bwd,
+    _opts,
+    _padded_init,
+    _reset_buffers,
+    _reset_grad,
+    _segment_states,
+    _state_grads,
+    _z2,
+)
+
+
+@triton.jit
+def _mlp_bwd_local_kernel(
+    xq_ptr, xk_ptr, xv_ptr, lr_ptr, tok_ptr, lnw_ptr, lnb_ptr, w10_ptr, b10_ptr, w20_ptr, b20_ptr, reset_ptr,
+    w1_ptr, b1_ptr, w2_ptr, b2_ptr, dout_ptr, dxq_ptr,
+    x2bar_ptr, dz1bar_ptr, dlg1_ptr, dx2_ptr, dz2bar_ptr, dlg2_ptr, dxk_ptr, dtok_ptr, dlnw_ptr, dlnb_ptr,
+    T, N, NC, H,
+    F: tl.constexpr, FP: tl.constexpr, HID: tl.constexpr, HC: tl.constexpr, BK: tl.constexpr, K: tl.constexpr,
+    C: tl.constexpr, HAS_RESET: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)  # (batch, head, segment); its state at w*_ptr starts as the checkpoint
+    seg = pid % NC
+    bh = pid // NC
+    h = bh % H
+    bi = bh // H
+    rows = tl.arange(0, BK)
+    cols = tl.arange(0, FP)
+    hcols = tl.arange(0, HC)
+    cmask = cols < F
+    w1_off = cols[:, None] * HID + hcols[None, :]
+    w2_off = hcols[:, None] * FP + cols[None, :]
+    z_off = rows[:, None] * HID + hcols[None, :]
+    y_off = rows[:, None] * FP + cols[None, :]
+    S1: tl.constexpr = FP * HID
+    p1 = w1_ptr + pid * S1
+    pb1 = b1_ptr + pid * HID
+    p2 = w2_ptr + pid * S1
+    gw = tl.load(lnw_ptr + h * F + cols, mask=cmask, other=0.0).to(tl.float32)
+    gb = tl.load(lnb_ptr + h * F + cols, mask=cmask, other=0.0).to(tl.float32)
+    b2 = tl.load(b2_ptr + pid * FP + cols)
+    dtok = tl.zeros([BK], dtype=tl.float32)
+    dgw = tl.zeros([FP], dtype=tl.float32)
+    dgb = tl.zeros([FP], dtype=tl.float32)
+    x_base = bh * T * F
+    causal = rows[None, :] <= rows[:, None]
+    n0 = seg * C
+    n1 = tl.minimum(n0 + C, N)
+    for n in range(n0, n1):
+        if HAS_RESET:  # noqa: SIM102 (constexpr guard first)
+            if tl.load(reset_ptr + bi * N + n) != 0:
+                _copy_state(w10_ptr + h * S1, b10_ptr + h * HID, w20_ptr + h * S1, b20_ptr + h * FP,
+                            p1, pb1, p2, b2_ptr + pid * FP, w1_off, w2_off, hcols, cols, FP, HID, HC)
+                b2 = tl.load(b20_ptr + h * FP + cols)
+                tl.debug_barrier()
+        start = n * K
+        m = tl.minimum(T - start, K)
+        rmask = rows < m
+        xmsk = rmask[:, None] & cmask[None, :]
+        x_off = x_base + (start + rows)[:, None] * F + cols[None, :]
+        xq = tl.load(xq_ptr + x_off, mask=xmsk, other=0.0)
+        xk = tl.load(xk_ptr + x_off, mask=xmsk, other=0.0)
+        xv = tl.load(xv_ptr + x_off, mask=xmsk, other=0.0)
+        dout = tl.load(dout_ptr + x_off, mask=xmsk, other=0.0).to(tl.float32)
+        eta = tl.load(lr_ptr + bh * T + start + rows, mask=rmask, other=0.0).to(tl.float32)
+        t = tl.load(tok_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+        t_last = tl.load(tok_ptr + m - 1).to(tl.float32)
+        st = bh * N + n  # this mini-batch's tiles
+        # the forward: Z2, G2, then Z2bar by the dual form
+        z2 = _z2(xk, p1, pb1, p2, b2, w1_off, w2_off, hcols, FP, HID, HC, BK, DT, PREC, EMU)
+        xh, rstd = ln_rows(z2, cmask, F)
+        gx = (xh * gw[None, :] + gb[None, :] - (xv.to(tl.float32) - xk.to(tl.float32))) * gw[None, :]
+        g2 = ln_rows_bwd(gx, xh, rstd, cmask, F)
+        lg2 = eta[:, None] * g2
+        s1 = mm(xq, tl.trans(xk), DT, PREC, EMU) + 1.0
+        m1 = tl.where(causal, t[:, None] * s1, 0.0)
+        acc = tl.zeros([BK, FP], dtype=tl.float32)
+        s2 = tl.zeros([BK, BK], dtype=tl.float32)
+        for c0 in range(0, HID, HC):
+            w1c = tl.load(p1 + c0 + w1_off)
+            b1c = tl.load(pb1 + c0 + hcols)
+            w2c = tl.load(p2 + c0 * FP + w2_off)
+            z1c = mm(xk, w1c, DT, PREC, EMU) + b1c[None, :]
+            lg1c = eta[:, None] * mm(g2, tl.trans(w2c), DT, PREC, EMU) * gelu_grad(z1c)
+            x2bar = gelu(mm(xq, w1c, DT, PREC, EMU) + b1c[None, :] - mm(m1, lg1c, DT, PREC, EMU))
+            acc += mm(x2bar, w2c, DT, PREC, EMU)
+            s2 += mm(x2bar, tl.trans(gelu(z1c)), DT, PREC, EMU)
+        s2 += 1.0
+        m2 = tl.where(causal, t[:, None] * s2, 0.0)
+        z2bar = acc + b2[None, :] - mm(m2, lg2, DT, PREC, EMU)
+        # the output path: out = Xq + LN(Z2bar), back to Xq and to the local parts of dLg2, dLg1, dX2, dXk
+        xh2, rstd2 = ln_rows(z2bar, cmask, F)
+        dgw += tl.sum(dout * xh2, 0)
+        dgb += tl.sum(dout, 0)
+        dz2bar = ln_rows_bwd(dout * gw[None, :], xh2, rstd2, cmask, F)
+        dm2 = tl.where(causal, -mm(dz2bar, tl.trans(lg2), DT, PREC, EMU), 0.0)
+        dtok += tl.sum(dm2 * s2, 1)
+        ds2 = dm2 * t[:, None]
+        tl.store(dz2bar_ptr + st * BK * FP + y_off, dz2bar)
+        tl.store(dlg2_ptr + st * BK * FP + y_off, -mm(tl.trans(m2), dz2bar, DT, PREC, EMU))
+        dxq = dout
+        dm1 = tl.zeros([BK, BK], dtype=tl.float32)
+        tl.debug_barrier()  # every read of this state above before the loop below rewrites it
+        for c0 in range(0, HID, HC):
+            w1c = tl.load(p1 + c0 + w1_off)
+            b1c = tl.load(pb1 + c0 + hcols)
+            w2c = tl.load(p2 + c0 * FP + w2_off)
+            z1c = mm(xk, w1c, DT, PREC, EMU) + b1c[None, :]
+            x2c = gelu(z1c)
+            lg1c = eta[:, None] * mm(g2, tl.trans(w2c), DT, PREC, EMU) * gelu_grad(z1c)
+            x2bar, ds1bar, _ = gelu_parts(mm(xq, w1c, DT, PREC, EMU) + b1c[None, :] - mm(m1, lg1c, DT, PREC, EMU))
+            dz1bar = (mm(dz2bar, tl.trans(w2c), DT, PREC, EMU) + mm(ds2, x2c, DT, PREC, EMU)) * ds1bar
+            dxq += mm(dz1bar, tl.trans(w1c), DT, PREC, EMU)
+            dm1 -= mm(dz1bar, tl.trans(lg1c), DT, PREC, EMU)
+            o = st * BK * HID + c0 + z_off
+            tl.store(x2bar_ptr + o, x2bar)
+            tl.store(dz1bar_ptr + o, dz1bar)
+            tl.store(dlg1_ptr + o, -mm(tl.trans(m1), dz1bar, DT, PREC, EMU))
+            tl.store(dx2_ptr + o, mm(tl.trans(ds2), x2bar, DT, PREC, EMU))
+            # the state after this mini-batch (same threads, same layout as the loads above)
+            tl.store(p1 + c0 + w1_off, w1c - t_last * mm(tl.trans(xk), lg1c, DT, PREC, EMU))
+            tl.store(pb1 + c0 + hcols, b1c - t_last * tl.sum(lg1c, 0))
+            tl.store(p2 + c0 * FP + w2_off, w2c - t_last * mm(tl.trans(x2c), lg2, DT, PREC, EMU))
+        dm1 = tl.where(causal, dm1, 0.0)
+        dtok += tl.sum(dm1 * s1, 1)
+        ds1m = dm1 * t[:, None]
+        dxq += mm(ds1m, xk, DT, PREC, EMU)
+        tl.store(dxk_ptr + st * BK * FP + y_off, mm(tl.trans(ds1m), xq, DT, PREC, EMU))
+        tl.store(dxq_ptr + x_off, dxq.to(dxq_ptr.dtype.element_ty), mask=xmsk)
+        b2 = b2 - t_last * tl.sum(lg2, 0)
+        tl.debug_barrier()
+    tl.store(dtok_ptr + pid * BK + rows, dtok)
+    tl.store(dlnw_ptr + pid * F + cols, dgw, mask=cmask)
+    tl.store(dlnb_ptr + pid * F + cols, dgb, mask=cmask)
+
+
+@triton.jit
+def _mlp_bwd_chain_kernel(
+    xq_ptr, xk_ptr, xv_ptr, lr_ptr, tok_ptr, lnw_ptr, lnb_ptr, w10_ptr, b10_ptr, w20_ptr, b20_ptr, reset_ptr,
+    ck1_ptr, ckb1_ptr, ck2_ptr, ckb2_ptr, sc1_ptr, scb1_ptr, sc2_ptr, scb2_ptr,
+    g1_ptr, gb1_ptr, g2_ptr, gb2_ptr, dz1_ptr, di1_ptr, dib1_ptr, di2_ptr, dib2_ptr,
+    x2bar_ptr, dz1bar_ptr, dlg1_ptr, dx2_ptr, dz2bar_ptr, dlg2_ptr, dxkl_ptr,
+    dxk_ptr, dxv_ptr, dlr_ptr, dtok_ptr, dlnw_ptr, dlnb_ptr,
+    T, N, NC, H,
+    F: tl.constexpr, FP: tl.constexpr, HID: tl.constexpr, HC: tl.constexpr, BK: tl.constexpr, K: tl.constexpr,
+    C: tl.constexpr, HAS_RESET: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    h = pid % H
+    bi = pid // H
+    rows = tl.arange(0, BK)
+    cols = tl.arange(0, FP)
+    hcols = tl.arange(0, HC)
+    cmask = cols < F
+    w1_off = cols[:, None] * HID + hcols[None, :]
+    w2_off = hcols[:, None] * FP + cols[None, :]
+    z_off = rows[:, None] * HID + hcols[None, :]
+    y_off = rows[:, None] * FP + cols[None, :]
+    S1: tl.constexpr = FP * HID
+    gw = tl.load(lnw_ptr + h * F + cols, mask=cmask, other=0.0).to(tl.float32)
+    gb = tl.load(lnb_ptr + h * F + cols, mask=cmask, other=0.0).to(tl.float32)
+    db2 = tl.load(gb2_ptr + pid * FP + cols)
+    dtok = tl.zeros([BK], dtype=tl.float32)
+    dgw = tl.zeros([FP], dtype=tl.float32)
+    dgb = tl.zeros([FP], dtype=tl.float32)
+    x_base = pid * T * F
+    cur = 0  # ping-pong slot of the carried state gradient
+    for si in range(NC):
+        s_idx = NC - 1 - si
+        n0 = s_idx * C
+        n1 = tl.minimum(n0 + C, N)
+        _segment_states(ck1_ptr, ckb1_ptr, ck2_ptr, ckb2_ptr, sc1_ptr, scb1_ptr, sc2_ptr, scb2_ptr,
+                        w10_ptr, b10_ptr, w20_ptr, b20_ptr, reset_ptr, xk_ptr, xv_ptr, lr_ptr, tok_ptr,
+                        pid, bi, h, s_idx, n0, n1, T, N, NC, gw, gb, x_base, rows, cols, hcols, cmask, w1_off, w2_off,
+                        F, FP, HID, HC, BK, K, C, HAS_RESET, DT, PREC, EMU)
+        for i in range(n1 - n0):
+            n = n1 - 1 - i
+            sl = pid * C + n - n0
+            p1 = sc1_ptr + sl * S1
+            pb1 = scb1_ptr + sl * HID
+            p2 = sc2_ptr + sl * S1
+            b2 = tl.load(scb2_ptr + sl * FP + cols)
+            # carried gradient of the state after this mini-batch (d*n) and the one we write (d*w)
+            dn1 = g1_ptr + (pid * 2 + cur) * S1
+            dnb1 = gb1_ptr + (pid * 2 + cur) * HID
+            dn2 = g2_ptr + (pid * 2 + cur) * S1
+            dw1 = g1_ptr + (pid * 2 + 1 - cur) * S1
+            dwb1 = gb1_ptr + (pid * 2 + 1 - cur) * HID
+            dw2 = g2_ptr + (pid * 2 + 1 - cur) * S1
+            start = n * K
+            m = tl.minimum(T - start, K)
+            rmask = rows < m
+            xmsk = rmask[:, None] & cmask[None, :]
+            x_off = x_base + (start + rows)[:, None] * F + cols[None, :]
+            xq = tl.load(xq_ptr + x_off, mask=xmsk, other=0.0)
+            xk = tl.load(xk_ptr + x_off, mask=xmsk, other=0.0)
+            xv = tl.load(xv_ptr + x_off, mask=xmsk, other=0.0)
+            eta = tl.load(lr_ptr + pid * T + start + rows, mask=rmask, other=0.0).to(tl.float32)
+            t_last = tl.load(tok_ptr + m - 1).to(tl.float32)
+            st = pid * N + n
+            # Z2 and G2; q2 = X2 dW2n + db2n
+            z2 = tl.zeros([BK, FP], dtype=tl.float32) + b2[None, :]
+            q2 = tl.zeros([BK, FP], dtype=tl.float32) + db2[None, :]
+            for c0 in range(0, HID, HC):
+                x2c = gelu(mm(xk, tl.load(p1 + c0 + w1_off), DT, PREC, EMU) + tl.load(pb1 + c0 + hcols)[None, :])
+                z2 += mm(x2c, tl.load(p2 + c0 * FP + w2_off), DT, PREC, EMU)
+                q2 += mm(x2c, tl.load(dn2 + c0 * FP + w2_off), DT, PREC, EMU)
+            xh, rstd = ln_rows(z2, cmask, F)
+            e = xh * gw[None, :] + gb[None, :] - (xv.to(tl.float32) - xk.to(tl.float32))
+            gx = e * gw[None, :]
+            g2 = ln_rows_bwd(gx, xh, rstd, cmask, F)
+            lg2 = eta[:, None] * g2
+            dz2bar = tl.load(dz2bar_ptr + st * BK * FP + y_off)
+            dlg2 = tl.load(dlg2_ptr + st * BK * FP + y_off) - t_last * q2
+            dt_last = -tl.sum(tl.sum(q2 * lg2, 1), 0)
+            dlr = tl.sum(dlg2 * g2, 1)
+            dg2 = eta[:, None] * dlg2
+            db2 = db2 + tl.sum(dz2bar, 0)
+            dxk = tl.load(dxkl_ptr + st * BK * FP + y_off)
+            # G1 = (G2 W2^T) * s'(Z1) and Lg1 = eta G1 back to G2, the first layer's part of dZ1, and D
+            for c0 in range(0, HID, HC):
+                w1c = tl.load(p1 + c0 + w1_off)
+                b1c = tl.load(pb1 + c0 + hcols)
+                w2c = tl.load(p2 + c0 * FP + w2_off)
+                dn1c = tl.load(dn1 + c0 + w1_off)
+                dnb1c = tl.load(dnb1 + c0 + hcols)
+                dn2c = tl.load(dn2 + c0 * FP + w2_off)
+                o = st * BK * HID + c0 + z_off
+                _, ds1c, dds1c = gelu_parts(mm(xk, w1c, DT, PREC, EMU) + b1c[None, :])
+                pc = mm(g2, tl.trans(w2c), DT, PREC, EMU)
+                g1c = pc * ds1c
+                lg1c = eta[:, None] * g1c
+                q1c = mm(xk, dn1c, DT, PREC, EMU) + dnb1c[None, :]
+                dlg1c = tl.load(dlg1_ptr + o) - t_last * q1c
+                dt_last -= tl.sum(tl.sum(q1c * lg1c, 1), 0)
+                dxk -= t_last * mm(lg1c, tl.trans(dn1c), DT, PREC, EMU)
+                dlr += tl.sum(dlg1c * g1c, 1)
+                dpc = eta[:, None] * dlg1c * ds1c
+                dx2p = tl.load(dx2_ptr + o) - t_last * mm(lg2, tl.trans(dn2c), DT, PREC, EMU)
+                tl.store(dz1_ptr + pid * BK * HID + c0 + z_off, eta[:, None] * dlg1c * pc * dds1c + dx2p * ds1c)
+                dg2 += mm(dpc, w2c, DT, PREC, EMU)
+                tl.store(dw2 + c0 * FP + w2_off, dn2c + mm(tl.trans(tl.load(x2bar_ptr + o)), dz2bar, DT, PREC, EMU)
+                         + mm(tl.trans(dpc), g2, DT, PREC, EMU))
+                dz1bar = tl.load(dz1bar_ptr + o)
+                tl.store(dw1 + c0 + w1_off, dn1c + mm(tl.trans(xq), dz1bar, DT, PREC, EMU))
+                tl.store(dwb1 + c0 + hcols, dnb1c + tl.sum(dz1bar, 0))
+            dtok += tl.where(rows == m - 1, dt_last, 0.0)
+            dz2, dgxw, dgw_r, dgb_r = _lnl2_bwd(dg2, xh, rstd, gx, e, gw, cmask, F)
+            dgw += dgw_r
+            dgb += dgb_r
+            dxk += dgxw
+            db2 = db2 + tl.sum(dz2, 0)
+            tl.debug_barrier()
+            dxk = _first_layer_bwd(dxk, xk, dz2, p1, pb1, p2, dz1_ptr + pid * BK * HID, dw1, dwb1, dw2,
+                                   w1_off, w2_off, z_off, hcols, FP, HID, HC, BK, DT, PREC, EMU)
+            tl.store(dxk_ptr + x_off, dxk.to(dxk_ptr.dtype.element_ty), mask=xmsk)
+            tl.store(dxv_ptr + x_off, (-dgxw).to(dxv_ptr.dtype.element_ty), mask=xmsk)
+            tl.store(dlr_ptr + pid * T + start + rows, dlr.to(dlr_ptr.dtype.element_ty), mask=rmask)
+            tl.debug_barrier()
+            if HAS_RESET:  # noqa: SIM102 (constexpr guard first)
+                if tl.load(reset_ptr + bi * N + n) != 0:
+                    db2 = _reset_grad(di1_ptr, dib1_ptr, di2_ptr, dib2_ptr, dw1, dwb1, dw2, db2, pid,
+                                      w1_off, w2_off, hcols, cols, FP, HID, HC)
+                    tl.debug_barrier()
+            cur = 1 - cur
+    tl.store(gb2_ptr + pid * FP + cols, db2)
+    tl.store(dtok_ptr + pid * BK + rows, dtok)
+    tl.store(dlnw_ptr + pid * F + cols, dgw, mask=cmask)
+    tl.store(dlnb_ptr + pid * F + cols, dgb, mask=cmask)
+
+
+def mlp_backward_split(
+    xq: Tensor, xk: Tensor, xv: Tensor, lr: Tensor, tok: Tensor, ln_w: Tensor, ln_b: Tensor,
+    init_state: tuple[Tensor, ...], reset: Tensor | None, ckpt: tuple[Tensor, ...],
+    dout: Tensor, dfinal: tuple[Tensor, ...], config: MLPConfig = DEFAULT_CONFIG,
+) -> dict[str, Tensor]:
+    """:func:`tttexp.ops.ttt_mlp.triton.mlp_backward`'s gradients, from the local kernel and then the chain."""
+    d = _dims(xq, tok, config)
+    bsz, heads, fp, hid, f, bk, k = d["bsz"], d["heads"], d["fp"], d["hid"], d["f"], d["bk"], d["k"]
+    bh, n_mb, nc = bsz * heads, d["n_mb"], d["n_ck"]
+    f32 = dict(device=xq.device, dtype=torch.float32)
+    p_init = _padded_init(init_state, fp)
+    has_reset = reset is not None
+    reset_arg = reset if has_reset else tok
+    dt, prec, emu = dot_config(xq.dtype, config.lowp)
+    consts = dict(F=f, FP=fp, HID=hid, HC=d["hc"], BK=bk, K=k, C=config.every, HAS_RESET=has_reset,
+                  DT=dt, PREC=prec, EMU=emu)
+    sizes = (d["seq"], n_mb, nc, heads)
+
+    work = [c.reshape(bh * nc, *c.shape[2:]).clone() for c in ckpt]  # each segment's state, from its checkpoint
+    wide = torch.empty(4, bh, n_mb, bk, hid, **f32)  # X2bar, dZ1bar, local dLg1, local dX2
+    narrow = torch.empty(3, bh, n_mb, bk, fp, **f32)  # dZ2bar, local dLg2, local dXk
+    dxq = torch.empty_like(xq)
+    local_tok = torch.empty(bh * nc, bk, **f32)
+    local_lnw = torch.empty(bh * nc, f, **f32)
+    local_lnb = torch.empty(bh * nc, f, **f32)
+    _mlp_bwd_local_kernel[(bh * nc,)](
+        xq, xk, xv, lr, tok, ln_w, ln_b, *p_init, reset_arg, *work, dout, dxq, *wide, *narrow,
+        local_tok, local_lnw, local_lnb, *sizes, **consts,
+        **_opts(config.local_warps or config.bwd_warps, config.bwd_stages),
+    )
+    del work
+
+    scratch = (torch.empty(bh, config.every, fp, hid, **f32), torch.empty(bh, config.every, hid, **f32),
+               torch.empty(bh, config.every, hid, fp, **f32), torch.empty(bh, config.every, fp, **f32))
+    carried = _carried_buffers(dfinal, d)
+    di = _reset_buffers(carried, has_reset)
+    dz1 = torch.empty(bh, bk, hid, **f32)
+    dxk, dxv, dlr = torch.empty_like(xk), torch.empty_like(xv), torch.empty_like(lr)
+    dtok = torch.empty(bh, bk, **f32)
+    dlnw = torch.empty(bsz, heads, f, **f32)
+    dlnb = torch.empty(bsz, heads, f, **f32)
+    _mlp_bwd_chain_kernel[(bh,)](
+        xq, xk, xv, lr, tok, ln_w, ln_b, *p_init, reset_arg, *ckpt, *scratch, *carried, dz1, *di,
+        *wide, *narrow, dxk, dxv, dlr, dtok, dlnw, dlnb, *sizes, **consts,
+        **_opts(config.bwd_warps, config.bwd_stages),
+    )
+
+    def per_head(local: Tensor) -> Tensor:
+        return local.reshape(bsz, heads, nc, f).sum((0, 2))
+
+    return {
+        "xq": dxq, "xk": dxk, "xv": dxv, "lr": dlr,
+        "tok": (dtok[:, :k].sum(0) + local_tok[:, :k].sum(0)).to(tok.dtype),
+        "ln_w": (dlnw.sum(0) + per_head(local_lnw)).to(ln_w.dtype),
+        "ln_b": (dlnb.sum(0) + per_head(local_lnb)).to(ln_b.dtype),
+        **_state_grads(carried, di, d),
+    }
