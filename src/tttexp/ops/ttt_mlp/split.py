@@ -8,17 +8,20 @@ not depend on the carried state gradient ``D = (dW1n, db1n, dW2n, db2n)``: ``D``
 ``dXk``) is independent of ``D``. So the backward runs as two kernels:
 
 1. **local**, one program per (batch, head, checkpoint segment), all in parallel: from the segment's checkpoint it
-   walks the segment forwards, forms that output path per mini-batch and writes it to per-mini-batch tiles
-   (``X2bar``, ``dZ1bar``, the local ``dLg1`` and ``dX2`` as ``[BK, 4F]``; ``dZ2bar``, the local ``dLg2`` and
-   ``dXk`` as ``[BK, F]``), and ``dXq`` whole;
-2. **chain**, one program per (batch, head), as the one-kernel backward: it recomputes each segment's states,
-   then per mini-batch forms ``Z2``, ``G2`` and the four products with ``D``, goes back through ``G1 = (G2 W2^T)
-   * s'(Z1)`` and the LayerNorm-L2 gradient, and accumulates ``D`` with the local tiles' outer products. About 23
-   dots per chunk and mini-batch, state recompute included.
+   walks the segment forwards, writes every mini-batch's start state, forms the output path and writes it to
+   per-mini-batch tiles (``X2bar``, ``dZ1bar``, the local ``dLg1`` and ``dX2`` as ``[BK, 4F]``; ``dZ2bar``, the
+   local ``dLg2`` and ``dXk`` as ``[BK, F]``), and ``dXq`` whole;
+2. **chain**, one program per (batch, head): per mini-batch, backwards, it reads the start state, forms ``Z2``,
+   ``G2`` and the four products with ``D``, goes back through ``G1 = (G2 W2^T) * s'(Z1)`` and the LayerNorm-L2
+   gradient, and accumulates ``D`` with the local tiles' outer products. It recomputes no state.
+
+In the sm_90 build (head dim 64, bf16, 8 warps) the chain has 44 MMA instructions against the one-kernel
+backward's 105 (which also recomputes each segment's states), and 196 B of spill stores a thread against 980.
 
 The math is :func:`tttexp.ops.ttt_mlp.math.mlp_step_bwd`, regrouped; the tests compare both kernels with the
-float64 reference. The tiles cost ``4 * B*H * n_minibatches * BK * 4F`` fp32 words (805 MB at 8 x 2048, 12 heads
-of 64), freed when the backward returns.
+float64 reference. Memory, fp32, freed when the backward returns: the states, ``(2 F 4F + 4F + F)`` words per
+mini-batch and (batch, head), and the tiles, ``BK (4 * 4F + 3 F)`` words: 2.6 GB at 8 x 2048 tokens, 12 heads of
+64, mini-batch 16 (the one-kernel backward keeps ``every`` states per (batch, head)).
 """
 
 from __future__ import annotations
@@ -41,7 +44,6 @@ from tttexp.ops.ttt_mlp.triton import (
     _padded_init,
     _reset_buffers,
     _reset_grad,
-    _segment_states,
     _state_grads,
     _z2,
 )
@@ -50,13 +52,13 @@ from tttexp.ops.ttt_mlp.triton import (
 @triton.jit
 def _mlp_bwd_local_kernel(
     xq_ptr, xk_ptr, xv_ptr, lr_ptr, tok_ptr, lnw_ptr, lnb_ptr, w10_ptr, b10_ptr, w20_ptr, b20_ptr, reset_ptr,
-    w1_ptr, b1_ptr, w2_ptr, b2_ptr, dout_ptr, dxq_ptr,
+    ck1_ptr, ckb1_ptr, ck2_ptr, ckb2_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dout_ptr, dxq_ptr,
     x2bar_ptr, dz1bar_ptr, dlg1_ptr, dx2_ptr, dz2bar_ptr, dlg2_ptr, dxk_ptr, dtok_ptr, dlnw_ptr, dlnb_ptr,
     T, N, NC, H,
     F: tl.constexpr, FP: tl.constexpr, HID: tl.constexpr, HC: tl.constexpr, BK: tl.constexpr, K: tl.constexpr,
     C: tl.constexpr, HAS_RESET: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)  # (batch, head, segment); its state at w*_ptr starts as the checkpoint
+    pid = tl.program_id(0).to(tl.int64)  # (batch, head, segment)
     seg = pid % NC
     bh = pid // NC
     h = bh % H
@@ -70,12 +72,8 @@ def _mlp_bwd_local_kernel(
     z_off = rows[:, None] * HID + hcols[None, :]
     y_off = rows[:, None] * FP + cols[None, :]
     S1: tl.constexpr = FP * HID
-    p1 = w1_ptr + pid * S1
-    pb1 = b1_ptr + pid * HID
-    p2 = w2_ptr + pid * S1
     gw = tl.load(lnw_ptr + h * F + cols, mask=cmask, other=0.0).to(tl.float32)
     gb = tl.load(lnb_ptr + h * F + cols, mask=cmask, other=0.0).to(tl.float32)
-    b2 = tl.load(b2_ptr + pid * FP + cols)
     dtok = tl.zeros([BK], dtype=tl.float32)
     dgw = tl.zeros([FP], dtype=tl.float32)
     dgb = tl.zeros([FP], dtype=tl.float32)
@@ -83,13 +81,23 @@ def _mlp_bwd_local_kernel(
     causal = rows[None, :] <= rows[:, None]
     n0 = seg * C
     n1 = tl.minimum(n0 + C, N)
+    ck = pid  # checkpoints are [B*H, NC, ...]: this program's is number pid
+    sl = bh * N + n0  # the state before mini-batch n is slot bh * N + n
+    _copy_state(ck1_ptr + ck * S1, ckb1_ptr + ck * HID, ck2_ptr + ck * S1, ckb2_ptr + ck * FP,
+                w1_ptr + sl * S1, b1_ptr + sl * HID, w2_ptr + sl * S1, b2_ptr + sl * FP,
+                w1_off, w2_off, hcols, cols, FP, HID, HC)
+    tl.debug_barrier()
     for n in range(n0, n1):
+        sl = bh * N + n
+        p1 = w1_ptr + sl * S1
+        pb1 = b1_ptr + sl * HID
+        p2 = w2_ptr + sl * S1
         if HAS_RESET:  # noqa: SIM102 (constexpr guard first)
             if tl.load(reset_ptr + bi * N + n) != 0:
                 _copy_state(w10_ptr + h * S1, b10_ptr + h * HID, w20_ptr + h * S1, b20_ptr + h * FP,
-                            p1, pb1, p2, b2_ptr + pid * FP, w1_off, w2_off, hcols, cols, FP, HID, HC)
-                b2 = tl.load(b20_ptr + h * FP + cols)
+                            p1, pb1, p2, b2_ptr + sl * FP, w1_off, w2_off, hcols, cols, FP, HID, HC)
                 tl.debug_barrier()
+        b2 = tl.load(b2_ptr + sl * FP + cols)
         start = n * K
         m = tl.minimum(T - start, K)
         rmask = rows < m
@@ -102,7 +110,7 @@ def _mlp_bwd_local_kernel(
         eta = tl.load(lr_ptr + bh * T + start + rows, mask=rmask, other=0.0).to(tl.float32)
         t = tl.load(tok_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
         t_last = tl.load(tok_ptr + m - 1).to(tl.float32)
-        st = bh * N + n  # this mini-batch's tiles
+        st = sl  # this mini-batch's tiles
         # the forward: Z2, G2, then Z2bar by the dual form
         z2 = _z2(xk, p1, pb1, p2, b2, w1_off, w2_off, hcols, FP, HID, HC, BK, DT, PREC, EMU)
         xh, rstd = ln_rows(z2, cmask, F)
@@ -137,7 +145,7 @@ def _mlp_bwd_local_kernel(
         tl.store(dlg2_ptr + st * BK * FP + y_off, -mm(tl.trans(m2), dz2bar, DT, PREC, EMU))
         dxq = dout
         dm1 = tl.zeros([BK, BK], dtype=tl.float32)
-        tl.debug_barrier()  # every read of this state above before the loop below rewrites it
+        last = n == n1 - 1  # the next segment's program writes the state after its segment's last mini-batch
         for c0 in range(0, HID, HC):
             w1c = tl.load(p1 + c0 + w1_off)
             b1c = tl.load(pb1 + c0 + hcols)
@@ -154,17 +162,18 @@ def _mlp_bwd_local_kernel(
             tl.store(dz1bar_ptr + o, dz1bar)
             tl.store(dlg1_ptr + o, -mm(tl.trans(m1), dz1bar, DT, PREC, EMU))
             tl.store(dx2_ptr + o, mm(tl.trans(ds2), x2bar, DT, PREC, EMU))
-            # the state after this mini-batch (same threads, same layout as the loads above)
-            tl.store(p1 + c0 + w1_off, w1c - t_last * mm(tl.trans(xk), lg1c, DT, PREC, EMU))
-            tl.store(pb1 + c0 + hcols, b1c - t_last * tl.sum(lg1c, 0))
-            tl.store(p2 + c0 * FP + w2_off, w2c - t_last * mm(tl.trans(x2c), lg2, DT, PREC, EMU))
+            if not last:  # the state after this mini-batch, into the next slot
+                tl.store(p1 + S1 + c0 + w1_off, w1c - t_last * mm(tl.trans(xk), lg1c, DT, PREC, EMU))
+                tl.store(pb1 + HID + c0 + hcols, b1c - t_last * tl.sum(lg1c, 0))
+                tl.store(p2 + S1 + c0 * FP + w2_off, w2c - t_last * mm(tl.trans(x2c), lg2, DT, PREC, EMU))
         dm1 = tl.where(causal, dm1, 0.0)
         dtok += tl.sum(dm1 * s1, 1)
         ds1m = dm1 * t[:, None]
         dxq += mm(ds1m, xk, DT, PREC, EMU)
         tl.store(dxk_ptr + st * BK * FP + y_off, mm(tl.trans(ds1m), xq, DT, PREC, EMU))
         tl.store(dxq_ptr + x_off, dxq.to(dxq_ptr.dtype.element_ty), mask=xmsk)
-        b2 = b2 - t_last * tl.sum(lg2, 0)
+        if not last:
+            tl.store(b2_ptr + (sl + 1) * FP + cols, b2 - t_last * tl.sum(lg2, 0))
         tl.debug_barrier()
     tl.store(dtok_ptr + pid * BK + rows, dtok)
     tl.store(dlnw_ptr + pid * F + cols, dgw, mask=cmask)
@@ -174,7 +183,7 @@ def _mlp_bwd_local_kernel(
 @triton.jit
 def _mlp_bwd_chain_kernel(
     xq_ptr, xk_ptr, xv_ptr, lr_ptr, tok_ptr, lnw_ptr, lnb_ptr, w10_ptr, b10_ptr, w20_ptr, b20_ptr, reset_ptr,
-    ck1_ptr, ckb1_ptr, ck2_ptr, ckb2_ptr, sc1_ptr, scb1_ptr, sc2_ptr, scb2_ptr,
+    w1_ptr, b1_ptr, w2_ptr, b2_ptr,
     g1_ptr, gb1_ptr, g2_ptr, gb2_ptr, dz1_ptr, di1_ptr, dib1_ptr, di2_ptr, dib2_ptr,
     x2bar_ptr, dz1bar_ptr, dlg1_ptr, dx2_ptr, dz2bar_ptr, dlg2_ptr, dxkl_ptr,
     dxk_ptr, dxv_ptr, dlr_ptr, dtok_ptr, dlnw_ptr, dlnb_ptr,
@@ -202,104 +211,95 @@ def _mlp_bwd_chain_kernel(
     dgb = tl.zeros([FP], dtype=tl.float32)
     x_base = pid * T * F
     cur = 0  # ping-pong slot of the carried state gradient
-    for si in range(NC):
-        s_idx = NC - 1 - si
-        n0 = s_idx * C
-        n1 = tl.minimum(n0 + C, N)
-        _segment_states(ck1_ptr, ckb1_ptr, ck2_ptr, ckb2_ptr, sc1_ptr, scb1_ptr, sc2_ptr, scb2_ptr,
-                        w10_ptr, b10_ptr, w20_ptr, b20_ptr, reset_ptr, xk_ptr, xv_ptr, lr_ptr, tok_ptr,
-                        pid, bi, h, s_idx, n0, n1, T, N, NC, gw, gb, x_base, rows, cols, hcols, cmask, w1_off, w2_off,
-                        F, FP, HID, HC, BK, K, C, HAS_RESET, DT, PREC, EMU)
-        for i in range(n1 - n0):
-            n = n1 - 1 - i
-            sl = pid * C + n - n0
-            p1 = sc1_ptr + sl * S1
-            pb1 = scb1_ptr + sl * HID
-            p2 = sc2_ptr + sl * S1
-            b2 = tl.load(scb2_ptr + sl * FP + cols)
-            # carried gradient of the state after this mini-batch (d*n) and the one we write (d*w)
-            dn1 = g1_ptr + (pid * 2 + cur) * S1
-            dnb1 = gb1_ptr + (pid * 2 + cur) * HID
-            dn2 = g2_ptr + (pid * 2 + cur) * S1
-            dw1 = g1_ptr + (pid * 2 + 1 - cur) * S1
-            dwb1 = gb1_ptr + (pid * 2 + 1 - cur) * HID
-            dw2 = g2_ptr + (pid * 2 + 1 - cur) * S1
-            start = n * K
-            m = tl.minimum(T - start, K)
-            rmask = rows < m
-            xmsk = rmask[:, None] & cmask[None, :]
-            x_off = x_base + (start + rows)[:, None] * F + cols[None, :]
-            xq = tl.load(xq_ptr + x_off, mask=xmsk, other=0.0)
-            xk = tl.load(xk_ptr + x_off, mask=xmsk, other=0.0)
-            xv = tl.load(xv_ptr + x_off, mask=xmsk, other=0.0)
-            eta = tl.load(lr_ptr + pid * T + start + rows, mask=rmask, other=0.0).to(tl.float32)
-            t_last = tl.load(tok_ptr + m - 1).to(tl.float32)
-            st = pid * N + n
-            # Z2 and G2; q2 = X2 dW2n + db2n
-            z2 = tl.zeros([BK, FP], dtype=tl.float32) + b2[None, :]
-            q2 = tl.zeros([BK, FP], dtype=tl.float32) + db2[None, :]
-            for c0 in range(0, HID, HC):
-                x2c = gelu(mm(xk, tl.load(p1 + c0 + w1_off), DT, PREC, EMU) + tl.load(pb1 + c0 + hcols)[None, :])
-                z2 += mm(x2c, tl.load(p2 + c0 * FP + w2_off), DT, PREC, EMU)
-                q2 += mm(x2c, tl.load(dn2 + c0 * FP + w2_off), DT, PREC, EMU)
-            xh, rstd = ln_rows(z2, cmask, F)
-            e = xh * gw[None, :] + gb[None, :] - (xv.to(tl.float32) - xk.to(tl.float32))
-            gx = e * gw[None, :]
-            g2 = ln_rows_bwd(gx, xh, rstd, cmask, F)
-            lg2 = eta[:, None] * g2
-            dz2bar = tl.load(dz2bar_ptr + st * BK * FP + y_off)
-            dlg2 = tl.load(dlg2_ptr + st * BK * FP + y_off) - t_last * q2
-            dt_last = -tl.sum(tl.sum(q2 * lg2, 1), 0)
-            dlr = tl.sum(dlg2 * g2, 1)
-            dg2 = eta[:, None] * dlg2
-            db2 = db2 + tl.sum(dz2bar, 0)
-            dxk = tl.load(dxkl_ptr + st * BK * FP + y_off)
-            # G1 = (G2 W2^T) * s'(Z1) and Lg1 = eta G1 back to G2, the first layer's part of dZ1, and D
-            for c0 in range(0, HID, HC):
-                w1c = tl.load(p1 + c0 + w1_off)
-                b1c = tl.load(pb1 + c0 + hcols)
-                w2c = tl.load(p2 + c0 * FP + w2_off)
-                dn1c = tl.load(dn1 + c0 + w1_off)
-                dnb1c = tl.load(dnb1 + c0 + hcols)
-                dn2c = tl.load(dn2 + c0 * FP + w2_off)
-                o = st * BK * HID + c0 + z_off
-                _, ds1c, dds1c = gelu_parts(mm(xk, w1c, DT, PREC, EMU) + b1c[None, :])
-                pc = mm(g2, tl.trans(w2c), DT, PREC, EMU)
-                g1c = pc * ds1c
-                lg1c = eta[:, None] * g1c
-                q1c = mm(xk, dn1c, DT, PREC, EMU) + dnb1c[None, :]
-                dlg1c = tl.load(dlg1_ptr + o) - t_last * q1c
-                dt_last -= tl.sum(tl.sum(q1c * lg1c, 1), 0)
-                dxk -= t_last * mm(lg1c, tl.trans(dn1c), DT, PREC, EMU)
-                dlr += tl.sum(dlg1c * g1c, 1)
-                dpc = eta[:, None] * dlg1c * ds1c
-                dx2p = tl.load(dx2_ptr + o) - t_last * mm(lg2, tl.trans(dn2c), DT, PREC, EMU)
-                tl.store(dz1_ptr + pid * BK * HID + c0 + z_off, eta[:, None] * dlg1c * pc * dds1c + dx2p * ds1c)
-                dg2 += mm(dpc, w2c, DT, PREC, EMU)
-                tl.store(dw2 + c0 * FP + w2_off, dn2c + mm(tl.trans(tl.load(x2bar_ptr + o)), dz2bar, DT, PREC, EMU)
-                         + mm(tl.trans(dpc), g2, DT, PREC, EMU))
-                dz1bar = tl.load(dz1bar_ptr + o)
-                tl.store(dw1 + c0 + w1_off, dn1c + mm(tl.trans(xq), dz1bar, DT, PREC, EMU))
-                tl.store(dwb1 + c0 + hcols, dnb1c + tl.sum(dz1bar, 0))
-            dtok += tl.where(rows == m - 1, dt_last, 0.0)
-            dz2, dgxw, dgw_r, dgb_r = _lnl2_bwd(dg2, xh, rstd, gx, e, gw, cmask, F)
-            dgw += dgw_r
-            dgb += dgb_r
-            dxk += dgxw
-            db2 = db2 + tl.sum(dz2, 0)
-            tl.debug_barrier()
-            dxk = _first_layer_bwd(dxk, xk, dz2, p1, pb1, p2, dz1_ptr + pid * BK * HID, dw1, dwb1, dw2,
-                                   w1_off, w2_off, z_off, hcols, FP, HID, HC, BK, DT, PREC, EMU)
-            tl.store(dxk_ptr + x_off, dxk.to(dxk_ptr.dtype.element_ty), mask=xmsk)
-            tl.store(dxv_ptr + x_off, (-dgxw).to(dxv_ptr.dtype.element_ty), mask=xmsk)
-            tl.store(dlr_ptr + pid * T + start + rows, dlr.to(dlr_ptr.dtype.element_ty), mask=rmask)
-            tl.debug_barrier()
-            if HAS_RESET:  # noqa: SIM102 (constexpr guard first)
-                if tl.load(reset_ptr + bi * N + n) != 0:
-                    db2 = _reset_grad(di1_ptr, dib1_ptr, di2_ptr, dib2_ptr, dw1, dwb1, dw2, db2, pid,
-                                      w1_off, w2_off, hcols, cols, FP, HID, HC)
-                    tl.debug_barrier()
-            cur = 1 - cur
+    for i in range(N):
+        n = N - 1 - i
+        st = pid * N + n  # this mini-batch's start state and tiles
+        p1 = w1_ptr + st * S1
+        pb1 = b1_ptr + st * HID
+        p2 = w2_ptr + st * S1
+        b2 = tl.load(b2_ptr + st * FP + cols)
+        # carried gradient of the state after this mini-batch (d*n) and the one we write (d*w)
+        dn1 = g1_ptr + (pid * 2 + cur) * S1
+        dnb1 = gb1_ptr + (pid * 2 + cur) * HID
+        dn2 = g2_ptr + (pid * 2 + cur) * S1
+        dw1 = g1_ptr + (pid * 2 + 1 - cur) * S1
+        dwb1 = gb1_ptr + (pid * 2 + 1 - cur) * HID
+        dw2 = g2_ptr + (pid * 2 + 1 - cur) * S1
+        start = n * K
+        m = tl.minimum(T - start, K)
+        rmask = rows < m
+        xmsk = rmask[:, None] & cmask[None, :]
+        x_off = x_base + (start + rows)[:, None] * F + cols[None, :]
+        xq = tl.load(xq_ptr + x_off, mask=xmsk, other=0.0)
+        xk = tl.load(xk_ptr + x_off, mask=xmsk, other=0.0)
+        xv = tl.load(xv_ptr + x_off, mask=xmsk, other=0.0)
+        eta = tl.load(lr_ptr + pid * T + start + rows, mask=rmask, other=0.0).to(tl.float32)
+        t_last = tl.load(tok_ptr + m - 1).to(tl.float32)
+        # Z2 and G2; q2 = X2 dW2n + db2n
+        z2 = tl.zeros([BK, FP], dtype=tl.float32) + b2[None, :]
+        q2 = tl.zeros([BK, FP], dtype=tl.float32) + db2[None, :]
+        for c0 in range(0, HID, HC):
+            x2c = gelu(mm(xk, tl.load(p1 + c0 + w1_off), DT, PREC, EMU) + tl.load(pb1 + c0 + hcols)[None, :])
+            z2 += mm(x2c, tl.load(p2 + c0 * FP + w2_off), DT, PREC, EMU)
+            q2 += mm(x2c, tl.load(dn2 + c0 * FP + w2_off), DT, PREC, EMU)
+        xh, rstd = ln_rows(z2, cmask, F)
+        e = xh * gw[None, :] + gb[None, :] - (xv.to(tl.float32) - xk.to(tl.float32))
+        gx = e * gw[None, :]
+        g2 = ln_rows_bwd(gx, xh, rstd, cmask, F)
+        lg2 = eta[:, None] * g2
+        dz2bar = tl.load(dz2bar_ptr + st * BK * FP + y_off)
+        dlg2 = tl.load(dlg2_ptr + st * BK * FP + y_off) - t_last * q2
+        dt_last = -tl.sum(tl.sum(q2 * lg2, 1), 0)
+        dlr = tl.sum(dlg2 * g2, 1)
+        dg2 = eta[:, None] * dlg2
+        db2 = db2 + tl.sum(dz2bar, 0)
+        dxk = tl.load(dxkl_ptr + st * BK * FP + y_off)
+        # G1 = (G2 W2^T) * s'(Z1) and Lg1 = eta G1 back to G2, the first layer's part of dZ1, and D
+        for c0 in range(0, HID, HC):
+            w1c = tl.load(p1 + c0 + w1_off)
+            b1c = tl.load(pb1 + c0 + hcols)
+            w2c = tl.load(p2 + c0 * FP + w2_off)
+            dn1c = tl.load(dn1 + c0 + w1_off)
+            dnb1c = tl.load(dnb1 + c0 + hcols)
+            dn2c = tl.load(dn2 + c0 * FP + w2_off)
+            o = st * BK * HID + c0 + z_off
+            _, ds1c, dds1c = gelu_parts(mm(xk, w1c, DT, PREC, EMU) + b1c[None, :])
+            pc = mm(g2, tl.trans(w2c), DT, PREC, EMU)
+            g1c = pc * ds1c
+            lg1c = eta[:, None] * g1c
+            q1c = mm(xk, dn1c, DT, PREC, EMU) + dnb1c[None, :]
+            dlg1c = tl.load(dlg1_ptr + o) - t_last * q1c
+            dt_last -= tl.sum(tl.sum(q1c * lg1c, 1), 0)
+            dxk -= t_last * mm(lg1c, tl.trans(dn1c), DT, PREC, EMU)
+            dlr += tl.sum(dlg1c * g1c, 1)
+            dpc = eta[:, None] * dlg1c * ds1c
+            dx2p = tl.load(dx2_ptr + o) - t_last * mm(lg2, tl.trans(dn2c), DT, PREC, EMU)
+            tl.store(dz1_ptr + pid * BK * HID + c0 + z_off, eta[:, None] * dlg1c * pc * dds1c + dx2p * ds1c)
+            dg2 += mm(dpc, w2c, DT, PREC, EMU)
+            tl.store(dw2 + c0 * FP + w2_off, dn2c + mm(tl.trans(tl.load(x2bar_ptr + o)), dz2bar, DT, PREC, EMU)
+                     + mm(tl.trans(dpc), g2, DT, PREC, EMU))
+            dz1bar = tl.load(dz1bar_ptr + o)
+            tl.store(dw1 + c0 + w1_off, dn1c + mm(tl.trans(xq), dz1bar, DT, PREC, EMU))
+            tl.store(dwb1 + c0 + hcols, dnb1c + tl.sum(dz1bar, 0))
+        dtok += tl.where(rows == m - 1, dt_last, 0.0)
+        dz2, dgxw, dgw_r, dgb_r = _lnl2_bwd(dg2, xh, rstd, gx, e, gw, cmask, F)
+        dgw += dgw_r
+        dgb += dgb_r
+        dxk += dgxw
+        db2 = db2 + tl.sum(dz2, 0)
+        tl.debug_barrier()
+        dxk = _first_layer_bwd(dxk, xk, dz2, p1, pb1, p2, dz1_ptr + pid * BK * HID, dw1, dwb1, dw2,
+                               w1_off, w2_off, z_off, hcols, FP, HID, HC, BK, DT, PREC, EMU)
+        tl.store(dxk_ptr + x_off, dxk.to(dxk_ptr.dtype.element_ty), mask=xmsk)
+        tl.store(dxv_ptr + x_off, (-dgxw).to(dxv_ptr.dtype.element_ty), mask=xmsk)
+        tl.store(dlr_ptr + pid * T + start + rows, dlr.to(dlr_ptr.dtype.element_ty), mask=rmask)
+        tl.debug_barrier()
+        if HAS_RESET:  # noqa: SIM102 (constexpr guard first)
+            if tl.load(reset_ptr + bi * N + n) != 0:
+                db2 = _reset_grad(di1_ptr, dib1_ptr, di2_ptr, dib2_ptr, dw1, dwb1, dw2, db2, pid,
+                                  w1_off, w2_off, hcols, cols, FP, HID, HC)
+                tl.debug_barrier()
+        cur = 1 - cur
     tl.store(gb2_ptr + pid * FP + cols, db2)
     tl.store(dtok_ptr + pid * BK + rows, dtok)
     tl.store(dlnw_ptr + pid * F + cols, dgw, mask=cmask)
@@ -324,7 +324,9 @@ def mlp_backward_split(
                   DT=dt, PREC=prec, EMU=emu)
     sizes = (d["seq"], n_mb, nc, heads)
 
-    work = [c.reshape(bh * nc, *c.shape[2:]).clone() for c in ckpt]  # each segment's state, from its checkpoint
+    # the start state of every mini-batch: the local kernel writes them, the chain reads them
+    states = (torch.empty(bh * n_mb, fp, hid, **f32), torch.empty(bh * n_mb, hid, **f32),
+              torch.empty(bh * n_mb, hid, fp, **f32), torch.empty(bh * n_mb, fp, **f32))
     wide = torch.empty(4, bh, n_mb, bk, hid, **f32)  # X2bar, dZ1bar, local dLg1, local dX2
     narrow = torch.empty(3, bh, n_mb, bk, fp, **f32)  # dZ2bar, local dLg2, local dXk
     dxq = torch.empty_like(xq)
@@ -332,14 +334,11 @@ def mlp_backward_split(
     local_lnw = torch.empty(bh * nc, f, **f32)
     local_lnb = torch.empty(bh * nc, f, **f32)
     _mlp_bwd_local_kernel[(bh * nc,)](
-        xq, xk, xv, lr, tok, ln_w, ln_b, *p_init, reset_arg, *work, dout, dxq, *wide, *narrow,
+        xq, xk, xv, lr, tok, ln_w, ln_b, *p_init, reset_arg, *ckpt, *states, dout, dxq, *wide, *narrow,
         local_tok, local_lnw, local_lnb, *sizes, **consts,
         **_opts(config.local_warps or config.bwd_warps, config.bwd_stages),
     )
-    del work
 
-    scratch = (torch.empty(bh, config.every, fp, hid, **f32), torch.empty(bh, config.every, hid, **f32),
-               torch.empty(bh, config.every, hid, fp, **f32), torch.empty(bh, config.every, fp, **f32))
     carried = _carried_buffers(dfinal, d)
     di = _reset_buffers(carried, has_reset)
     dz1 = torch.empty(bh, bk, hid, **f32)
@@ -348,7 +347,7 @@ def mlp_backward_split(
     dlnw = torch.empty(bsz, heads, f, **f32)
     dlnb = torch.empty(bsz, heads, f, **f32)
     _mlp_bwd_chain_kernel[(bh,)](
-        xq, xk, xv, lr, tok, ln_w, ln_b, *p_init, reset_arg, *ckpt, *scratch, *carried, dz1, *di,
+        xq, xk, xv, lr, tok, ln_w, ln_b, *p_init, reset_arg, *states, *carried, dz1, *di,
         *wide, *narrow, dxk, dxv, dlr, dtok, dlnw, dlnb, *sizes, **consts,
         **_opts(config.bwd_warps, config.bwd_stages),
     )
