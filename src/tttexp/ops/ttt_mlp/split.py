@@ -16,7 +16,7 @@ not depend on the carried state gradient ``D = (dW1n, db1n, dW2n, db2n)``: ``D``
    gradient, and accumulates ``D`` with the local tiles' outer products. It recomputes no state.
 
 In the sm_90 build (head dim 64, bf16, 8 warps) the chain has 44 MMA instructions against the one-kernel
-backward's 105 (which also recomputes each segment's states), and 196 B of spill stores a thread against 980.
+backward's 105 (which also recomputes each segment's states), and 212 B of spill stores a thread against 964.
 
 The math is :func:`tttexp.ops.ttt_mlp.math.mlp_step_bwd`, regrouped; the tests compare both kernels with the
 float64 reference. Memory, fp32, freed when the backward returns: the states, ``(2 F 4F + 4F + F)`` words per
@@ -38,14 +38,17 @@ from tttexp.ops.ttt_mlp.triton import (
     _carried_buffers,
     _copy_state,
     _dims,
-    _first_layer_bwd,
-    _lnl2_bwd,
+    _lnl2,
+    _minibatch,
     _opts,
     _padded_init,
     _reset_buffers,
     _reset_grad,
+    _slots,
     _state_grads,
+    _tiles,
     _z2,
+    _z2_bwd,
 )
 
 
@@ -63,13 +66,7 @@ def _mlp_bwd_local_kernel(
     bh = pid // NC
     h = bh % H
     bi = bh // H
-    rows = tl.arange(0, BK)
-    cols = tl.arange(0, FP)
-    hcols = tl.arange(0, HC)
-    cmask = cols < F
-    w1_off = cols[:, None] * HID + hcols[None, :]
-    w2_off = hcols[:, None] * FP + cols[None, :]
-    z_off = rows[:, None] * HID + hcols[None, :]
+    rows, cols, hcols, cmask, w1_off, w2_off, z_off = _tiles(F, FP, HID, HC, BK)
     y_off = rows[:, None] * FP + cols[None, :]
     S1: tl.constexpr = FP * HID
     gw = tl.load(lnw_ptr + h * F + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -77,7 +74,6 @@ def _mlp_bwd_local_kernel(
     dtok = tl.zeros([BK], dtype=tl.float32)
     dgw = tl.zeros([FP], dtype=tl.float32)
     dgb = tl.zeros([FP], dtype=tl.float32)
-    x_base = bh * T * F
     causal = rows[None, :] <= rows[:, None]
     n0 = seg * C
     n1 = tl.minimum(n0 + C, N)
@@ -98,25 +94,13 @@ def _mlp_bwd_local_kernel(
                             p1, pb1, p2, b2_ptr + sl * FP, w1_off, w2_off, hcols, cols, FP, HID, HC)
                 tl.debug_barrier()
         b2 = tl.load(b2_ptr + sl * FP + cols)
-        start = n * K
-        m = tl.minimum(T - start, K)
-        rmask = rows < m
-        xmsk = rmask[:, None] & cmask[None, :]
-        x_off = x_base + (start + rows)[:, None] * F + cols[None, :]
-        xq = tl.load(xq_ptr + x_off, mask=xmsk, other=0.0)
-        xk = tl.load(xk_ptr + x_off, mask=xmsk, other=0.0)
-        xv = tl.load(xv_ptr + x_off, mask=xmsk, other=0.0)
+        x_off, xmsk, lr_off, rmask, m, xq, xk, xv, eta, t, t_last = _minibatch(
+            xq_ptr, xk_ptr, xv_ptr, lr_ptr, tok_ptr, bh, n, T, rows, cols, cmask, F, K)
         dout = tl.load(dout_ptr + x_off, mask=xmsk, other=0.0).to(tl.float32)
-        eta = tl.load(lr_ptr + bh * T + start + rows, mask=rmask, other=0.0).to(tl.float32)
-        t = tl.load(tok_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-        t_last = tl.load(tok_ptr + m - 1).to(tl.float32)
         st = sl  # this mini-batch's tiles
         # the forward: Z2, G2, then Z2bar by the dual form
         z2 = _z2(xk, p1, pb1, p2, b2, w1_off, w2_off, hcols, FP, HID, HC, BK, DT, PREC, EMU)
-        xh, rstd = ln_rows(z2, cmask, F)
-        gx = (xh * gw[None, :] + gb[None, :] - (xv.to(tl.float32) - xk.to(tl.float32))) * gw[None, :]
-        g2 = ln_rows_bwd(gx, xh, rstd, cmask, F)
-        lg2 = eta[:, None] * g2
+        g2, lg2, xh, rstd, gx, e = _lnl2(z2, xk, xv, eta, gw, gb, cmask, F)
         s1 = mm(xq, tl.trans(xk), DT, PREC, EMU) + 1.0
         m1 = tl.where(causal, t[:, None] * s1, 0.0)
         acc = tl.zeros([BK, FP], dtype=tl.float32)
@@ -194,13 +178,7 @@ def _mlp_bwd_chain_kernel(
     pid = tl.program_id(0).to(tl.int64)
     h = pid % H
     bi = pid // H
-    rows = tl.arange(0, BK)
-    cols = tl.arange(0, FP)
-    hcols = tl.arange(0, HC)
-    cmask = cols < F
-    w1_off = cols[:, None] * HID + hcols[None, :]
-    w2_off = hcols[:, None] * FP + cols[None, :]
-    z_off = rows[:, None] * HID + hcols[None, :]
+    rows, cols, hcols, cmask, w1_off, w2_off, z_off = _tiles(F, FP, HID, HC, BK)
     y_off = rows[:, None] * FP + cols[None, :]
     S1: tl.constexpr = FP * HID
     gw = tl.load(lnw_ptr + h * F + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -209,7 +187,6 @@ def _mlp_bwd_chain_kernel(
     dtok = tl.zeros([BK], dtype=tl.float32)
     dgw = tl.zeros([FP], dtype=tl.float32)
     dgb = tl.zeros([FP], dtype=tl.float32)
-    x_base = pid * T * F
     cur = 0  # ping-pong slot of the carried state gradient
     for i in range(N):
         n = N - 1 - i
@@ -218,23 +195,9 @@ def _mlp_bwd_chain_kernel(
         pb1 = b1_ptr + st * HID
         p2 = w2_ptr + st * S1
         b2 = tl.load(b2_ptr + st * FP + cols)
-        # carried gradient of the state after this mini-batch (d*n) and the one we write (d*w)
-        dn1 = g1_ptr + (pid * 2 + cur) * S1
-        dnb1 = gb1_ptr + (pid * 2 + cur) * HID
-        dn2 = g2_ptr + (pid * 2 + cur) * S1
-        dw1 = g1_ptr + (pid * 2 + 1 - cur) * S1
-        dwb1 = gb1_ptr + (pid * 2 + 1 - cur) * HID
-        dw2 = g2_ptr + (pid * 2 + 1 - cur) * S1
-        start = n * K
-        m = tl.minimum(T - start, K)
-        rmask = rows < m
-        xmsk = rmask[:, None] & cmask[None, :]
-        x_off = x_base + (start + rows)[:, None] * F + cols[None, :]
-        xq = tl.load(xq_ptr + x_off, mask=xmsk, other=0.0)
-        xk = tl.load(xk_ptr + x_off, mask=xmsk, other=0.0)
-        xv = tl.load(xv_ptr + x_off, mask=xmsk, other=0.0)
-        eta = tl.load(lr_ptr + pid * T + start + rows, mask=rmask, other=0.0).to(tl.float32)
-        t_last = tl.load(tok_ptr + m - 1).to(tl.float32)
+        dn1, dnb1, dn2, dw1, dwb1, dw2 = _slots(g1_ptr, gb1_ptr, g2_ptr, pid, cur, S1, HID)
+        x_off, xmsk, lr_off, rmask, m, xq, xk, xv, eta, t, t_last = _minibatch(
+            xq_ptr, xk_ptr, xv_ptr, lr_ptr, tok_ptr, pid, n, T, rows, cols, cmask, F, K)
         # Z2 and G2; q2 = X2 dW2n + db2n
         z2 = tl.zeros([BK, FP], dtype=tl.float32) + b2[None, :]
         q2 = tl.zeros([BK, FP], dtype=tl.float32) + db2[None, :]
@@ -242,11 +205,7 @@ def _mlp_bwd_chain_kernel(
             x2c = gelu(mm(xk, tl.load(p1 + c0 + w1_off), DT, PREC, EMU) + tl.load(pb1 + c0 + hcols)[None, :])
             z2 += mm(x2c, tl.load(p2 + c0 * FP + w2_off), DT, PREC, EMU)
             q2 += mm(x2c, tl.load(dn2 + c0 * FP + w2_off), DT, PREC, EMU)
-        xh, rstd = ln_rows(z2, cmask, F)
-        e = xh * gw[None, :] + gb[None, :] - (xv.to(tl.float32) - xk.to(tl.float32))
-        gx = e * gw[None, :]
-        g2 = ln_rows_bwd(gx, xh, rstd, cmask, F)
-        lg2 = eta[:, None] * g2
+        g2, lg2, xh, rstd, gx, e = _lnl2(z2, xk, xv, eta, gw, gb, cmask, F)
         dz2bar = tl.load(dz2bar_ptr + st * BK * FP + y_off)
         dlg2 = tl.load(dlg2_ptr + st * BK * FP + y_off) - t_last * q2
         dt_last = -tl.sum(tl.sum(q2 * lg2, 1), 0)
@@ -282,17 +241,15 @@ def _mlp_bwd_chain_kernel(
             tl.store(dw1 + c0 + w1_off, dn1c + mm(tl.trans(xq), dz1bar, DT, PREC, EMU))
             tl.store(dwb1 + c0 + hcols, dnb1c + tl.sum(dz1bar, 0))
         dtok += tl.where(rows == m - 1, dt_last, 0.0)
-        dz2, dgxw, dgw_r, dgb_r = _lnl2_bwd(dg2, xh, rstd, gx, e, gw, cmask, F)
+        dxk, dxv, dgw_r, dgb_r, db2_r = _z2_bwd(dg2, xh, rstd, gx, e, gw, cmask, dxk, xk, p1, pb1, p2,
+                                                dz1_ptr + pid * BK * HID, dw1, dwb1, dw2, w1_off, w2_off, z_off,
+                                                hcols, F, FP, HID, HC, BK, DT, PREC, EMU)
         dgw += dgw_r
         dgb += dgb_r
-        dxk += dgxw
-        db2 = db2 + tl.sum(dz2, 0)
-        tl.debug_barrier()
-        dxk = _first_layer_bwd(dxk, xk, dz2, p1, pb1, p2, dz1_ptr + pid * BK * HID, dw1, dwb1, dw2,
-                               w1_off, w2_off, z_off, hcols, FP, HID, HC, BK, DT, PREC, EMU)
+        db2 = db2 + db2_r
         tl.store(dxk_ptr + x_off, dxk.to(dxk_ptr.dtype.element_ty), mask=xmsk)
-        tl.store(dxv_ptr + x_off, (-dgxw).to(dxv_ptr.dtype.element_ty), mask=xmsk)
-        tl.store(dlr_ptr + pid * T + start + rows, dlr.to(dlr_ptr.dtype.element_ty), mask=rmask)
+        tl.store(dxv_ptr + x_off, dxv.to(dxv_ptr.dtype.element_ty), mask=xmsk)
+        tl.store(dlr_ptr + lr_off, dlr.to(dlr_ptr.dtype.element_ty), mask=rmask)
         tl.debug_barrier()
         if HAS_RESET:  # noqa: SIM102 (constexpr guard first)
             if tl.load(reset_ptr + bi * N + n) != 0:

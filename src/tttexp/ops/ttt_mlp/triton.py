@@ -80,6 +80,59 @@ def _z2(xk, p1, pb1, p2, b2, w1_off, w2_off, hcols, FP: tl.constexpr, HID: tl.co
 
 
 @triton.jit
+def _tiles(F: tl.constexpr, FP: tl.constexpr, HID: tl.constexpr, HC: tl.constexpr, BK: tl.constexpr):
+    """A program's index vectors (a mini-batch's rows, the padded and the hidden columns, the real-column mask) and
+    the offsets of a [FP, HC] tile of W1, a [HC, FP] tile of W2 and a [BK, HC] tile of a [BK, HID] block, each at
+    chunk offset 0."""
+    rows = tl.arange(0, BK)
+    cols = tl.arange(0, FP)
+    hcols = tl.arange(0, HC)
+    return (rows, cols, hcols, cols < F, cols[:, None] * HID + hcols[None, :], hcols[:, None] * FP + cols[None, :],
+            rows[:, None] * HID + hcols[None, :])
+
+
+@triton.jit
+def _minibatch(xq_ptr, xk_ptr, xv_ptr, lr_ptr, tok_ptr, row, n, T, rows, cols, cmask,
+               F: tl.constexpr, K: tl.constexpr):
+    """Mini-batch ``n`` of sequence ``row`` (batch * heads + head): the offsets and masks of its [BK, FP] tiles and
+    of its learning rates, its real rows ``m``, ``Xq``, ``Xk``, ``Xv``, the learning rates, the token weights and
+    the last real token's weight."""
+    start = n * K
+    m = tl.minimum(T - start, K)
+    rmask = rows < m
+    xmsk = rmask[:, None] & cmask[None, :]
+    x_off = row * T * F + (start + rows)[:, None] * F + cols[None, :]
+    xq = tl.load(xq_ptr + x_off, mask=xmsk, other=0.0)
+    xk = tl.load(xk_ptr + x_off, mask=xmsk, other=0.0)
+    xv = tl.load(xv_ptr + x_off, mask=xmsk, other=0.0)
+    eta = tl.load(lr_ptr + row * T + start + rows, mask=rmask, other=0.0).to(tl.float32)
+    t = tl.load(tok_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    t_last = tl.load(tok_ptr + m - 1).to(tl.float32)
+    return x_off, xmsk, row * T + start + rows, rmask, m, xq, xk, xv, eta, t, t_last
+
+
+@triton.jit
+def _lnl2(z2, xk, xv, eta, gw, gb, cmask, F: tl.constexpr):
+    """``G2``, the LayerNorm-L2 gradient at ``Z2`` with target ``Xv - Xk``; ``Lg2 = eta G2``; and what
+    :func:`_lnl2_bwd` takes of it: ``xh, rstd, gx, e``."""
+    xh, rstd = ln_rows(z2, cmask, F)
+    e = xh * gw[None, :] + gb[None, :] - (xv.to(tl.float32) - xk.to(tl.float32))
+    gx = e * gw[None, :]
+    g2 = ln_rows_bwd(gx, xh, rstd, cmask, F)
+    return g2, eta[:, None] * g2, xh, rstd, gx, e
+
+
+@triton.jit
+def _slots(g1_ptr, gb1_ptr, g2_ptr, pid, cur, S1: tl.constexpr, HID: tl.constexpr):
+    """Program ``pid``'s ping-pong slots of the carried gradient: W1, b1, W2 of the one read (the gradient of the
+    state after this mini-batch), then of the one written."""
+    rd = pid * 2 + cur
+    wr = pid * 2 + 1 - cur
+    return (g1_ptr + rd * S1, gb1_ptr + rd * HID, g2_ptr + rd * S1,
+            g1_ptr + wr * S1, gb1_ptr + wr * HID, g2_ptr + wr * S1)
+
+
+@triton.jit
 def _mlp_fwd_kernel(
     xq_ptr, xk_ptr, xv_ptr, lr_ptr, tok_ptr, lnw_ptr, lnb_ptr,
     w1_ptr, b1_ptr, w2_ptr, b2_ptr, w10_ptr, b10_ptr, w20_ptr, b20_ptr, reset_ptr, out_ptr,
@@ -92,23 +145,15 @@ def _mlp_fwd_kernel(
     pid = tl.program_id(0).to(tl.int64)
     h = pid % H
     bi = pid // H
-    rows = tl.arange(0, BK)
-    cols = tl.arange(0, FP)
-    hcols = tl.arange(0, HC)
-    cmask = cols < F
-    w1_off = cols[:, None] * HID + hcols[None, :]  # [FP, HC] tile of W1 at column offset c0
-    w2_off = hcols[:, None] * FP + cols[None, :]  # [HC, FP] tile of W2 at row offset c0
+    rows, cols, hcols, cmask, w1_off, w2_off, z_off = _tiles(F, FP, HID, HC, BK)
     p1 = w1_ptr + pid * FP * HID
     pb1 = b1_ptr + pid * HID
     p2 = w2_ptr + pid * HID * FP
     gw = tl.load(lnw_ptr + h * F + cols, mask=cmask, other=0.0).to(tl.float32)
     gb = tl.load(lnb_ptr + h * F + cols, mask=cmask, other=0.0).to(tl.float32)
     b2 = tl.load(b2_ptr + pid * FP + cols)
-    x_base = pid * T * F
     causal = rows[None, :] <= rows[:, None]
     for n in range(N):
-        start = n * K
-        m = tl.minimum(T - start, K)
         if SAVE:  # noqa: SIM102 (constexpr guard first)
             if n % C == 0:
                 ck = pid * NC + n // C
@@ -121,21 +166,11 @@ def _mlp_fwd_kernel(
                             p1, pb1, p2, b2_ptr + pid * FP, w1_off, w2_off, hcols, cols, FP, HID, HC)
                 b2 = tl.load(b20_ptr + h * FP + cols)
                 tl.debug_barrier()
-        rmask = rows < m
-        xmsk = rmask[:, None] & cmask[None, :]
-        x_off = x_base + (start + rows)[:, None] * F + cols[None, :]
-        xq = tl.load(xq_ptr + x_off, mask=xmsk, other=0.0)
-        xk = tl.load(xk_ptr + x_off, mask=xmsk, other=0.0)
-        xv = tl.load(xv_ptr + x_off, mask=xmsk, other=0.0)
-        eta = tl.load(lr_ptr + pid * T + start + rows, mask=rmask, other=0.0).to(tl.float32)
-        t = tl.load(tok_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-        t_last = tl.load(tok_ptr + m - 1).to(tl.float32)
+        x_off, xmsk, lr_off, rmask, m, xq, xk, xv, eta, t, t_last = _minibatch(
+            xq_ptr, xk_ptr, xv_ptr, lr_ptr, tok_ptr, pid, n, T, rows, cols, cmask, F, K)
         # pass 1: the inner model's prediction on Xk and its LayerNorm-L2 gradient
         z2 = _z2(xk, p1, pb1, p2, b2, w1_off, w2_off, hcols, FP, HID, HC, BK, DT, PREC, EMU)
-        xh, rstd = ln_rows(z2, cmask, F)
-        gx = (xh * gw[None, :] + gb[None, :] - (xv.to(tl.float32) - xk.to(tl.float32))) * gw[None, :]
-        g2 = ln_rows_bwd(gx, xh, rstd, cmask, F)
-        lg2 = eta[:, None] * g2
+        g2, lg2, xh, rstd, gx, e = _lnl2(z2, xk, xv, eta, gw, gb, cmask, F)
         m1 = tl.where(causal, t[:, None] * (mm(xq, tl.trans(xk), DT, PREC, EMU) + 1.0), 0.0)
         # pass 2: first layer's dual form, second layer's pieces, state update (each chunk read, then rewritten
         # by the same threads: same pointer tensor, same layout)
@@ -171,10 +206,7 @@ def _mlp_update(xk, xv, eta, t_last, gw, gb, p1, pb1, p2, pb2, q1, qb1, q2, qb2,
     """The state after one mini-batch: read the state at (p*), write the updated one at (q*)."""
     b2 = tl.load(pb2 + cols)
     z2 = _z2(xk, p1, pb1, p2, b2, w1_off, w2_off, hcols, FP, HID, HC, BK, DT, PREC, EMU)
-    xh, rstd = ln_rows(z2, cmask, F)
-    gx = (xh * gw[None, :] + gb[None, :] - (xv.to(tl.float32) - xk.to(tl.float32))) * gw[None, :]
-    g2 = ln_rows_bwd(gx, xh, rstd, cmask, F)
-    lg2 = eta[:, None] * g2
+    g2, lg2, xh, rstd, gx, e = _lnl2(z2, xk, xv, eta, gw, gb, cmask, F)
     for c0 in range(0, HID, HC):
         w1c = tl.load(p1 + c0 + w1_off)
         b1c = tl.load(pb1 + c0 + hcols)
@@ -190,7 +222,7 @@ def _mlp_update(xk, xv, eta, t_last, gw, gb, p1, pb1, p2, pb2, q1, qb1, q2, qb2,
 @triton.jit
 def _segment_states(
     ck1_ptr, ckb1_ptr, ck2_ptr, ckb2_ptr, sc1_ptr, scb1_ptr, sc2_ptr, scb2_ptr, w10_ptr, b10_ptr, w20_ptr, b20_ptr,
-    reset_ptr, xk_ptr, xv_ptr, lr_ptr, tok_ptr, pid, bi, h, s_idx, n0, n1, T, N, NC, gw, gb, x_base,
+    reset_ptr, xk_ptr, xv_ptr, lr_ptr, tok_ptr, pid, bi, h, s_idx, n0, n1, T, N, NC, gw, gb,
     rows, cols, hcols, cmask, w1_off, w2_off,
     F: tl.constexpr, FP: tl.constexpr, HID: tl.constexpr, HC: tl.constexpr, BK: tl.constexpr, K: tl.constexpr,
     C: tl.constexpr, HAS_RESET: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr,
@@ -213,15 +245,9 @@ def _segment_states(
                             w1_off, w2_off, hcols, cols, FP, HID, HC)
                 tl.debug_barrier()
         if n < n1 - 1:
-            start = n * K
-            m = tl.minimum(T - start, K)
-            rmask = rows < m
-            xmsk = rmask[:, None] & cmask[None, :]
-            x_off = x_base + (start + rows)[:, None] * F + cols[None, :]
-            xk = tl.load(xk_ptr + x_off, mask=xmsk, other=0.0)
-            xv = tl.load(xv_ptr + x_off, mask=xmsk, other=0.0)
-            eta = tl.load(lr_ptr + pid * T + start + rows, mask=rmask, other=0.0).to(tl.float32)
-            t_last = tl.load(tok_ptr + m - 1).to(tl.float32)
+            # (no Xq here: xk_ptr stands in for it and the unused load is dropped)
+            x_off, xmsk, lr_off, rmask, m, xq, xk, xv, eta, t, t_last = _minibatch(
+                xk_ptr, xk_ptr, xv_ptr, lr_ptr, tok_ptr, pid, n, T, rows, cols, cmask, F, K)
             _mlp_update(xk, xv, eta, t_last, gw, gb,
                         sc1_ptr + sl * S1, scb1_ptr + sl * HID, sc2_ptr + sl * S1, scb2_ptr + sl * FP,
                         sc1_ptr + (sl + 1) * S1, scb1_ptr + (sl + 1) * HID, sc2_ptr + (sl + 1) * S1,
@@ -248,11 +274,16 @@ def _lnl2_bwd(dg2, xh, rstd, gx, e, gw, cmask, F: tl.constexpr):
 
 
 @triton.jit
-def _first_layer_bwd(dxk, xk, dz2, p1, pb1, p2, dz1_p, dw1, dwb1, dw2, w1_off, w2_off, z_off, hcols,
-                     FP: tl.constexpr, HID: tl.constexpr, HC: tl.constexpr, BK: tl.constexpr,
-                     DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr):
-    """``Z2 = X2 W2 + b2`` back into the first layer: adds to the state gradient being written (``dw*``) and
-    returns ``dxk + dZ1 W1^T``. ``dz1_p`` holds the part of ``dZ1`` formed before ``dZ2`` was known."""
+def _z2_bwd(dg2, xh, rstd, gx, e, gw, cmask, dxk, xk, p1, pb1, p2, dz1_p, dw1, dwb1, dw2, w1_off, w2_off, z_off, hcols,
+            F: tl.constexpr, FP: tl.constexpr, HID: tl.constexpr, HC: tl.constexpr, BK: tl.constexpr,
+            DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr):
+    """From ``dG2`` back through the LayerNorm-L2 gradient and ``Z2 = X2 W2 + b2`` into the first layer. Adds to
+    the state gradient being written (``dw*``; ``dz1_p`` holds the part of ``dZ1`` formed before ``dZ2`` was
+    known) and returns ``dXk`` (``dxk`` plus this part), ``dXv``, and the rows' sums for the LayerNorm weight and
+    bias and for ``b2``."""
+    dz2, dgxw, dgw_rows, dgb_rows = _lnl2_bwd(dg2, xh, rstd, gx, e, gw, cmask, F)
+    dxk += dgxw
+    tl.debug_barrier()  # this mini-batch's first pass over the chunks has written what the loop below reads
     for c0 in range(0, HID, HC):
         w1c = tl.load(p1 + c0 + w1_off)
         b1c = tl.load(pb1 + c0 + hcols)
@@ -264,7 +295,7 @@ def _first_layer_bwd(dxk, xk, dz2, p1, pb1, p2, dz1_p, dw1, dwb1, dw2, w1_off, w
         tl.store(dw2 + c0 * FP + w2_off, tl.load(dw2 + c0 * FP + w2_off) + mm(tl.trans(x2c), dz2, DT, PREC, EMU))
         tl.store(dw1 + c0 + w1_off, tl.load(dw1 + c0 + w1_off) + mm(tl.trans(xk), dz1c, DT, PREC, EMU))
         tl.store(dwb1 + c0 + hcols, tl.load(dwb1 + c0 + hcols) + tl.sum(dz1c, 0))
-    return dxk
+    return dxk, -dgxw, dgw_rows, dgb_rows, tl.sum(dz2, 0)
 
 
 @triton.jit
@@ -300,13 +331,7 @@ def _mlp_bwd_kernel(
     pid = tl.program_id(0).to(tl.int64)
     h = pid % H
     bi = pid // H
-    rows = tl.arange(0, BK)
-    cols = tl.arange(0, FP)
-    hcols = tl.arange(0, HC)
-    cmask = cols < F
-    w1_off = cols[:, None] * HID + hcols[None, :]
-    w2_off = hcols[:, None] * FP + cols[None, :]
-    z_off = rows[:, None] * HID + hcols[None, :]
+    rows, cols, hcols, cmask, w1_off, w2_off, z_off = _tiles(F, FP, HID, HC, BK)
     S1: tl.constexpr = FP * HID
     gw = tl.load(lnw_ptr + h * F + cols, mask=cmask, other=0.0).to(tl.float32)
     gb = tl.load(lnb_ptr + h * F + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -314,7 +339,6 @@ def _mlp_bwd_kernel(
     dtok = tl.zeros([BK], dtype=tl.float32)
     dgw = tl.zeros([FP], dtype=tl.float32)
     dgb = tl.zeros([FP], dtype=tl.float32)
-    x_base = pid * T * F
     causal = rows[None, :] <= rows[:, None]
     cur = 0  # ping-pong slot of the carried state gradient
     for si in range(NC):
@@ -323,7 +347,7 @@ def _mlp_bwd_kernel(
         n1 = tl.minimum(n0 + C, N)
         _segment_states(ck1_ptr, ckb1_ptr, ck2_ptr, ckb2_ptr, sc1_ptr, scb1_ptr, sc2_ptr, scb2_ptr,
                         w10_ptr, b10_ptr, w20_ptr, b20_ptr, reset_ptr, xk_ptr, xv_ptr, lr_ptr, tok_ptr,
-                        pid, bi, h, s_idx, n0, n1, T, N, NC, gw, gb, x_base, rows, cols, hcols, cmask, w1_off, w2_off,
+                        pid, bi, h, s_idx, n0, n1, T, N, NC, gw, gb, rows, cols, hcols, cmask, w1_off, w2_off,
                         F, FP, HID, HC, BK, K, C, HAS_RESET, DT, PREC, EMU)
         for i in range(n1 - n0):
             n = n1 - 1 - i
@@ -332,32 +356,13 @@ def _mlp_bwd_kernel(
             pb1 = scb1_ptr + sl * HID
             p2 = sc2_ptr + sl * S1
             b2 = tl.load(scb2_ptr + sl * FP + cols)
-            # carried gradient of the state after this mini-batch (d*n) and the one we write (d*w)
-            dn1 = g1_ptr + (pid * 2 + cur) * S1
-            dnb1 = gb1_ptr + (pid * 2 + cur) * HID
-            dn2 = g2_ptr + (pid * 2 + cur) * S1
-            dw1 = g1_ptr + (pid * 2 + 1 - cur) * S1
-            dwb1 = gb1_ptr + (pid * 2 + 1 - cur) * HID
-            dw2 = g2_ptr + (pid * 2 + 1 - cur) * S1
-            start = n * K
-            m = tl.minimum(T - start, K)
-            rmask = rows < m
-            xmsk = rmask[:, None] & cmask[None, :]
-            x_off = x_base + (start + rows)[:, None] * F + cols[None, :]
-            xq = tl.load(xq_ptr + x_off, mask=xmsk, other=0.0)
-            xk = tl.load(xk_ptr + x_off, mask=xmsk, other=0.0)
-            xv = tl.load(xv_ptr + x_off, mask=xmsk, other=0.0)
+            dn1, dnb1, dn2, dw1, dwb1, dw2 = _slots(g1_ptr, gb1_ptr, g2_ptr, pid, cur, S1, HID)
+            x_off, xmsk, lr_off, rmask, m, xq, xk, xv, eta, t, t_last = _minibatch(
+                xq_ptr, xk_ptr, xv_ptr, lr_ptr, tok_ptr, pid, n, T, rows, cols, cmask, F, K)
             dout = tl.load(dout_ptr + x_off, mask=xmsk, other=0.0).to(tl.float32)
-            eta = tl.load(lr_ptr + pid * T + start + rows, mask=rmask, other=0.0).to(tl.float32)
-            t = tl.load(tok_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-            t_last = tl.load(tok_ptr + m - 1).to(tl.float32)
             # pass A: Z2, G2
             z2 = _z2(xk, p1, pb1, p2, b2, w1_off, w2_off, hcols, FP, HID, HC, BK, DT, PREC, EMU)
-            xh, rstd = ln_rows(z2, cmask, F)
-            e = xh * gw[None, :] + gb[None, :] - (xv.to(tl.float32) - xk.to(tl.float32))
-            gx = e * gw[None, :]
-            g2 = ln_rows_bwd(gx, xh, rstd, cmask, F)
-            lg2 = eta[:, None] * g2
+            g2, lg2, xh, rstd, gx, e = _lnl2(z2, xk, xv, eta, gw, gb, cmask, F)
             s1 = mm(xq, tl.trans(xk), DT, PREC, EMU) + 1.0
             m1 = tl.where(causal, t[:, None] * s1, 0.0)
             # pass B: Z2bar and the second layer's dual-form terms; X2 dW2n
@@ -429,18 +434,16 @@ def _mlp_bwd_kernel(
             ds1m = dm1 * t[:, None]
             dxq += mm(ds1m, xk, DT, PREC, EMU)
             dxk += mm(tl.trans(ds1m), xq, DT, PREC, EMU)
-            dz2, dgxw, dgw_r, dgb_r = _lnl2_bwd(dg2, xh, rstd, gx, e, gw, cmask, F)
+            dxk, dxv, dgw_r, dgb_r, db2_r = _z2_bwd(dg2, xh, rstd, gx, e, gw, cmask, dxk, xk, p1, pb1, p2,
+                                                    dz1_ptr + pid * BK * HID, dw1, dwb1, dw2, w1_off, w2_off, z_off,
+                                                    hcols, F, FP, HID, HC, BK, DT, PREC, EMU)
             dgw += dgw_r
             dgb += dgb_r
-            dxk += dgxw
-            db2 = db2 + tl.sum(dz2, 0)
-            tl.debug_barrier()
-            dxk = _first_layer_bwd(dxk, xk, dz2, p1, pb1, p2, dz1_ptr + pid * BK * HID, dw1, dwb1, dw2,
-                                    w1_off, w2_off, z_off, hcols, FP, HID, HC, BK, DT, PREC, EMU)
+            db2 = db2 + db2_r
             tl.store(dxq_ptr + x_off, dxq.to(dxq_ptr.dtype.element_ty), mask=xmsk)
             tl.store(dxk_ptr + x_off, dxk.to(dxk_ptr.dtype.element_ty), mask=xmsk)
-            tl.store(dxv_ptr + x_off, (-dgxw).to(dxv_ptr.dtype.element_ty), mask=xmsk)
-            tl.store(dlr_ptr + pid * T + start + rows, dlr.to(dlr_ptr.dtype.element_ty), mask=rmask)
+            tl.store(dxv_ptr + x_off, dxv.to(dxv_ptr.dtype.element_ty), mask=xmsk)
+            tl.store(dlr_ptr + lr_off, dlr.to(dlr_ptr.dtype.element_ty), mask=rmask)
             tl.debug_barrier()
             if HAS_RESET:  # noqa: SIM102 (constexpr guard first)
                 if tl.load(reset_ptr + bi * N + n) != 0:
