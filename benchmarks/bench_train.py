@@ -8,6 +8,8 @@ TTT rows' modes, so it gets the same compile. The ratio is against the fastest b
 context.
 TTT models run eager, compiled whole ("compiled") or compiled one block at a time ("blocks": every block shares
 one compiled graph, so large models compile in a fraction of the time; the head and loss stay eager).
+``--kernel-settings '[{}, {"split_bwd": true}]'`` times each TTT row under each set of kernel launch settings
+(``model.kernel_settings`` in the app); rows under other settings than the defaults are kept out of the figures.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import statistics
 from pathlib import Path
 
 import torch
-from common import VOCAB, add_row, arm, commit, llama, result_path, ttt
+from common import VOCAB, add_row, arm, commit, llama, result_path, settings_label, ttt
 
 from tttexp.models import SIZE_PRESETS
+from tttexp.ops.settings import kernel_settings
 from tttexp.training.metrics import PEAK_BF16_FLOPS, train_flops_per_token, ttt_flops_per_token
 
 MODES = {"eager": False, "compiled": True, "blocks": "blocks"}
@@ -89,14 +92,16 @@ def flops_per_token(kind: str, size: str, ctx: int, layer: str, n_params: int) -
 
 
 def measure(kind: str, size: str, ctx: int, batch: int, layer: str, args, compiled: bool | str = False,
-            kernel: str = "triton") -> dict:
+            kernel: str = "triton", settings: dict | None = None) -> dict:
     torch.manual_seed(0)
     row = {"model": kind, "size": size, "context": ctx, "batch": batch, "ttt_layer": layer if kind == "ttt" else None,
            "kernel": kernel if kind == "ttt" else None, "compiled": compiled,
            "checkpointing": bool(args.llama_checkpointing if kind == "llama" else args.checkpointing)}
+    if settings:
+        row["kernel_settings"] = settings
     model = None
     try:
-        model = (ttt(size, layer, args.checkpointing, kernel) if kind == "ttt" else
+        model = (ttt(size, layer, args.checkpointing, kernel, settings) if kind == "ttt" else
                  arm(size, args.checkpointing) if kind == "attention" else llama(size))
         if kind == "llama" and args.llama_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -139,7 +144,18 @@ def main() -> None:
     parser.add_argument("--llama-checkpointing", action="store_true", help="activation checkpointing for the Llama")
     parser.add_argument("--profile", default=None, help="folder for a kernel-time table of each row")
     parser.add_argument("--out", default=None, help="a folder or a .json file for the result")
+    parser.add_argument("--kernel-settings", default="{}",
+                        help='the TTT kernels\' launch settings as JSON, or a list of them, each timed: '
+                        '\'[{}, {"split_bwd": true}]\' (tttexp.ops.settings; {}: the defaults)')
     args = parser.parse_args()
+    settings = json.loads(args.kernel_settings)
+    settings = settings if isinstance(settings, list) else [settings]
+    for layer in args.layers.split(","):
+        for entry in settings:
+            try:  # a misspelt setting fails here, before any GPU work
+                kernel_settings(layer, entry)
+            except ValueError as err:
+                parser.error(f"--kernel-settings: {err}")
 
     result = {
         "benchmark": "train",
@@ -158,7 +174,8 @@ def main() -> None:
             for layer in args.layers.split(","):
                 for mode in args.ttt_modes.split(","):
                     for kernel in args.kernels.split(","):
-                        add(measure("ttt", size, ctx, batch, layer, args, MODES[mode], kernel))
+                        for entry in settings:
+                            add(measure("ttt", size, ctx, batch, layer, args, MODES[mode], kernel, entry))
             if not args.skip_arm:
                 for mode in args.ttt_modes.split(","):
                     add(measure("attention", size, ctx, batch, "", args, MODES[mode]))
@@ -182,7 +199,8 @@ def fastest_baseline(rows: list[dict]) -> dict[tuple, float]:
 def row_name(r: dict) -> str:
     mode = {"blocks": "-blocks", True: "-compiled"}.get(r["compiled"], "")
     if r["model"] == "ttt":
-        return f"ttt-{r['ttt_layer']}" + ("" if r["kernel"] == "triton" else f"-{r['kernel']}") + mode
+        kernel = "" if r["kernel"] == "triton" else f"-{r['kernel']}"
+        return f"ttt-{r['ttt_layer']}{kernel}{mode}{settings_label(r.get('kernel_settings'))}"
     return ("transformer++" if r["model"] == "attention" else "llama") + mode
 
 

@@ -46,10 +46,17 @@ def llama(size: str):
     return LlamaForCausalLM(cfg)
 
 
-def ttt(size: str, layer: str, checkpointing: bool, kernel: str):
-    """A TTT model of one of the paper's sizes."""
+def ttt(size: str, layer: str, checkpointing: bool, kernel: str, settings: dict | None = None):
+    """A TTT model of one of the paper's sizes; ``settings``: its Triton kernels' launch settings (None: defaults)."""
     return build_model(vocab_size=VOCAB, **SIZE_PRESETS[size], ttt_layer=layer, kernel=kernel,
-                       gradient_checkpointing=checkpointing)
+                       kernel_settings=settings, gradient_checkpointing=checkpointing)
+
+
+def settings_label(settings: dict | None) -> str:
+    """Kernel launch settings as a row's name shows them: `` [split_bwd=true]``; empty for the defaults."""
+    if not settings:
+        return ""
+    return " [" + ", ".join(f"{k}={json.dumps(v)}" for k, v in settings.items()) + "]"
 
 
 def op_inputs(layer: str, b: int, t: int, h: int, f: int, dtype: torch.dtype, k: int = 16) -> list:

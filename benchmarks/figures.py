@@ -57,7 +57,8 @@ def speed_points(runs: Iterable[tuple[str, str, list[dict], dict]], root: Path) 
             key = (r["size"], r["context"])
             if r["model"] != "ttt" or "tokens_per_sec" not in r or key not in best:
                 continue
-            if r.get("kernel") not in (None, "triton"):  # the PyTorch-kernel rows are not the product's speed
+            # the PyTorch-kernel rows and rows under other kernel settings than the defaults are not the product's
+            if r.get("kernel") not in (None, "triton") or r.get("kernel_settings"):
                 continue
             line = run_points.setdefault((r["ttt_layer"], r["size"]), {})
             line[r["context"]] = max(line.get(r["context"], 0.0), r["tokens_per_sec"] / best[key])

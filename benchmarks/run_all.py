@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from bench_train import fastest_baseline
+from common import settings_label
 from figures import commit_time, profile_bars, profile_figure, speed_figure, speed_points
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,7 +104,7 @@ def table() -> str:
             mode = {"blocks": " compiled per block", True: " compiled"}.get(r["compiled"], "")
             if r["ttt_layer"]:
                 kernel = f" ({r['kernel']})" if r.get("kernel") not in (None, "triton") else ""
-                name = f"TTT-{r['ttt_layer']}{kernel}{mode}"
+                name = f"TTT-{r['ttt_layer']}{kernel}{mode}{settings_label(r.get('kernel_settings'))}"
             else:
                 name = ("Transformer++ arm" if r["model"] == "attention" else "Llama") + mode
             name += " + activation checkpointing" if r.get("checkpointing") else ""

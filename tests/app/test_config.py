@@ -143,6 +143,13 @@ def test_contract_keys_exist():
      "(distributed=ddp, distributed=fsdp)"),
     (["distributed=fsdp", "distributed.replicat=2"], "distributed.replicat: no such config key (did you mean "
                                                      "distributed.replicate?)"),
+    (["model.ttt_layer=mlp", "model.kernel_settings={splitbwd:true}"],
+     "model.kernel_settings.splitbwd: the TTT-MLP kernels have no such setting; they have hc, every,"),
+    (["model.kernel_settings={every:two}"], "model.kernel_settings.every='two': expected int"),
+    (["model.kernel_settings={lowp:bf16}"], "model.kernel_settings: lowp is one of 'input', 'tf32', got 'bf16'"),
+    (["model.kernel_settings=3"], "model.kernel_settings=3: expected settings by name"),
+    (["model.kernel_settings.split_bwd=true"], "a kernel setting is added with a +, as "
+                                               "+model.kernel_settings.split_bwd=..."),
 ])
 def test_bad_command_lines_give_one_line(argv, expected):
     problem = check(argv)
@@ -157,6 +164,18 @@ def test_good_command_lines_pass():
     assert check(["model.hidden_size=104"]) is None  # head dim 26: even is all RoPE needs (kernels pad)
     assert check(["model.mixer=attention", "data.seq_len=3"]) is None  # no TTT layer, no mini-batch
     assert check(["strategy=from_pretrained", "model.freeze=false"]) is None  # the option that reads it
+    assert check(["model.ttt_layer=mlp", "model.kernel_settings={split_bwd:true,local_warps:4}"]) is None
+    assert check(["+model.kernel_settings.every=4"]) is None
+
+
+def test_kernel_settings_reach_every_ttt_layer():
+    cfg = compose_config(["model.ttt_layer=mlp", "+model.kernel_settings.split_bwd=true"])
+    assert validate(cfg).model.kernel_settings == {"split_bwd": True}
+    model, _ = instantiate(cfg.model).build(vocab_size=61, eos_token_id=None)
+    assert model.config.kernel_settings == {"split_bwd": True}
+    assert all(block.ttt.kernel_settings.split_bwd for block in model.model.layers)
+    default, _ = instantiate(compose_config([]).model).build(vocab_size=61, eos_token_id=None)
+    assert all(block.ttt.kernel_settings is None for block in default.model.layers)
 
 
 def test_only_project_targets_are_built():

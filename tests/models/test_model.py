@@ -139,6 +139,33 @@ def test_bad_config_is_one_clear_line(kwargs, message):
     assert "\n" not in str(err.value)
 
 
+def test_kernel_settings_reach_the_op_and_keep_the_gradients(monkeypatch):
+    """``kernel_settings`` of the config run TTT-MLP's split backward in every layer (the interpreter on the CPU),
+    with the default backward's gradients."""
+    pytest.importorskip("triton")
+    from tttexp.ops.dispatch import triton_available
+    from tttexp.ops.ttt_mlp import op
+
+    if not triton_available():
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    calls = []
+    real = op.mlp_backward_split
+    monkeypatch.setattr(op, "mlp_backward_split", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ids = torch.randint(0, 61, (1, 20), device=device)
+    grads = []
+    for settings in ({}, {"split_bwd": True}):
+        torch.manual_seed(0)
+        model = small_model("mamba", "mlp", dtype=torch.float32, kernel="triton", kernel_settings=settings)
+        model = model.to(device).train()
+        model(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        assert len(calls) == (2 if settings else 0)  # one split backward per layer, and only when asked for
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        assert ((grads[1][name] - g).norm() / g.norm().clamp_min(1e-12)) < 1e-5, name
+
+
 def test_decoding_with_the_triton_decode_kernel_equals_one_pass():
     """Token-by-token continuation through the Triton decode kernel (the interpreter on the CPU)."""
     pytest.importorskip("triton")

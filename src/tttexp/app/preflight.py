@@ -191,6 +191,9 @@ def _override_error(err: Exception, overrides: list[str]) -> str:
     override = re.search(r"Could not override '([^']+)'", text) or re.search(r"Error merging override ([^=\s]+)", text)
     if key and override:
         full = override.group(1)
+        if full.startswith("model.kernel_settings."):  # a mapping with no keys until given: a new key takes a +
+            return (f"{full}: a kernel setting is added with a +, as +{full}=..., or given with the others, as "
+                    f"'model.kernel_settings={{{full.rsplit('.', 1)[1]}:...}}'")
         parent = full.rsplit(".", 1)[0] if "." in full else ""
         typed = re.search(r"object_type=(\w+)", text)
         current = [s for s in schemas.schemas_of(parent) if typed and s.__name__ == typed.group(1)] if parent else []

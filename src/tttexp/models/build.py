@@ -7,7 +7,7 @@ data group's own) and then builds the model once the data knows its vocabulary.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +17,7 @@ from tttexp.configs import RESUME, choice, positive
 from tttexp.errors import ConfigError
 from tttexp.models.configuration import BACKBONES, KERNELS, MIXERS, TTT_LAYERS, TTTConfig
 from tttexp.models.modeling import TTTForCausalLM
+from tttexp.ops.settings import kernel_settings
 
 FROM_SCRATCH = "tttexp.models.FromScratch"
 
@@ -24,8 +25,9 @@ FROM_SCRATCH = "tttexp.models.FromScratch"
 @dataclass
 class FromScratchConfig:
     """The ``model`` group under every recipe but ``from_pretrained`` (``conf/model/*.yaml``: the paper's sizes plus
-    ``tiny``): fresh weights at these sizes. The TTT options (``ttt_layer``, ``kernel``, ``mini_batch_size``,
-    ``ttt_base_lr``, ``conv_kernel``) are ignored by attention layers. Fields marked ``RESUME`` must match on resume.
+    ``tiny``): fresh weights at these sizes. The TTT options (``ttt_layer``, ``kernel``, ``kernel_settings``,
+    ``mini_batch_size``, ``ttt_base_lr``, ``conv_kernel``) are ignored by attention layers. Fields marked
+    ``RESUME`` must match on resume.
     """
 
     _target_: str = field(default=FROM_SCRATCH, metadata=RESUME)  # the model source
@@ -44,6 +46,9 @@ class FromScratchConfig:
     # mamba (the paper's block: shared Q/K, convs, output gate) | transformer
     backbone: str = field(default="mamba", metadata=RESUME)
     kernel: str = "auto"  # auto (Triton on CUDA, else torch) | triton | torch; the model resolves auto
+    # launch settings of the Triton kernels by name (tttexp.ops.settings), e.g. 'model.kernel_settings={split_bwd:true}'
+    # or +model.kernel_settings.split_bwd=true; None: their defaults. They change the speed, not the math.
+    kernel_settings: Any = None
     mini_batch_size: int = field(default=16, metadata=RESUME)  # K: tokens per inner gradient step
     ttt_base_lr: float | None = field(default=None, metadata=RESUME)  # None: 1.0 for linear, 0.1 for mlp
     rope_theta: float = field(default=10000.0, metadata=RESUME)
@@ -58,6 +63,7 @@ class FromScratchConfig:
         choice("model.ttt_layer", self.ttt_layer, TTT_LAYERS)
         choice("model.backbone", self.backbone, BACKBONES)
         choice("model.kernel", self.kernel, KERNELS)
+        check_kernel_settings(self.ttt_layer, self.kernel_settings)
         for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                     "mini_batch_size", "conv_kernel"):
             positive(f"model.{key}", getattr(self, key))
@@ -114,6 +120,18 @@ def build_model(
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def check_kernel_settings(ttt_layer: str, settings: Any) -> None:
+    """``model.kernel_settings`` against the fields of ``ttt_layer``'s launch settings: one line naming the setting
+    to change."""
+    if settings is not None and not isinstance(settings, Mapping):
+        raise ConfigError(f"model.kernel_settings={settings!r}: expected settings by name, e.g. "
+                          "'model.kernel_settings={split_bwd:true}'")
+    try:
+        kernel_settings(ttt_layer, settings)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 class FromScratch:

@@ -41,6 +41,8 @@ class TTTConfig(PretrainedConfig):
     ``ttt_output_gate`` turns each TTT layer's output into ``gate * out + bias`` with learnable per-channel
     ``gate`` and ``bias`` that start at 0: a layer converted from attention then starts as a constant (the
     conversion sets ``bias`` to the base attention's mean output), and the TTT path opens as training goes.
+    ``kernel_settings`` are launch settings of the Triton kernels (``tttexp.ops.settings``; empty: their
+    defaults); they change the speed, not the math.
     """
 
     model_type = "tttexp"
@@ -69,6 +71,7 @@ class TTTConfig(PretrainedConfig):
         num_key_value_heads: int | None = None,
         mixer_types: list[str] | None = None,
         ttt_output_gate: bool = False,
+        kernel_settings: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         _one_of("model.ttt_layer", ttt_layer, TTT_LAYERS)
@@ -119,6 +122,7 @@ class TTTConfig(PretrainedConfig):
         self.num_key_value_heads = num_key_value_heads
         self.mixer_types = mixer_types
         self.ttt_output_gate = bool(ttt_output_gate)
+        self.kernel_settings = dict(kernel_settings or {})
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,

@@ -84,9 +84,9 @@ class BaseSource:
 class FromBase:
     """A pretrained base converted to TTT: the base dictates the sizes and the tokenizer.
 
-    Of the model group only ``ttt_layer``, ``mini_batch_size``, ``ttt_base_lr``, ``kernel``, ``initializer_range``
-    and ``gradient_checkpointing`` apply, with the source's own ``base_model``, ``convert_layers``, ``freeze`` and
-    ``trust_remote_code``. ``stream`` (state passing) needs every layer converted.
+    Of the model group only ``ttt_layer``, ``mini_batch_size``, ``ttt_base_lr``, ``kernel``, ``kernel_settings``,
+    ``initializer_range`` and ``gradient_checkpointing`` apply, with the source's own ``base_model``,
+    ``convert_layers``, ``freeze`` and ``trust_remote_code``. ``stream`` (state passing) needs every layer converted.
     """
 
     def __init__(
@@ -100,6 +100,7 @@ class FromBase:
         mini_batch_size: int = 16,
         ttt_base_lr: float | None = None,
         kernel: str = "auto",
+        kernel_settings: dict[str, Any] | None = None,
         initializer_range: float = 0.02,
         gradient_checkpointing: bool = False,
         stream: bool = False,
@@ -107,7 +108,8 @@ class FromBase:
     ) -> None:
         self.spec, self.trust, self.freeze = str(base_model), bool(trust_remote_code), bool(freeze)
         self.options = {"ttt_layer": ttt_layer, "mini_batch_size": mini_batch_size, "ttt_base_lr": ttt_base_lr,
-                        "kernel": kernel, "initializer_range": initializer_range}
+                        "kernel": kernel, "kernel_settings": dict(kernel_settings or {}),
+                        "initializer_range": initializer_range}
         self.gradient_checkpointing = gradient_checkpointing
         self.source = resolve_base(self.spec)
         self.config = load_base_config(self.source, self.trust)

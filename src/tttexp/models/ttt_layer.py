@@ -29,6 +29,7 @@ class TTTLayer(nn.Module):
         width, heads, f = config.hidden_size, config.num_attention_heads, config.head_dim
         self.width, self.heads, self.head_dim = width, heads, f
         self.k = config.mini_batch_size
+        self.kernel_settings = ops.kernel_settings(self.layer, config.kernel_settings)  # None: the kernels' defaults
         self.q_proj = nn.Linear(width, width, bias=False)
         if config.share_qk:
             self.conv_q = CausalConv(width, config.conv_kernel)
@@ -161,7 +162,8 @@ class TTTLayer(nn.Module):
         init = self.init_state()
         kernel = self.config.kernel
         if cache is None:
-            out, _ = ops.ttt(self.layer, XQ, XK, XV, lr, tok, *args, init, reset=reset, kernel=kernel)
+            out, _ = ops.ttt(self.layer, XQ, XK, XV, lr, tok, *args, init, reset=reset, kernel=kernel,
+                             settings=self.kernel_settings)
             return out
 
         # With a cache: finish the pending mini-batch, run whole mini-batches, keep a short tail pending.
@@ -183,7 +185,7 @@ class TTTLayer(nn.Module):
             sl = slice(start, start + body)
             out, state = ops.ttt(
                 self.layer, XQ[:, :, sl], XK[:, :, sl], XV[:, :, sl], lr[:, :, sl], tok, *args, init,
-                state=state, reset=reset, kernel=kernel,
+                state=state, reset=reset, kernel=kernel, settings=self.kernel_settings,
             )
             outs.append(out)
             start += body
@@ -216,7 +218,8 @@ class TTTLayer(nn.Module):
         init = tuple(s[hs] for s in self.init_state())
         state = cache.ttt if cache is not None else None
         out, state = ops.ttt(self.layer, xq, xk, xv, lr, tok, self.ttt_norm_weight[hs], self.ttt_norm_bias[hs],
-                             init, state=state, reset=cp.gather_seq(reset), kernel=self.config.kernel)
+                             init, state=state, reset=cp.gather_seq(reset), kernel=self.config.kernel,
+                             settings=self.kernel_settings)
         if cache is not None:
             cache.ttt = state
         return cp.heads_to_seq(out.transpose(1, 2)).transpose(1, 2)

@@ -99,10 +99,13 @@ def ttt(
     state: State | None = None,
     reset: Tensor | None = None,
     kernel: str = "auto",
+    settings: object | None = None,
 ) -> tuple[Tensor, State]:
-    """The TTT inner loop over a whole sequence (signature of :func:`tttexp.ops.reference.ttt_dual`)."""
+    """The TTT inner loop over a whole sequence (signature of :func:`tttexp.ops.reference.ttt_dual`). ``settings``:
+    the Triton kernels' launch settings (:func:`tttexp.ops.settings.kernel_settings`; None: their defaults)."""
     if resolve_kernel(kernel, xq.device.type) == "triton":
-        return ttt_triton(layer, xq, xk, xv, lr, tok, ln_w, ln_b, init_state, state=state, reset=reset)
+        return ttt_triton(layer, xq, xk, xv, lr, tok, ln_w, ln_b, init_state, state=state, reset=reset,
+                          config=settings)
     return reference.ttt_dual(layer, xq, xk, xv, lr, tok, ln_w, ln_b, init_state, state=state, reset=reset)
 
 

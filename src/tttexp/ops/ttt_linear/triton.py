@@ -19,51 +19,14 @@ long sequences with few (batch, head) pairs no longer leave the GPU idle. The ma
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from tttexp.ops.settings import LinearConfig
 from tttexp.ops.triton_utils import dot_config, ln_rows, ln_rows_bwd, mm, padded_dim
-
-
-@dataclass(frozen=True)
-class LinearConfig:
-    """Launch settings of the TTT-Linear kernels; the defaults are the measured best on an H100
-    (benchmarks/NOTES-kernels.md).
-
-    ``every``: mini-batches per checkpoint segment. Warps left at None: 4 for head dims up to 64, 8 above, for the
-    forward (``fwd_warps``), the backward's segment passes (``bwd_warps``) and its reverse chain (``chain_warps``).
-    Stages None: Triton's default, except the fp32 backward at head dim 128 (the pipelined buffers need more shared
-    memory than the chip has). ``lowp``: the dots used for bf16 inputs ("input": bf16 operands, "tf32": fp32
-    operands in tf32). ``split_fwd`` None: split the training forward (state chain, then segment outputs) only when
-    batch x heads fills under a third of the SMs; below that the chain's shorter steps win, above it the extra
-    output pass costs more. ``scratch``: the dtype of the backward's per-step tiles that feed dots (``Lg``,
-    ``dZbar`` and the chain's ``p``, ``q``): "input" (bf16/fp16 inputs keep them in their own dtype, half the
-    bytes; the normalised prediction, ``dLg`` and the row statistics stay fp32; the chain pass 291 -> 207 us at
-    8x2048x12x64 on an H100), or "fp32". ``reuse``: the finishing segment pass reads the first pass's stored
-    ``Xh``, ``rstd``, ``c``, ``dZbar`` and local ``dLg`` instead of recomputing them (four dots and three row
-    normalisations a step fewer, three more tiles read), and the first pass sums the post-norm's own gradient
-    (the segment passes 437 -> 416 us at 8x2048x12x64 on an H100).
-    """
-
-    every: int = 8
-    fwd_warps: int | None = None
-    bwd_warps: int | None = None
-    chain_warps: int | None = None
-    fwd_stages: int | None = None
-    bwd_stages: int | None = None
-    lowp: str = "input"
-    split_fwd: bool | None = None
-    scratch: str = "input"
-    reuse: bool = False
-
-    def __post_init__(self) -> None:
-        if self.scratch not in ("fp32", "input"):
-            raise ValueError(f"LinearConfig.scratch is 'fp32' or 'input', got {self.scratch!r}")
-
 
 DEFAULT_CONFIG = LinearConfig()
 

@@ -20,35 +20,14 @@ The math is :mod:`tttexp.ops.ttt_mlp.math` (checked against autograd of the refe
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from tttexp.ops.settings import MLPConfig
 from tttexp.ops.triton_utils import dot_config, gelu, gelu_grad, gelu_parts, ln_rows, ln_rows_bwd, mm, padded_dim
-
-
-@dataclass(frozen=True)
-class MLPConfig:
-    """Launch settings of the TTT-MLP kernels: hidden-dim chunk ``hc``, mini-batches per checkpoint segment
-    ``every``, warps of the forward (``warps``) and backward (``bwd_warps``), stages (None: Triton's default) and the
-    dots used for bf16 inputs (``lowp``, as for TTT-Linear). Chunks of 32 keep the sm_90 build's spills small
-    (see benchmarks/NOTES-kernels.md). ``split_bwd``: the backward as a parallel output path and a shorter serial
-    chain (:mod:`tttexp.ops.ttt_mlp.split`), its parallel kernel at ``local_warps`` (None: ``bwd_warps``); off
-    until it is timed on a GPU."""
-
-    hc: int = 32
-    every: int = 8
-    warps: int = 8
-    bwd_warps: int = 8
-    fwd_stages: int | None = None
-    bwd_stages: int | None = None
-    lowp: str = "input"
-    split_bwd: bool = False
-    local_warps: int | None = None
-
 
 DEFAULT_CONFIG = MLPConfig()
 
