@@ -17,8 +17,7 @@ from common import commit, op_fns, op_inputs, write_result
 from torch.profiler import ProfilerActivity, profile
 
 from tttexp.ops.dispatch import ttt_triton
-from tttexp.ops.ttt_linear.triton import LinearConfig
-from tttexp.ops.ttt_mlp.triton import MLPConfig
+from tttexp.ops.settings import LinearConfig, MLPConfig, kernel_settings
 
 
 def kernel_times(layer: str, b: int, t: int, h: int, f: int, config, reps: int = 5) -> dict[str, float]:
@@ -46,10 +45,10 @@ def main() -> None:
     args = ap.parse_args()
     settings = json.loads(args.config)
     settings = settings if isinstance(settings, list) else [settings]
-    make_config = LinearConfig if args.layer == "linear" else MLPConfig
+    default = LinearConfig() if args.layer == "linear" else MLPConfig()
     try:  # a misspelt setting fails here, before any GPU work
-        configs = [make_config(**entry) for entry in settings]
-    except (TypeError, ValueError) as err:
+        configs = [kernel_settings(args.layer, entry) or default for entry in settings]
+    except ValueError as err:
         ap.error(f"--config: {err}")
     totals: dict[str, list[float]] = {}
     for shape in args.shapes.split(","):
