@@ -46,6 +46,7 @@ from tttexp.ops.ttt_mlp.triton import (
     _reset_grad,
     _slots,
     _state_grads,
+    _store_sums,
     _tiles,
     _z2,
     _z2_bwd,
@@ -159,9 +160,7 @@ def _mlp_bwd_local_kernel(
         if not last:
             tl.store(b2_ptr + (sl + 1) * FP + cols, b2 - t_last * tl.sum(lg2, 0))
         tl.debug_barrier()
-    tl.store(dtok_ptr + pid * BK + rows, dtok)
-    tl.store(dlnw_ptr + pid * F + cols, dgw, mask=cmask)
-    tl.store(dlnb_ptr + pid * F + cols, dgb, mask=cmask)
+    _store_sums(dtok_ptr, dlnw_ptr, dlnb_ptr, pid, dtok, dgw, dgb, rows, cols, cmask, F, BK)
 
 
 @triton.jit
@@ -241,26 +240,18 @@ def _mlp_bwd_chain_kernel(
             tl.store(dw1 + c0 + w1_off, dn1c + mm(tl.trans(xq), dz1bar, DT, PREC, EMU))
             tl.store(dwb1 + c0 + hcols, dnb1c + tl.sum(dz1bar, 0))
         dtok += tl.where(rows == m - 1, dt_last, 0.0)
-        dxk, dxv, dgw_r, dgb_r, db2_r = _z2_bwd(dg2, xh, rstd, gx, e, gw, cmask, dxk, xk, p1, pb1, p2,
-                                                dz1_ptr + pid * BK * HID, dw1, dwb1, dw2, w1_off, w2_off, z_off,
-                                                hcols, F, FP, HID, HC, BK, DT, PREC, EMU)
-        dgw += dgw_r
-        dgb += dgb_r
-        db2 = db2 + db2_r
+        dxk, dxv, dgw, dgb, db2 = _z2_bwd(dg2, xh, rstd, gx, e, gw, cmask, dxk, dgw, dgb, db2, xk, p1, pb1, p2,
+                                          dz1_ptr + pid * BK * HID, dw1, dwb1, dw2, w1_off, w2_off, z_off, hcols,
+                                          F, FP, HID, HC, BK, DT, PREC, EMU)
         tl.store(dxk_ptr + x_off, dxk.to(dxk_ptr.dtype.element_ty), mask=xmsk)
         tl.store(dxv_ptr + x_off, dxv.to(dxv_ptr.dtype.element_ty), mask=xmsk)
         tl.store(dlr_ptr + lr_off, dlr.to(dlr_ptr.dtype.element_ty), mask=rmask)
         tl.debug_barrier()
-        if HAS_RESET:  # noqa: SIM102 (constexpr guard first)
-            if tl.load(reset_ptr + bi * N + n) != 0:
-                db2 = _reset_grad(di1_ptr, dib1_ptr, di2_ptr, dib2_ptr, dw1, dwb1, dw2, db2, pid,
-                                  w1_off, w2_off, hcols, cols, FP, HID, HC)
-                tl.debug_barrier()
+        db2 = _reset_grad(reset_ptr, bi, N, n, di1_ptr, dib1_ptr, di2_ptr, dib2_ptr, dw1, dwb1, dw2, db2, pid,
+                          w1_off, w2_off, hcols, cols, FP, HID, HC, HAS_RESET)
         cur = 1 - cur
     tl.store(gb2_ptr + pid * FP + cols, db2)
-    tl.store(dtok_ptr + pid * BK + rows, dtok)
-    tl.store(dlnw_ptr + pid * F + cols, dgw, mask=cmask)
-    tl.store(dlnb_ptr + pid * F + cols, dgb, mask=cmask)
+    _store_sums(dtok_ptr, dlnw_ptr, dlnb_ptr, pid, dtok, dgw, dgb, rows, cols, cmask, F, BK)
 
 
 def mlp_backward_split(

@@ -253,13 +253,14 @@ def _lnl2_bwd(dg2, xh, rstd, gx, e, gw, cmask, F: tl.constexpr):
 
 
 @triton.jit
-def _z2_bwd(dg2, xh, rstd, gx, e, gw, cmask, dxk, xk, p1, pb1, p2, dz1_p, dw1, dwb1, dw2, w1_off, w2_off, z_off, hcols,
+def _z2_bwd(dg2, xh, rstd, gx, e, gw, cmask, dxk, dgw, dgb, db2, xk, p1, pb1, p2, dz1_p, dw1, dwb1, dw2,
+            w1_off, w2_off, z_off, hcols,
             F: tl.constexpr, FP: tl.constexpr, HID: tl.constexpr, HC: tl.constexpr, BK: tl.constexpr,
             DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr):
     """From ``dG2`` back through the LayerNorm-L2 gradient and ``Z2 = X2 W2 + b2`` into the first layer. Adds to
     the state gradient being written (``dw*``; ``dz1_p`` holds the part of ``dZ1`` formed before ``dZ2`` was
-    known) and returns ``dXk`` (``dxk`` plus this part), ``dXv``, and the rows' sums for the LayerNorm weight and
-    bias and for ``b2``."""
+    known) and returns ``dXk`` (``dxk`` plus this part), ``dXv``, and the sums ``dgw``, ``dgb`` (the LayerNorm's
+    weight and bias) and ``db2`` with this mini-batch's rows added."""
     dz2, dgxw, dgw_rows, dgb_rows = _lnl2_bwd(dg2, xh, rstd, gx, e, gw, cmask, F)
     dxk += dgxw
     tl.debug_barrier()  # this mini-batch's first pass over the chunks has written what the loop below reads
@@ -274,27 +275,41 @@ def _z2_bwd(dg2, xh, rstd, gx, e, gw, cmask, dxk, xk, p1, pb1, p2, dz1_p, dw1, d
         tl.store(dw2 + c0 * FP + w2_off, tl.load(dw2 + c0 * FP + w2_off) + mm(tl.trans(x2c), dz2, DT, PREC, EMU))
         tl.store(dw1 + c0 + w1_off, tl.load(dw1 + c0 + w1_off) + mm(tl.trans(xk), dz1c, DT, PREC, EMU))
         tl.store(dwb1 + c0 + hcols, tl.load(dwb1 + c0 + hcols) + tl.sum(dz1c, 0))
-    return dxk, -dgxw, dgw_rows, dgb_rows, tl.sum(dz2, 0)
+    return dxk, -dgxw, dgw + dgw_rows, dgb + dgb_rows, db2 + tl.sum(dz2, 0)
 
 
 @triton.jit
-def _reset_grad(di1_ptr, dib1_ptr, di2_ptr, dib2_ptr, dw1, dwb1, dw2, db2, pid, w1_off, w2_off, hcols, cols,
-                FP: tl.constexpr, HID: tl.constexpr, HC: tl.constexpr):
-    """At a reset, the carried gradient goes to the learned initial state and restarts from zero; returns the
-    new ``db2`` (zero)."""
-    S1: tl.constexpr = FP * HID
-    for c0 in range(0, HID, HC):
-        o1 = pid * S1 + c0 + w1_off
-        o2 = pid * S1 + c0 * FP + w2_off
-        tl.store(di1_ptr + o1, tl.load(di1_ptr + o1) + tl.load(dw1 + c0 + w1_off))
-        tl.store(di2_ptr + o2, tl.load(di2_ptr + o2) + tl.load(dw2 + c0 * FP + w2_off))
-        tl.store(dib1_ptr + pid * HID + c0 + hcols,
-                 tl.load(dib1_ptr + pid * HID + c0 + hcols) + tl.load(dwb1 + c0 + hcols))
-        tl.store(dw1 + c0 + w1_off, tl.zeros([FP, HC], dtype=tl.float32))
-        tl.store(dw2 + c0 * FP + w2_off, tl.zeros([HC, FP], dtype=tl.float32))
-        tl.store(dwb1 + c0 + hcols, tl.zeros([HC], dtype=tl.float32))
-    tl.store(dib2_ptr + pid * FP + cols, tl.load(dib2_ptr + pid * FP + cols) + db2)
-    return tl.zeros([FP], dtype=tl.float32)
+def _reset_grad(reset_ptr, bi, N, n, di1_ptr, dib1_ptr, di2_ptr, dib2_ptr, dw1, dwb1, dw2, db2, pid,
+                w1_off, w2_off, hcols, cols,
+                FP: tl.constexpr, HID: tl.constexpr, HC: tl.constexpr, HAS_RESET: tl.constexpr):
+    """If mini-batch ``n`` started from a reset state, the carried gradient goes to the learned initial state and
+    restarts from zero. Returns ``db2`` (zero after a reset)."""
+    if HAS_RESET:  # noqa: SIM102 (constexpr guard first)
+        if tl.load(reset_ptr + bi * N + n) != 0:
+            S1: tl.constexpr = FP * HID
+            for c0 in range(0, HID, HC):
+                o1 = pid * S1 + c0 + w1_off
+                o2 = pid * S1 + c0 * FP + w2_off
+                tl.store(di1_ptr + o1, tl.load(di1_ptr + o1) + tl.load(dw1 + c0 + w1_off))
+                tl.store(di2_ptr + o2, tl.load(di2_ptr + o2) + tl.load(dw2 + c0 * FP + w2_off))
+                tl.store(dib1_ptr + pid * HID + c0 + hcols,
+                         tl.load(dib1_ptr + pid * HID + c0 + hcols) + tl.load(dwb1 + c0 + hcols))
+                tl.store(dw1 + c0 + w1_off, tl.zeros([FP, HC], dtype=tl.float32))
+                tl.store(dw2 + c0 * FP + w2_off, tl.zeros([HC, FP], dtype=tl.float32))
+                tl.store(dwb1 + c0 + hcols, tl.zeros([HC], dtype=tl.float32))
+            tl.store(dib2_ptr + pid * FP + cols, tl.load(dib2_ptr + pid * FP + cols) + db2)
+            db2 = tl.zeros([FP], dtype=tl.float32)
+            tl.debug_barrier()
+    return db2
+
+
+@triton.jit
+def _store_sums(dtok_ptr, dlnw_ptr, dlnb_ptr, row, dtok, dgw, dgb, rows, cols, cmask,
+                F: tl.constexpr, BK: tl.constexpr):
+    """A program's sums over its mini-batches: the token weights' and the LayerNorm weight's and bias' gradients."""
+    tl.store(dtok_ptr + row * BK + rows, dtok)
+    tl.store(dlnw_ptr + row * F + cols, dgw, mask=cmask)
+    tl.store(dlnb_ptr + row * F + cols, dgb, mask=cmask)
 
 
 @triton.jit
@@ -413,27 +428,19 @@ def _mlp_bwd_kernel(
             ds1m = dm1 * t[:, None]
             dxq += mm(ds1m, xk, DT, PREC, EMU)
             dxk += mm(tl.trans(ds1m), xq, DT, PREC, EMU)
-            dxk, dxv, dgw_r, dgb_r, db2_r = _z2_bwd(dg2, xh, rstd, gx, e, gw, cmask, dxk, xk, p1, pb1, p2,
-                                                    dz1_ptr + pid * BK * HID, dw1, dwb1, dw2, w1_off, w2_off, z_off,
-                                                    hcols, F, FP, HID, HC, BK, DT, PREC, EMU)
-            dgw += dgw_r
-            dgb += dgb_r
-            db2 = db2 + db2_r
+            dxk, dxv, dgw, dgb, db2 = _z2_bwd(dg2, xh, rstd, gx, e, gw, cmask, dxk, dgw, dgb, db2, xk, p1, pb1, p2,
+                                              dz1_ptr + pid * BK * HID, dw1, dwb1, dw2, w1_off, w2_off, z_off, hcols,
+                                              F, FP, HID, HC, BK, DT, PREC, EMU)
             tl.store(dxq_ptr + x_off, dxq.to(dxq_ptr.dtype.element_ty), mask=xmsk)
             tl.store(dxk_ptr + x_off, dxk.to(dxk_ptr.dtype.element_ty), mask=xmsk)
             tl.store(dxv_ptr + x_off, dxv.to(dxv_ptr.dtype.element_ty), mask=xmsk)
             tl.store(dlr_ptr + lr_off, dlr.to(dlr_ptr.dtype.element_ty), mask=rmask)
             tl.debug_barrier()
-            if HAS_RESET:  # noqa: SIM102 (constexpr guard first)
-                if tl.load(reset_ptr + bi * N + n) != 0:
-                    db2 = _reset_grad(di1_ptr, dib1_ptr, di2_ptr, dib2_ptr, dw1, dwb1, dw2, db2, pid,
-                                      w1_off, w2_off, hcols, cols, FP, HID, HC)
-                    tl.debug_barrier()
+            db2 = _reset_grad(reset_ptr, bi, N, n, di1_ptr, dib1_ptr, di2_ptr, dib2_ptr, dw1, dwb1, dw2, db2, pid,
+                              w1_off, w2_off, hcols, cols, FP, HID, HC, HAS_RESET)
             cur = 1 - cur
     tl.store(gb2_ptr + pid * FP + cols, db2)
-    tl.store(dtok_ptr + pid * BK + rows, dtok)
-    tl.store(dlnw_ptr + pid * F + cols, dgw, mask=cmask)
-    tl.store(dlnb_ptr + pid * F + cols, dgb, mask=cmask)
+    _store_sums(dtok_ptr, dlnw_ptr, dlnb_ptr, pid, dtok, dgw, dgb, rows, cols, cmask, F, BK)
 
 
 def _padded(s: Tensor, fp: int, dims: tuple[int, ...]) -> Tensor:
