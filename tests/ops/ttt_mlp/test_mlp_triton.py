@@ -32,13 +32,14 @@ def test_mlp_fp32_forward_backward(b, h, t, f, k, with_state, with_reset, every)
 
 
 @pytest.mark.parametrize(
-    ("b", "h", "t", "f", "k", "with_state", "with_reset", "every"),
-    [(1, 1, 37, 96, 16, False, True, 4), (2, 1, 40, 16, 8, True, False, 2)],
+    ("b", "h", "t", "f", "k", "with_state", "with_reset", "every", "dtype", "tol"),
+    [(1, 1, 37, 96, 16, False, True, 4, torch.float32, 1e-5), (2, 1, 40, 16, 8, True, False, 2, torch.float32, 1e-5),
+     (1, 2, 40, 32, 16, True, True, 2, torch.bfloat16, 2e-2)],  # bf16: the stored states and X2bar in bf16
 )
-def test_mlp_split_backward(b, h, t, f, k, with_state, with_reset, every):
+def test_mlp_split_backward(b, h, t, f, k, with_state, with_reset, every, dtype, tol):
     """The backward as the parallel output path and the serial chain (two kernels), against the same reference."""
     inputs = make("mlp", b, h, t, f, k, with_state, with_reset, dev=DEV)
-    check(run_both(_with(MLPConfig(every=every, split_bwd=True)), "mlp", *inputs, torch.float32), 1e-5)
+    check(run_both(_with(MLPConfig(every=every, split_bwd=True)), "mlp", *inputs, dtype), tol)
 
 
 def test_mlp_bf16_emulated_dots():

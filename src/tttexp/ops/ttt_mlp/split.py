@@ -15,13 +15,15 @@ not depend on the carried state gradient ``D = (dW1n, db1n, dW2n, db2n)``: ``D``
    ``G2`` and the four products with ``D``, goes back through ``G1 = (G2 W2^T) * s'(Z1)`` and the LayerNorm-L2
    gradient, and accumulates ``D`` with the local tiles' outer products. It recomputes no state.
 
-In the sm_90 build (head dim 64, bf16, 8 warps) the chain has 44 MMA instructions against the one-kernel
-backward's 105 (which also recomputes each segment's states), and 212 B of spill stores a thread against 964.
+The chain uses the stored weights and ``X2bar`` only as dot operands, so for bf16 inputs they are stored in bf16:
+half the bytes, the same results. In the sm_90 build (head dim 64, bf16, 8 warps) the chain has 44 MMA
+instructions against the one-kernel backward's 105 (which also recomputes each segment's states), and 144 B of
+spill stores a thread against 964.
 
 The math is :func:`tttexp.ops.ttt_mlp.math.mlp_step_bwd`, regrouped; the tests compare both kernels with the
-float64 reference. Memory, fp32, freed when the backward returns: the states, ``(2 F 4F + 4F + F)`` words per
-mini-batch and (batch, head), and the tiles, ``BK (4 * 4F + 3 F)`` words: 2.6 GB at 8 x 2048 tokens, 12 heads of
-64, mini-batch 16 (the one-kernel backward keeps ``every`` states per (batch, head)).
+float64 reference. Memory while the backward runs, at 8 x 2048 tokens, 12 heads of 64, mini-batch 16: 1.8 GB for
+bf16 inputs (the states 0.8 GB, the tiles 0.8 GB, each segment's fp32 running state 0.2 GB), 2.8 GB for fp32;
+twice that at 1 x 32768. The one-kernel backward keeps ``every`` states per (batch, head).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from tttexp.ops.ttt_mlp.triton import (
 @triton.jit
 def _mlp_bwd_local_kernel(
     xq_ptr, xk_ptr, xv_ptr, lr_ptr, tok_ptr, lnw_ptr, lnb_ptr, w10_ptr, b10_ptr, w20_ptr, b20_ptr, reset_ptr,
-    ck1_ptr, ckb1_ptr, ck2_ptr, ckb2_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dout_ptr, dxq_ptr,
+    wk1_ptr, wkb1_ptr, wk2_ptr, wkb2_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dout_ptr, dxq_ptr,
     x2bar_ptr, dz1bar_ptr, dlg1_ptr, dx2_ptr, dz2bar_ptr, dlg2_ptr, dxk_ptr, dtok_ptr, dlnw_ptr, dlnb_ptr,
     T, N, NC, H,
     F: tl.constexpr, FP: tl.constexpr, HID: tl.constexpr, HC: tl.constexpr, BK: tl.constexpr, K: tl.constexpr,
@@ -78,23 +80,25 @@ def _mlp_bwd_local_kernel(
     causal = rows[None, :] <= rows[:, None]
     n0 = seg * C
     n1 = tl.minimum(n0 + C, N)
-    ck = pid  # checkpoints are [B*H, NC, ...]: this program's is number pid
-    sl = bh * N + n0  # the state before mini-batch n is slot bh * N + n
-    _copy_state(ck1_ptr + ck * S1, ckb1_ptr + ck * HID, ck2_ptr + ck * S1, ckb2_ptr + ck * FP,
-                w1_ptr + sl * S1, b1_ptr + sl * HID, w2_ptr + sl * S1, b2_ptr + sl * FP,
-                w1_off, w2_off, hcols, cols, FP, HID, HC)
-    tl.debug_barrier()
+    # the running state, fp32, starts as the segment's checkpoint; a copy of each mini-batch's start state (the
+    # weights in the stored dtype) goes to slot bh * N + n for the chain
+    p1 = wk1_ptr + pid * S1
+    pb1 = wkb1_ptr + pid * HID
+    p2 = wk2_ptr + pid * S1
+    _copy_state(p1, pb1, p2, wkb2_ptr + pid * FP, w1_ptr + (bh * N + n0) * S1, b1_ptr + (bh * N + n0) * HID,
+                w2_ptr + (bh * N + n0) * S1, b2_ptr + (bh * N + n0) * FP, w1_off, w2_off, hcols, cols, FP, HID, HC)
+    b2 = tl.load(wkb2_ptr + pid * FP + cols)
     for n in range(n0, n1):
         sl = bh * N + n
-        p1 = w1_ptr + sl * S1
-        pb1 = b1_ptr + sl * HID
-        p2 = w2_ptr + sl * S1
         if HAS_RESET:  # noqa: SIM102 (constexpr guard first)
             if tl.load(reset_ptr + bi * N + n) != 0:
                 _copy_state(w10_ptr + h * S1, b10_ptr + h * HID, w20_ptr + h * S1, b20_ptr + h * FP,
-                            p1, pb1, p2, b2_ptr + sl * FP, w1_off, w2_off, hcols, cols, FP, HID, HC)
+                            p1, pb1, p2, wkb2_ptr + pid * FP, w1_off, w2_off, hcols, cols, FP, HID, HC)
+                _copy_state(w10_ptr + h * S1, b10_ptr + h * HID, w20_ptr + h * S1, b20_ptr + h * FP,
+                            w1_ptr + sl * S1, b1_ptr + sl * HID, w2_ptr + sl * S1, b2_ptr + sl * FP,
+                            w1_off, w2_off, hcols, cols, FP, HID, HC)
+                b2 = tl.load(b20_ptr + h * FP + cols)
                 tl.debug_barrier()
-        b2 = tl.load(b2_ptr + sl * FP + cols)
         x_off, xmsk, lr_off, rmask, m, xq, xk, xv, eta, t, t_last = _minibatch(
             xq_ptr, xk_ptr, xv_ptr, lr_ptr, tok_ptr, bh, n, T, rows, cols, cmask, F, K)
         dout = tl.load(dout_ptr + x_off, mask=xmsk, other=0.0).to(tl.float32)
@@ -131,6 +135,7 @@ def _mlp_bwd_local_kernel(
         dxq = dout
         dm1 = tl.zeros([BK, BK], dtype=tl.float32)
         last = n == n1 - 1  # the next segment's program writes the state after its segment's last mini-batch
+        tl.debug_barrier()  # every read of the running state above before the loop below rewrites it
         for c0 in range(0, HID, HC):
             w1c = tl.load(p1 + c0 + w1_off)
             b1c = tl.load(pb1 + c0 + hcols)
@@ -143,22 +148,30 @@ def _mlp_bwd_local_kernel(
             dxq += mm(dz1bar, tl.trans(w1c), DT, PREC, EMU)
             dm1 -= mm(dz1bar, tl.trans(lg1c), DT, PREC, EMU)
             o = st * BK * HID + c0 + z_off
-            tl.store(x2bar_ptr + o, x2bar)
+            tl.store(x2bar_ptr + o, x2bar.to(x2bar_ptr.dtype.element_ty))
             tl.store(dz1bar_ptr + o, dz1bar)
             tl.store(dlg1_ptr + o, -mm(tl.trans(m1), dz1bar, DT, PREC, EMU))
             tl.store(dx2_ptr + o, mm(tl.trans(ds2), x2bar, DT, PREC, EMU))
-            if not last:  # the state after this mini-batch, into the next slot
-                tl.store(p1 + S1 + c0 + w1_off, w1c - t_last * mm(tl.trans(xk), lg1c, DT, PREC, EMU))
-                tl.store(pb1 + HID + c0 + hcols, b1c - t_last * tl.sum(lg1c, 0))
-                tl.store(p2 + S1 + c0 * FP + w2_off, w2c - t_last * mm(tl.trans(x2c), lg2, DT, PREC, EMU))
+            if not last:  # the state after this mini-batch: the running one (same threads, same layout as the
+                # loads above) and its copy in the next slot
+                w1n = w1c - t_last * mm(tl.trans(xk), lg1c, DT, PREC, EMU)
+                b1n = b1c - t_last * tl.sum(lg1c, 0)
+                w2n = w2c - t_last * mm(tl.trans(x2c), lg2, DT, PREC, EMU)
+                tl.store(p1 + c0 + w1_off, w1n)
+                tl.store(pb1 + c0 + hcols, b1n)
+                tl.store(p2 + c0 * FP + w2_off, w2n)
+                tl.store(w1_ptr + (sl + 1) * S1 + c0 + w1_off, w1n.to(w1_ptr.dtype.element_ty))
+                tl.store(b1_ptr + (sl + 1) * HID + c0 + hcols, b1n)
+                tl.store(w2_ptr + (sl + 1) * S1 + c0 * FP + w2_off, w2n.to(w2_ptr.dtype.element_ty))
         dm1 = tl.where(causal, dm1, 0.0)
         dtok += tl.sum(dm1 * s1, 1)
         ds1m = dm1 * t[:, None]
         dxq += mm(ds1m, xk, DT, PREC, EMU)
         tl.store(dxk_ptr + st * BK * FP + y_off, mm(tl.trans(ds1m), xq, DT, PREC, EMU))
         tl.store(dxq_ptr + x_off, dxq.to(dxq_ptr.dtype.element_ty), mask=xmsk)
+        b2 = b2 - t_last * tl.sum(lg2, 0)
         if not last:
-            tl.store(b2_ptr + (sl + 1) * FP + cols, b2 - t_last * tl.sum(lg2, 0))
+            tl.store(b2_ptr + (sl + 1) * FP + cols, b2)
         tl.debug_barrier()
     _store_sums(dtok_ptr, dlnw_ptr, dlnb_ptr, pid, dtok, dgw, dgb, rows, cols, cmask, F, BK)
 
@@ -272,20 +285,26 @@ def mlp_backward_split(
                   DT=dt, PREC=prec, EMU=emu)
     sizes = (d["seq"], n_mb, nc, heads)
 
-    # the start state of every mini-batch: the local kernel writes them, the chain reads them
-    states = (torch.empty(bh * n_mb, fp, hid, **f32), torch.empty(bh * n_mb, hid, **f32),
-              torch.empty(bh * n_mb, hid, fp, **f32), torch.empty(bh * n_mb, fp, **f32))
-    wide = torch.empty(4, bh, n_mb, bk, hid, **f32)  # X2bar, dZ1bar, local dLg1, local dX2
+    # The start state of every mini-batch, which the local kernel writes and the chain reads. The chain uses the
+    # weights only as dot operands, so they are kept in the dots' dtype (bf16 inputs: half the bytes, the same
+    # results); so is X2bar. Each segment's running state stays fp32 (a copy of its checkpoint).
+    low = torch.float32 if dt == tl.float32 else xq.dtype
+    work = [c.reshape(bh * nc, *c.shape[2:]).clone() for c in ckpt]
+    states = (torch.empty(bh * n_mb, fp, hid, device=xq.device, dtype=low), torch.empty(bh * n_mb, hid, **f32),
+              torch.empty(bh * n_mb, hid, fp, device=xq.device, dtype=low), torch.empty(bh * n_mb, fp, **f32))
+    x2bar = torch.empty(bh, n_mb, bk, hid, device=xq.device, dtype=low)
+    wide = torch.empty(3, bh, n_mb, bk, hid, **f32)  # dZ1bar, local dLg1, local dX2
     narrow = torch.empty(3, bh, n_mb, bk, fp, **f32)  # dZ2bar, local dLg2, local dXk
     dxq = torch.empty_like(xq)
     local_tok = torch.empty(bh * nc, bk, **f32)
     local_lnw = torch.empty(bh * nc, f, **f32)
     local_lnb = torch.empty(bh * nc, f, **f32)
     _mlp_bwd_local_kernel[(bh * nc,)](
-        xq, xk, xv, lr, tok, ln_w, ln_b, *p_init, reset_arg, *ckpt, *states, dout, dxq, *wide, *narrow,
+        xq, xk, xv, lr, tok, ln_w, ln_b, *p_init, reset_arg, *work, *states, dout, dxq, x2bar, *wide, *narrow,
         local_tok, local_lnw, local_lnb, *sizes, **consts,
         **_opts(config.local_warps or config.bwd_warps, config.bwd_stages),
     )
+    del work
 
     carried = _carried_buffers(dfinal, d)
     di = _reset_buffers(carried, has_reset)
@@ -296,7 +315,7 @@ def mlp_backward_split(
     dlnb = torch.empty(bsz, heads, f, **f32)
     _mlp_bwd_chain_kernel[(bh,)](
         xq, xk, xv, lr, tok, ln_w, ln_b, *p_init, reset_arg, *states, *carried, dz1, *di,
-        *wide, *narrow, dxk, dxv, dlr, dtok, dlnw, dlnb, *sizes, **consts,
+        x2bar, *wide, *narrow, dxk, dxv, dlr, dtok, dlnw, dlnb, *sizes, **consts,
         **_opts(config.bwd_warps, config.bwd_stages),
     )
 

@@ -39,11 +39,12 @@ def _opts(warps: int, stages: int | None) -> dict[str, int]:
 @triton.jit
 def _copy_state(src1, srcb1, src2, srcb2, dst1, dstb1, dst2, dstb2, w1_off, w2_off, hcols, cols,
                 FP: tl.constexpr, HID: tl.constexpr, HC: tl.constexpr):
-    """Copy one padded state (W1 [FP, HID], b1 [HID], W2 [HID, FP], b2 [FP]) chunk by chunk."""
+    """Copy one padded state (W1 [FP, HID], b1 [HID], W2 [HID, FP], b2 [FP]) chunk by chunk, the weights in the
+    destination's dtype."""
     for c0 in range(0, HID, HC):
-        tl.store(dst1 + c0 + w1_off, tl.load(src1 + c0 + w1_off))
+        tl.store(dst1 + c0 + w1_off, tl.load(src1 + c0 + w1_off).to(dst1.dtype.element_ty))
         tl.store(dstb1 + c0 + hcols, tl.load(srcb1 + c0 + hcols))
-        tl.store(dst2 + c0 * FP + w2_off, tl.load(src2 + c0 * FP + w2_off))
+        tl.store(dst2 + c0 * FP + w2_off, tl.load(src2 + c0 * FP + w2_off).to(dst2.dtype.element_ty))
     tl.store(dstb2 + cols, tl.load(srcb2 + cols))
 
 
