@@ -62,8 +62,9 @@ class MLPConfig:
     ``every``, warps of the forward (``warps``) and backward (``bwd_warps``), stages (None: Triton's default) and the
     dots used for bf16 inputs (``lowp``, as for TTT-Linear). Chunks of 32 keep the sm_90 build's spills small
     (see benchmarks/NOTES-kernels.md). ``split_bwd``: the backward as a parallel output path and a shorter serial
-    chain (:mod:`tttexp.ops.ttt_mlp.split`), its parallel kernel at ``local_warps`` (None: ``bwd_warps``); off
-    until it is timed on a GPU."""
+    chain (:mod:`tttexp.ops.ttt_mlp.split`), its parallel kernel at ``local_warps`` (None: ``bwd_warps``).
+    ``split_fwd``: the training forward as the state chain alone (with its checkpoints), then every checkpoint
+    segment's outputs in parallel. Both are off until they are timed on a GPU."""
 
     hc: int = 32
     every: int = 8
@@ -74,6 +75,7 @@ class MLPConfig:
     lowp: str = "input"
     split_bwd: bool = False
     local_warps: int | None = None
+    split_fwd: bool = False
 
     def __post_init__(self) -> None:
         _one_of("lowp", self.lowp, LOWP)

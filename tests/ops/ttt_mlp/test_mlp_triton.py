@@ -31,15 +31,20 @@ def test_mlp_fp32_forward_backward(b, h, t, f, k, with_state, with_reset, every)
     check(run_both(_with(MLPConfig(every=every)), "mlp", *inputs, torch.float32), 1e-5)
 
 
+BOTH = {"split_fwd": True, "split_bwd": True}
+
+
 @pytest.mark.parametrize(
-    ("b", "h", "t", "f", "k", "with_state", "with_reset", "every", "dtype", "tol"),
-    [(1, 1, 37, 96, 16, False, True, 4, torch.float32, 1e-5), (2, 1, 40, 16, 8, True, False, 2, torch.float32, 1e-5),
-     (1, 2, 40, 32, 16, True, True, 2, torch.bfloat16, 2e-2)],  # bf16: the stored states and X2bar in bf16
+    ("b", "h", "t", "f", "k", "with_state", "with_reset", "every", "dtype", "tol", "split"),
+    [(1, 1, 37, 96, 16, False, True, 4, torch.float32, 1e-5, {"split_bwd": True}),
+     (2, 1, 40, 16, 8, True, False, 2, torch.float32, 1e-5, BOTH),
+     (1, 2, 40, 32, 16, True, True, 2, torch.bfloat16, 2e-2, BOTH)],  # bf16: the stored states and X2bar in bf16
 )
-def test_mlp_split_backward(b, h, t, f, k, with_state, with_reset, every, dtype, tol):
-    """The backward as the parallel output path and the serial chain (two kernels), against the same reference."""
+def test_mlp_split_kernels(b, h, t, f, k, with_state, with_reset, every, dtype, tol, split):
+    """The backward as the parallel output path and the serial chain; the training forward as the state chain,
+    then the segments' outputs in parallel: against the same reference."""
     inputs = make("mlp", b, h, t, f, k, with_state, with_reset, dev=DEV)
-    check(run_both(_with(MLPConfig(every=every, split_bwd=True)), "mlp", *inputs, dtype), tol)
+    check(run_both(_with(MLPConfig(every=every, **split)), "mlp", *inputs, dtype), tol)
 
 
 def test_mlp_bf16_emulated_dots():
@@ -92,7 +97,7 @@ def test_mlp_opcheck():
     torch.library.opcheck(mlp_bwd_op, bwd_call, test_utils=("test_schema", "test_faketensor"))
 
 
-SPLIT = MLPConfig(split_bwd=True)
+SPLIT = MLPConfig(split_bwd=True, split_fwd=True)
 GPU_CASES = [
     # b, h, t, f, state, reset, dtype, tol, kernel settings (None: the defaults)
     (2, 12, 512, 64, True, True, torch.float32, 1e-5, None),

@@ -119,12 +119,23 @@ def _mlp_fwd_kernel(
     ck1_ptr, ckb1_ptr, ck2_ptr, ckb2_ptr,
     T, N, NC, H,
     F: tl.constexpr, FP: tl.constexpr, HID: tl.constexpr, HC: tl.constexpr, BK: tl.constexpr, K: tl.constexpr,
-    C: tl.constexpr, HAS_RESET: tl.constexpr, SAVE: tl.constexpr,
+    C: tl.constexpr, HAS_RESET: tl.constexpr, SAVE: tl.constexpr, OUT: tl.constexpr, SEGMENTS: tl.constexpr,
     DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr,
 ):
+    """One program per (batch, head) over all mini-batches; or, with ``SEGMENTS``, one per (batch, head, checkpoint
+    segment) over its segment from a copy of its checkpoint at ``w*_ptr``. ``OUT``: write the outputs (without it,
+    only the state chain and the checkpoints)."""
     pid = tl.program_id(0).to(tl.int64)
-    h = pid % H
-    bi = pid // H
+    if SEGMENTS:
+        row = pid // NC
+        n0 = (pid % NC) * C
+        n1 = tl.minimum(n0 + C, N)
+    else:
+        row = pid
+        n0 = 0
+        n1 = N
+    h = row % H
+    bi = row // H
     rows, cols, hcols, cmask, w1_off, w2_off, z_off = _tiles(F, FP, HID, HC, BK)
     p1 = w1_ptr + pid * FP * HID
     pb1 = b1_ptr + pid * HID
@@ -133,7 +144,7 @@ def _mlp_fwd_kernel(
     gb = tl.load(lnb_ptr + h * F + cols, mask=cmask, other=0.0).to(tl.float32)
     b2 = tl.load(b2_ptr + pid * FP + cols)
     causal = rows[None, :] <= rows[:, None]
-    for n in range(N):
+    for n in range(n0, n1):
         if SAVE:  # noqa: SIM102 (constexpr guard first)
             if n % C == 0:
                 ck = pid * NC + n // C
@@ -147,15 +158,16 @@ def _mlp_fwd_kernel(
                 b2 = tl.load(b20_ptr + h * FP + cols)
                 tl.debug_barrier()
         x_off, xmsk, lr_off, rmask, m, xq, xk, xv, eta, t, t_last = _minibatch(
-            xq_ptr, xk_ptr, xv_ptr, lr_ptr, tok_ptr, pid, n, T, rows, cols, cmask, F, K)
+            xq_ptr, xk_ptr, xv_ptr, lr_ptr, tok_ptr, row, n, T, rows, cols, cmask, F, K)
         # pass 1: the inner model's prediction on Xk and its LayerNorm-L2 gradient
         z2 = _z2(xk, p1, pb1, p2, b2, w1_off, w2_off, hcols, FP, HID, HC, BK, DT, PREC, EMU)
         g2, lg2, xh, rstd, gx, e = _lnl2(z2, xk, xv, eta, gw, gb, cmask, F)
-        m1 = tl.where(causal, t[:, None] * (mm(xq, tl.trans(xk), DT, PREC, EMU) + 1.0), 0.0)
+        if OUT:
+            m1 = tl.where(causal, t[:, None] * (mm(xq, tl.trans(xk), DT, PREC, EMU) + 1.0), 0.0)
+            acc = tl.zeros([BK, FP], dtype=tl.float32)
+            s2 = tl.zeros([BK, BK], dtype=tl.float32)
         # pass 2: first layer's dual form, second layer's pieces, state update (each chunk read, then rewritten
         # by the same threads: same pointer tensor, same layout)
-        acc = tl.zeros([BK, FP], dtype=tl.float32)
-        s2 = tl.zeros([BK, BK], dtype=tl.float32)
         for c0 in range(0, HID, HC):
             w1c = tl.load(p1 + c0 + w1_off)
             b1c = tl.load(pb1 + c0 + hcols)
@@ -163,17 +175,19 @@ def _mlp_fwd_kernel(
             z1c = mm(xk, w1c, DT, PREC, EMU) + b1c[None, :]
             x2c = gelu(z1c)
             lg1c = eta[:, None] * mm(g2, tl.trans(w2c), DT, PREC, EMU) * gelu_grad(z1c)
-            x2bar = gelu(mm(xq, w1c, DT, PREC, EMU) + b1c[None, :] - mm(m1, lg1c, DT, PREC, EMU))
-            acc += mm(x2bar, w2c, DT, PREC, EMU)
-            s2 += mm(x2bar, tl.trans(x2c), DT, PREC, EMU)
+            if OUT:
+                x2bar = gelu(mm(xq, w1c, DT, PREC, EMU) + b1c[None, :] - mm(m1, lg1c, DT, PREC, EMU))
+                acc += mm(x2bar, w2c, DT, PREC, EMU)
+                s2 += mm(x2bar, tl.trans(x2c), DT, PREC, EMU)
             tl.store(p1 + c0 + w1_off, w1c - t_last * mm(tl.trans(xk), lg1c, DT, PREC, EMU))
             tl.store(pb1 + c0 + hcols, b1c - t_last * tl.sum(lg1c, 0))
             tl.store(p2 + c0 * FP + w2_off, w2c - t_last * mm(tl.trans(x2c), lg2, DT, PREC, EMU))
-        m2 = tl.where(causal, t[:, None] * (s2 + 1.0), 0.0)
-        z2bar = acc + b2[None, :] - mm(m2, lg2, DT, PREC, EMU)
-        xh2, rstd2 = ln_rows(z2bar, cmask, F)
-        out = xq.to(tl.float32) + xh2 * gw[None, :] + gb[None, :]
-        tl.store(out_ptr + x_off, out.to(out_ptr.dtype.element_ty), mask=xmsk)
+        if OUT:
+            m2 = tl.where(causal, t[:, None] * (s2 + 1.0), 0.0)
+            z2bar = acc + b2[None, :] - mm(m2, lg2, DT, PREC, EMU)
+            xh2, rstd2 = ln_rows(z2bar, cmask, F)
+            out = xq.to(tl.float32) + xh2 * gw[None, :] + gb[None, :]
+            tl.store(out_ptr + x_off, out.to(out_ptr.dtype.element_ty), mask=xmsk)
         b2 = b2 - t_last * tl.sum(lg2, 0)
         tl.debug_barrier()
     tl.store(b2_ptr + pid * FP + cols, b2)
@@ -495,12 +509,21 @@ def mlp_forward(
             torch.empty(bh, nck, hid, fp, **f32), torch.empty(bh, nck, fp, **f32))
     out = torch.empty_like(xq)
     dt, prec, emu = dot_config(xq.dtype, config.lowp)
+    split = save and config.split_fwd  # the chain writes the checkpoints, then the segments' outputs in parallel
+    reset_arg = reset if reset is not None else tok
+    consts = dict(F=d["f"], FP=fp, HID=hid, HC=d["hc"], BK=d["bk"], K=d["k"], C=every, HAS_RESET=reset is not None,
+                  DT=dt, PREC=prec, EMU=emu, **_opts(config.warps, config.fwd_stages))
+    sizes = (d["seq"], d["n_mb"], d["n_ck"], d["heads"])
     _mlp_fwd_kernel[(bh,)](
-        xq, xk, xv, lr, tok, ln_w, ln_b, *work, *p_init, reset if reset is not None else tok, out, *ckpt,
-        d["seq"], d["n_mb"], d["n_ck"], d["heads"],
-        F=d["f"], FP=fp, HID=hid, HC=d["hc"], BK=d["bk"], K=d["k"], C=every, HAS_RESET=reset is not None,
-        SAVE=save, DT=dt, PREC=prec, EMU=emu, **_opts(config.warps, config.fwd_stages),
+        xq, xk, xv, lr, tok, ln_w, ln_b, *work, *p_init, reset_arg, out, *ckpt, *sizes,
+        SAVE=save, OUT=not split, SEGMENTS=False, **consts,
     )
+    if split:
+        segments = [c.reshape(bh * d["n_ck"], *c.shape[2:]).clone() for c in ckpt]  # each starts at its checkpoint
+        _mlp_fwd_kernel[(bh * d["n_ck"],)](
+            xq, xk, xv, lr, tok, ln_w, ln_b, *segments, *p_init, reset_arg, out, *ckpt, *sizes,
+            SAVE=False, OUT=True, SEGMENTS=True, **consts,
+        )
     f = d["f"]
     W1, b1, W2, b2 = work
     return out, (W1[:, :, :f].contiguous(), b1, W2[..., :f].contiguous(), b2[..., :f].contiguous()), ckpt
