@@ -52,6 +52,7 @@ from tttexp.ops.ttt_mlp.triton import (
     _tiles,
     _z2,
     _z2_bwd,
+    segment_copies,
 )
 
 
@@ -59,7 +60,7 @@ from tttexp.ops.ttt_mlp.triton import (
 def _mlp_bwd_local_kernel(
     xq_ptr, xk_ptr, xv_ptr, lr_ptr, tok_ptr, lnw_ptr, lnb_ptr, w10_ptr, b10_ptr, w20_ptr, b20_ptr, reset_ptr,
     wk1_ptr, wkb1_ptr, wk2_ptr, wkb2_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dout_ptr, dxq_ptr,
-    x2bar_ptr, dz1bar_ptr, dlg1_ptr, dx2_ptr, dz2bar_ptr, dlg2_ptr, dxk_ptr, dtok_ptr, dlnw_ptr, dlnb_ptr,
+    x2bar_ptr, dz1bar_ptr, dlg1_ptr, dx2_ptr, dz2bar_ptr, dlg2_ptr, dxkl_ptr, dtok_ptr, dlnw_ptr, dlnb_ptr,
     T, N, NC, H,
     F: tl.constexpr, FP: tl.constexpr, HID: tl.constexpr, HC: tl.constexpr, BK: tl.constexpr, K: tl.constexpr,
     C: tl.constexpr, HAS_RESET: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr,
@@ -167,7 +168,7 @@ def _mlp_bwd_local_kernel(
         dtok += tl.sum(dm1 * s1, 1)
         ds1m = dm1 * t[:, None]
         dxq += mm(ds1m, xk, DT, PREC, EMU)
-        tl.store(dxk_ptr + st * BK * FP + y_off, mm(tl.trans(ds1m), xq, DT, PREC, EMU))
+        tl.store(dxkl_ptr + st * BK * FP + y_off, mm(tl.trans(ds1m), xq, DT, PREC, EMU))
         tl.store(dxq_ptr + x_off, dxq.to(dxq_ptr.dtype.element_ty), mask=xmsk)
         b2 = b2 - t_last * tl.sum(lg2, 0)
         if not last:
@@ -183,9 +184,9 @@ def _mlp_bwd_chain_kernel(
     g1_ptr, gb1_ptr, g2_ptr, gb2_ptr, dz1_ptr, di1_ptr, dib1_ptr, di2_ptr, dib2_ptr,
     x2bar_ptr, dz1bar_ptr, dlg1_ptr, dx2_ptr, dz2bar_ptr, dlg2_ptr, dxkl_ptr,
     dxk_ptr, dxv_ptr, dlr_ptr, dtok_ptr, dlnw_ptr, dlnb_ptr,
-    T, N, NC, H,
+    T, N, H,
     F: tl.constexpr, FP: tl.constexpr, HID: tl.constexpr, HC: tl.constexpr, BK: tl.constexpr, K: tl.constexpr,
-    C: tl.constexpr, HAS_RESET: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr,
+    HAS_RESET: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     h = pid % H
@@ -281,15 +282,13 @@ def mlp_backward_split(
     has_reset = reset is not None
     reset_arg = reset if has_reset else tok
     dt, prec, emu = dot_config(xq.dtype, config.lowp)
-    consts = dict(F=f, FP=fp, HID=hid, HC=d["hc"], BK=bk, K=k, C=config.every, HAS_RESET=has_reset,
-                  DT=dt, PREC=prec, EMU=emu)
-    sizes = (d["seq"], n_mb, nc, heads)
+    consts = dict(F=f, FP=fp, HID=hid, HC=d["hc"], BK=bk, K=k, HAS_RESET=has_reset, DT=dt, PREC=prec, EMU=emu)
 
     # The start state of every mini-batch, which the local kernel writes and the chain reads. The chain uses the
     # weights only as dot operands, so they are kept in the dots' dtype (bf16 inputs: half the bytes, the same
     # results); so is X2bar. Each segment's running state stays fp32 (a copy of its checkpoint).
     low = torch.float32 if dt == tl.float32 else xq.dtype
-    work = [c.reshape(bh * nc, *c.shape[2:]).clone() for c in ckpt]
+    work = segment_copies(ckpt)
     states = (torch.empty(bh * n_mb, fp, hid, device=xq.device, dtype=low), torch.empty(bh * n_mb, hid, **f32),
               torch.empty(bh * n_mb, hid, fp, device=xq.device, dtype=low), torch.empty(bh * n_mb, fp, **f32))
     x2bar = torch.empty(bh, n_mb, bk, hid, device=xq.device, dtype=low)
@@ -301,7 +300,7 @@ def mlp_backward_split(
     local_lnb = torch.empty(bh * nc, f, **f32)
     _mlp_bwd_local_kernel[(bh * nc,)](
         xq, xk, xv, lr, tok, ln_w, ln_b, *p_init, reset_arg, *work, *states, dout, dxq, x2bar, *wide, *narrow,
-        local_tok, local_lnw, local_lnb, *sizes, **consts,
+        local_tok, local_lnw, local_lnb, d["seq"], n_mb, nc, heads, C=config.every, **consts,
         **_opts(config.local_warps or config.bwd_warps, config.bwd_stages),
     )
     del work
@@ -315,7 +314,7 @@ def mlp_backward_split(
     dlnb = torch.empty(bsz, heads, f, **f32)
     _mlp_bwd_chain_kernel[(bh,)](
         xq, xk, xv, lr, tok, ln_w, ln_b, *p_init, reset_arg, *states, *carried, dz1, *di,
-        x2bar, *wide, *narrow, dxk, dxv, dlr, dtok, dlnw, dlnb, *sizes, **consts,
+        x2bar, *wide, *narrow, dxk, dxv, dlr, dtok, dlnw, dlnb, d["seq"], n_mb, heads, **consts,
         **_opts(config.bwd_warps, config.bwd_stages),
     )
 

@@ -519,14 +519,19 @@ def mlp_forward(
         SAVE=save, OUT=not split, SEGMENTS=False, **consts,
     )
     if split:
-        segments = [c.reshape(bh * d["n_ck"], *c.shape[2:]).clone() for c in ckpt]  # each starts at its checkpoint
         _mlp_fwd_kernel[(bh * d["n_ck"],)](
-            xq, xk, xv, lr, tok, ln_w, ln_b, *segments, *p_init, reset_arg, out, *ckpt, *sizes,
+            xq, xk, xv, lr, tok, ln_w, ln_b, *segment_copies(ckpt), *p_init, reset_arg, out, *ckpt, *sizes,
             SAVE=False, OUT=True, SEGMENTS=True, **consts,
         )
     f = d["f"]
     W1, b1, W2, b2 = work
     return out, (W1[:, :, :f].contiguous(), b1, W2[..., :f].contiguous(), b2[..., :f].contiguous()), ckpt
+
+
+def segment_copies(ckpt: tuple[Tensor, ...]) -> list[Tensor]:
+    """A running state for each checkpoint segment, ``[B*H*NC, ...]``, starting as a copy of its checkpoint (the
+    kernels that walk the segments in parallel update it in place)."""
+    return [c.reshape(-1, *c.shape[2:]).clone() for c in ckpt]
 
 
 def mlp_backward(
