@@ -108,7 +108,7 @@ class FromBase:
     ) -> None:
         self.spec, self.trust, self.freeze = str(base_model), bool(trust_remote_code), bool(freeze)
         self.options = {"ttt_layer": ttt_layer, "mini_batch_size": mini_batch_size, "ttt_base_lr": ttt_base_lr,
-                        "kernel": kernel, "kernel_settings": dict(kernel_settings or {}),
+                        "kernel": kernel, "kernel_settings": kernel_settings,
                         "initializer_range": initializer_range}
         self.gradient_checkpointing = gradient_checkpointing
         self.source = resolve_base(self.spec)
